@@ -1,0 +1,71 @@
+"""The admin listener: /healthz, /readyz, /status, /metrics (plain HTTP, loopback by default)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Final
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mtls_proxy import __version__
+
+if TYPE_CHECKING:
+    from mtls_proxy.server import ProxyServer
+
+SERVER: Final = web.AppKey("server", "ProxyServer")
+
+
+def rfc3339(t: dt.datetime | None) -> str | None:
+    """UTC time as ``2026-12-01T00:00:00Z``."""
+    if t is None:
+        return None
+    return t.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process serves."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 when listening with valid material and not draining."""
+    server = request.app[SERVER]
+    if server.ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "draining" if server.shared.draining else "starting"},
+                             status=503)
+
+
+async def status(request: web.Request) -> web.Response:
+    """A JSON summary of what the proxy runs with."""
+    server = request.app[SERVER]
+    m = server.material
+    return web.json_response({
+        "version": __version__,
+        "listen": str(server.cfg.listen),
+        "upstream": server.cfg.upstream.url,
+        "server_cert": {"subject": m.server_subject, "sha256": m.server_sha256,
+                        "not_after": rfc3339(m.not_after)},
+        "trusted_cas": len(m.ca_certs),
+        "last_reload": server.last_reload,
+        "connections_open": len(server.shared.connections),
+        "draining": server.shared.draining,
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition."""
+    body = generate_latest(request.app[SERVER].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def admin_app(server: ProxyServer) -> web.Application:
+    """The admin application bound to *server*."""
+    app = web.Application()
+    app[SERVER] = server
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,192 @@
+"""Command-line front end: serve, check, demo, pki. Builds one Config and picks the event loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from mtls_proxy import __version__
+from mtls_proxy.config import OPTIONS, Config, load_config
+from mtls_proxy.errors import ConfigError
+from mtls_proxy.logs import setup_logging
+
+logger = logging.getLogger("mtls_proxy")
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE",
+                   help="YAML config file (env MTLS_PROXY_CONFIG)")
+    for opt in OPTIONS:
+        flag = f"--{opt.name}"
+        dest = opt.name
+        if opt.kind == "allow":
+            p.add_argument(flag, dest=dest, action="append", metavar="V", help=opt.help)
+        elif opt.kind == "bool":
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                           help=opt.help)
+        else:
+            default = "" if opt.default is None else f" (default {opt.default})"
+            p.add_argument(flag, dest=dest, metavar=opt.name.split("-")[-1].upper(),
+                           help=opt.help + default)
+
+
+def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
+    """Config from the parsed flags, the environment and the config file (flag > env > file)."""
+    env = dict(os.environ) if env is None else env
+    flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
+    path = args.config or env.get("MTLS_PROXY_CONFIG")
+    text = None
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--config: {path}: cannot read ({exc.strerror})") from None
+    return load_config(text=text, filename=path or "config", env=env, flags=flags)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtls-proxy", description=(
+        "An mTLS-terminating reverse proxy: verifies client certificates, checks them against an "
+        "allow-list, injects identity headers and forwards to a plain HTTP upstream."))
+    parser.add_argument("--version", action="version", version=f"mtls-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the proxy")
+    _add_options(serve)
+    check = sub.add_parser("check", help="validate config and certificate material, then exit")
+    _add_options(check)
+    demo = sub.add_parser("demo", help="throwaway PKI + echo upstream + proxy on loopback")
+    demo.add_argument("--self-test", action="store_true",
+                      help="run the allowed/denied/no-cert checks, print them, exit 0 if all pass")
+    pki = sub.add_parser("pki", help="development PKI")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True)
+    init = pki_sub.add_parser("init", help="root + intermediate CA in DIR")
+    init.add_argument("dir")
+    init.add_argument("--key-type", choices=["ec", "rsa", "ed25519"], default="ec")
+    issue = pki_sub.add_parser("issue", help="issue a server or client certificate")
+    issue.add_argument("kind", choices=["server", "client"])
+    issue.add_argument("name")
+    issue.add_argument("--dir", required=True)
+    for flag in ("dns", "ip", "uri", "email", "ou"):
+        issue.add_argument(f"--{flag}", action="append", default=[])
+    issue.add_argument("--cn")
+    issue.add_argument("--o")
+    issue.add_argument("--days", type=int, default=825)
+    issue.add_argument("--key-type", choices=["ec", "rsa", "ed25519"], default="ec")
+    return parser
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, int]], loop: str = "auto") -> int:
+    """Run *main* on uvloop (default) or asyncio, falling back with a log line."""
+    factory = None
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop  # noqa: PLC0415 -- optional at import time, chosen at run time
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            if loop == "uvloop":
+                raise ConfigError("--loop uvloop: uvloop is not installed") from None
+            logger.info("uvloop is not available; using the asyncio event loop")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mtls_proxy.server import ProxyServer  # noqa: PLC0415 -- keeps `check` and `--help` light
+    from mtls_proxy.tls import load_material  # noqa: PLC0415
+
+    cfg = build_config(args)
+    setup_logging(cfg.log_format, cfg.log_level)
+    material = load_material(cfg.tls, dict(cfg.sources))
+
+    async def main() -> int:
+        server = ProxyServer(cfg, material)
+        await server.run()
+        return 0
+
+    return run_async(main, cfg.loop)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from mtls_proxy.admin import rfc3339  # noqa: PLC0415
+    from mtls_proxy.tls import load_material, server_context  # noqa: PLC0415
+
+    cfg = build_config(args)
+    material = load_material(cfg.tls, dict(cfg.sources))
+    server_context(cfg, material)  # OpenSSL must accept it too
+    p = cfg.policy
+    rules = ["allow_all"] if p.allow_all else [r.name for r in p.rules]
+    if p.allow_anonymous:
+        rules.append("anonymous")
+    lines = [
+        "configuration OK" + (f" ({cfg.config_file})" if cfg.config_file else ""),
+        f"  listen:            {cfg.listen}",
+        f"  upstream:          {cfg.upstream.url}",
+        f"  server cert:       {material.server_subject}",
+        f"    not_after:       {rfc3339(material.not_after)}",
+        f"    sha256:          {material.server_sha256}",
+        f"    chain:           {material.chain_len} certificate(s) in {material.cert_file}",
+        f"  trusted CAs:       {len(material.ca_certs)}"
+        + (f" ({material.cacert_file})" if material.cacert_file else ""),
+        f"  client auth:       {cfg.tls.client_auth}",
+        f"  rules:             {len(rules)}" + "".join(f"\n    - {r}" for r in rules),
+        f"  identity headers:  {','.join(cfg.identity_headers)} (xfcc mode {cfg.xfcc_mode})",
+        f"  admin:             {cfg.admin or 'off'}",
+    ]
+    print("\n".join(lines))  # noqa: T201 -- the command's output
+    return 0
+
+
+def _pki(args: argparse.Namespace) -> int:
+    from mtls_proxy import pki  # noqa: PLC0415
+
+    if args.pki_command == "init":
+        directory = Path(args.dir)
+        pki.init_pki(directory, args.key_type)
+        print(f"wrote {directory}/root.crt, root.key, intermediate.crt, intermediate.key, ca.crt")  # noqa: T201
+        return 0
+    directory = Path(args.dir)
+    try:
+        issuer = pki.load_issuer(directory)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--dir: {directory}: no usable intermediate CA ({exc}); "
+                          "run 'mtls-proxy pki init DIR' first") from None
+    try:
+        item = pki.issue(issuer, args.kind, args.cn or args.name, dns=args.dns, ips=args.ip,
+                         uris=args.uri, emails=args.email, o=args.o, ou=args.ou, days=args.days,
+                         key_type=args.key_type)
+    except ValueError as exc:
+        raise ConfigError(f"pki issue {args.name}: {exc}") from None
+    pki.write_pair(directory, args.name, item)
+    print(f"wrote {directory}/{args.name}.crt (leaf + intermediate) and {args.name}.key")  # noqa: T201
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mtls-proxy`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "pki":
+            return _pki(args)
+        from mtls_proxy.demo import run_demo  # noqa: PLC0415
+
+        return run_demo(self_test=args.self_test)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mtls-proxy: error: {problem}", file=sys.stderr)  # noqa: T201
+        return 2
+    except OSError as exc:
+        print(f"mtls-proxy: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    except KeyboardInterrupt:
+        return 0

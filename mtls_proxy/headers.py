@@ -1,0 +1,233 @@
+"""PURE. Request/response header rewriting and the identity header encoders.
+
+Rules:
+1. Strip first, inject last (Apache CVE-2022-31813, Go CVE-2021-33197): the client's hop-by-hop
+   headers, every header its ``Connection`` header nominates, and every identity-header name of
+   every dialect are removed before the proxy adds its own.
+2. Names compare case-insensitively with ``_`` and ``-`` treated alike, because CGI/WSGI-style
+   upstreams map both to the same ``HTTP_X_...`` key (SECURITY.md HDR-004).
+3. Framing is always the proxy's own: client ``Content-Length``/``Transfer-Encoding`` are never
+   copied; the caller writes fresh framing. ``Connection`` cannot nominate Host or framing fields.
+4. Every injected value is printable ASCII: no CR, LF, NUL or other control byte can reach a header,
+   whatever the certificate holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from mtls_proxy.identity import PeerIdentity
+
+Dialect = Literal["xfcc", "simple", "rfc9440", "tomcat", "traefik"]
+XfccMode = Literal["sanitize_set", "append_forward", "forward_only", "sanitize"]
+DIALECTS: Final[tuple[str, ...]] = ("xfcc", "simple", "rfc9440", "tomcat", "traefik")
+IMPLEMENTED_DIALECTS: Final[tuple[str, ...]] = ("xfcc", "simple")
+XFCC_MODES: Final[tuple[str, ...]] = ("sanitize_set", "append_forward", "forward_only", "sanitize")
+
+XFCC: Final = b"x-forwarded-client-cert"
+# Every identity-header name of every dialect, normalised (lower case, '-').
+IDENTITY_NAMES: Final[frozenset[bytes]] = frozenset(
+    {
+        XFCC,
+        b"x-client-subject",
+        b"x-client-cert-sha256",
+        b"x-client-spiffe-id",
+        b"x-client-dns",
+        b"x-client-verified",
+        b"x-client-uri",
+        b"client-cert",
+        b"client-cert-chain",
+        b"ssl-client-cert",
+        b"ssl-client-escaped-cert",
+        b"ssl-cipher",
+        b"ssl-session-id",
+        b"ssl-cipher-usekeysize",
+        b"x-forwarded-tls-client-cert",
+        b"x-forwarded-tls-client-cert-info",
+    }
+)
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the legacy ones proxies still see.
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    }
+)
+# Set by the proxy from the connection; a client's value never reaches the upstream.
+PROXY_SET: Final[frozenset[bytes]] = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
+)
+# Connection may not nominate these (HDR-008): ignoring the nomination keeps framing intact.
+_UNNOMINABLE: Final[frozenset[bytes]] = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_REQUEST_DROP: Final[frozenset[bytes]] = (
+    IDENTITY_NAMES | HOP_BY_HOP | PROXY_SET | {b"host", b"content-length", b"expect"}
+)
+
+
+@dataclass(slots=True)
+class RequestHeaders:
+    """What the proxy learnt from a client's header block, and the lines it will forward."""
+
+    kept: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)  # (lname, name, value)
+    hosts: list[bytes] = field(default_factory=list)
+    content_length: bytes | None = None
+    transfer_encoding: list[bytes] = field(default_factory=list)
+    expect: list[bytes] = field(default_factory=list)
+    xfcc: list[bytes] = field(default_factory=list)
+    upgrade: bool = False
+
+    def forwarded_lines(self) -> bytes:
+        """The kept headers as wire lines, with Connection-nominated ones removed."""
+        return b"".join(b"%s: %s\r\n" % (name, value) for _, name, value in self.kept)
+
+
+def normalize_name(name: bytes) -> bytes:
+    """Lower case with '_' mapped to '-' (rule 2)."""
+    lname = name.lower()
+    return lname.replace(b"_", b"-") if b"_" in lname else lname
+
+
+def split_request_headers(raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
+    """Sort a client's headers into kept lines and the fields the proxy handles itself."""
+    out = RequestHeaders()
+    nominated: set[bytes] = set()
+    kept = out.kept
+    for name, value in raw:
+        lname = normalize_name(name)
+        if lname not in _REQUEST_DROP:
+            kept.append((lname, name, value))
+        elif lname == b"host":
+            out.hosts.append(value)
+        elif lname == b"connection":
+            for token in value.split(b","):
+                token = normalize_name(token.strip())
+                if token and token not in _UNNOMINABLE:
+                    nominated.add(token)
+        elif lname == b"content-length":
+            out.content_length = value
+        elif lname == b"transfer-encoding":
+            out.transfer_encoding.append(value)
+        elif lname == b"expect":
+            out.expect.append(value)
+        elif lname == XFCC:
+            out.xfcc.append(value)
+        elif lname == b"upgrade":
+            out.upgrade = True
+    if nominated:
+        out.kept = [h for h in kept if h[0] not in nominated]
+    return out
+
+
+def clean(value: str) -> str:
+    """Escape every byte outside printable ASCII as \\XX (rule 4)."""
+    if value.isascii() and value.isprintable():
+        return value
+    raw = value.encode("utf-8", "surrogatepass")
+    return "".join(chr(b) if 0x20 <= b < 0x7F else f"\\{b:02X}" for b in raw)
+
+
+def _xfcc_value(value: str) -> str:
+    v = clean(value)
+    if any(c in v for c in ',;="\\'):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return v
+
+
+def xfcc_element(peer: PeerIdentity, by: str | None) -> bytes:
+    """One XFCC element for *peer*, Envoy's format (By, Hash, Subject, URI..., DNS...)."""
+    parts = []
+    if by:
+        parts.append("By=" + _xfcc_value(by))
+    parts.append("Hash=" + peer.sha256)
+    parts.append('Subject="' + peer.subject + '"')  # already ASCII with RFC 2253 escapes
+    parts.extend("URI=" + _xfcc_value(u) for u in peer.uri)
+    parts.extend("DNS=" + _xfcc_value(d) for d in peer.dns)
+    return ";".join(parts).encode("ascii")
+
+
+def simple_headers(peer: PeerIdentity | None) -> list[tuple[str, str]]:
+    """The ``simple`` dialect: X-Client-Subject, -Cert-Sha256, -SPIFFE-ID, -DNS, -Verified."""
+    if peer is None:
+        return [("X-Client-Verified", "NONE")]
+    out = [("X-Client-Subject", peer.subject), ("X-Client-Cert-Sha256", peer.sha256)]
+    if peer.spiffe_id is not None:
+        out.append(("X-Client-SPIFFE-ID", clean(peer.spiffe_id)))
+    if peer.dns:
+        out.append(("X-Client-DNS", ",".join(clean(d) for d in peer.dns)))
+    out.append(("X-Client-Verified", "SUCCESS"))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityBlock:
+    """The identity headers of one connection, encoded once (the per-request cost is a join)."""
+
+    lines: bytes  # every dialect except XFCC, as wire lines
+    xfcc: bytes | None  # our XFCC element, or None for anonymous / no xfcc dialect
+    mode: XfccMode
+
+    def xfcc_line(self, incoming: list[bytes]) -> bytes:
+        """The XFCC header line for one request, given the client's XFCC values."""
+        if self.xfcc is None or self.mode == "sanitize":
+            return b""  # anonymous, or XFCC disabled: the client's copy is dropped, none is set
+        if self.mode == "sanitize_set":
+            value = self.xfcc
+        elif self.mode == "forward_only":
+            value = b",".join(incoming)
+        else:  # append_forward
+            value = b",".join([*incoming, self.xfcc])
+        return b"x-forwarded-client-cert: %s\r\n" % value if value else b""
+
+
+def identity_block(
+    peer: PeerIdentity | None, dialects: tuple[str, ...], mode: XfccMode, by: str | None
+) -> IdentityBlock:
+    """Encode the identity headers for *peer* (None: an anonymous connection)."""
+    lines: list[str] = []
+    if "simple" in dialects:
+        lines.extend(f"{k}: {v}\r\n" for k, v in simple_headers(peer))
+    xfcc = xfcc_element(peer, by) if peer is not None and "xfcc" in dialects else None
+    return IdentityBlock("".join(lines).encode("ascii"), xfcc, mode)
+
+
+@dataclass(slots=True)
+class ResponseHeaders:
+    """A filtered upstream response header block."""
+
+    lines: list[bytes] = field(default_factory=list)
+    content_length: list[bytes] = field(default_factory=list)
+    transfer_encoding: list[bytes] = field(default_factory=list)
+    close: bool = False
+
+
+def split_response_headers(raw: list[tuple[bytes, bytes]]) -> ResponseHeaders:
+    """Drop hop-by-hop and Connection-nominated fields from an upstream response."""
+    out = ResponseHeaders()
+    nominated: set[bytes] = set()
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in raw:
+        lname = normalize_name(name)
+        if lname == b"content-length":
+            out.content_length.append(value)
+        elif lname == b"transfer-encoding":
+            out.transfer_encoding.append(value)
+        elif lname == b"connection":
+            for token in value.split(b","):
+                token = normalize_name(token.strip())
+                if token == b"close":
+                    out.close = True
+                elif token:
+                    nominated.add(token)
+        elif lname not in HOP_BY_HOP:
+            kept.append((lname, b"%s: %s\r\n" % (name, value)))
+    out.lines = [line for lname, line in kept if lname not in nominated]
+    return out

@@ -1,0 +1,189 @@
+"""Lifecycle: listeners, the accept loop under the connection cap, signals, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from mtls_proxy import __version__
+from mtls_proxy.admin import admin_app
+from mtls_proxy.metrics import Metrics
+from mtls_proxy.proxy import ClientConnection
+from mtls_proxy.shared import Shared
+from mtls_proxy.tls import Material, classify_handshake_error, server_context, upstream_context
+from mtls_proxy.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from mtls_proxy.config import Address, Config
+
+logger = logging.getLogger(__name__)
+
+
+def bind(addr: Address, backlog: int = 1024) -> socket.socket:
+    """A non-blocking listening socket on *addr*."""
+    infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class ProxyServer:
+    """One proxy process: the mTLS listener, the admin listener and their shared state."""
+
+    def __init__(self, cfg: Config, material: Material, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.material = material
+        self.metrics = metrics or Metrics()
+        self.ctx = server_context(cfg, material)
+        pool = UpstreamPool(cfg.upstream, cfg.upstream_timeout,
+                            ssl_context=upstream_context() if cfg.upstream.scheme == "https" else None)
+        self.shared = Shared(cfg, self.metrics, pool, material.server_uri)
+        self.last_reload: dict[str, object] | None = None
+        self.listening = False
+        self.sock: socket.socket | None = None
+        self.admin_runner: web.AppRunner | None = None
+        self.admin_address: str | None = None
+        self._slots = asyncio.Semaphore(cfg.max_connections)
+        self._accept_task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+        m = self.metrics.not_after
+        m.labels(cert="server").set(material.not_after.timestamp())
+        if material.ca_not_after is not None:
+            m.labels(cert="ca").set(material.ca_not_after.timestamp())
+
+    @property
+    def ready(self) -> bool:
+        """Listening with valid material and not draining."""
+        return self.listening and not self.shared.draining
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound listener address (useful with port 0)."""
+        assert self.sock is not None  # noqa: S101 -- only called after start()
+        host, port = self.sock.getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        """Bind both listeners and start accepting."""
+        if self.cfg.admin is not None:
+            self.admin_runner = web.AppRunner(admin_app(self), access_log=None,
+                                              handle_signals=False)
+            await self.admin_runner.setup()
+            site = web.TCPSite(self.admin_runner, self.cfg.admin.host, self.cfg.admin.port)
+            await site.start()
+            server = site._server  # noqa: SLF001 -- the only way to learn the port bound for :0
+            if server is not None and server.sockets:
+                h, p = server.sockets[0].getsockname()[:2]
+                self.admin_address = f"{h}:{p}"
+        self.sock = bind(self.cfg.listen)
+        self.listening = True
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        host, port = self.address
+        logger.info("ready", extra={"listen": f"{host}:{port}", "admin": self.admin_address,
+                                    "upstream": self.cfg.upstream.url, "version": __version__,
+                                    "server_cert_sha256": self.material.server_sha256})
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sock
+        assert sock is not None  # noqa: S101 -- set by start()
+        while True:
+            # At the cap, stop accepting: new connections wait in the kernel backlog.
+            await self._slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                self._slots.release()
+                logger.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)  # e.g. EMFILE: back off instead of spinning
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            task = loop.create_task(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        proto = ClientConnection(self.shared, self._slots)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.connect_accepted_socket(
+                lambda: proto, conn, ssl=self.ctx, ssl_handshake_timeout=self.cfg.handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+            reason = classify_handshake_error(exc)
+            self.metrics.handshake("failed", reason)
+            logger.debug("handshake failed: %s", reason, extra={"error": str(exc)})
+            conn.close()
+            if proto.transport is None:  # connection_made never ran, so neither will lost
+                self._slots.release()
+            return
+        self.metrics.handshake("ok")
+        self.metrics.connections.inc()
+        if self.shared.draining:
+            proto.drain()
+
+    def request_stop(self) -> None:
+        """Ask run() to drain and return (SIGTERM/SIGINT)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Start, wait for SIGTERM/SIGINT, drain, stop."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: logger.warning(
+            "SIGHUP: reload is not supported by this version yet; nothing changed"))
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drain in-flight requests up to the grace period, close."""
+        shared = self.shared
+        shared.draining = True
+        logger.info("draining", extra={"connections": len(shared.connections),
+                                       "grace_s": self.cfg.shutdown_grace})
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+        if self.sock is not None:
+            self.sock.close()  # new connections are refused from here on
+        self.listening = False
+        for conn in list(shared.connections):
+            conn.drain()
+        deadline = time.monotonic() + self.cfg.shutdown_grace
+        while (shared.connections or self._handshakes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(shared.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for task in list(self._handshakes):
+            task.cancel()
+        shared.pool.close()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        logger.info("stopped")

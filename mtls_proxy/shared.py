@@ -1,0 +1,38 @@
+"""State shared by every connection of one listener: config, policy, pool, metrics."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from mtls_proxy.headers import IdentityBlock, identity_block
+
+if TYPE_CHECKING:
+    from mtls_proxy.config import Config
+    from mtls_proxy.identity import PeerIdentity
+    from mtls_proxy.metrics import Metrics
+    from mtls_proxy.policy import Policy
+    from mtls_proxy.proxy import ClientConnection
+    from mtls_proxy.upstream import UpstreamPool
+
+
+class Shared:
+    """What connections read on the hot path; `policy` is swapped whole on reload."""
+
+    def __init__(self, cfg: Config, metrics: Metrics, pool: UpstreamPool, by: str | None) -> None:
+        self.cfg = cfg
+        self.policy: Policy = cfg.policy
+        self.metrics = metrics
+        self.pool = pool
+        self.by = by
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        u = cfg.upstream
+        self.upstream_host = (u.host_header if u.scheme != "unix" else "localhost").encode()
+        dialects, mode = cfg.identity_headers, cfg.xfcc_mode
+
+        @lru_cache(maxsize=4096)
+        def _block(peer: PeerIdentity | None) -> IdentityBlock:
+            return identity_block(peer, dialects, mode, by)
+
+        self.identity_block = _block

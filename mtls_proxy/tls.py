@@ -1,0 +1,191 @@
+"""The one place that loads certificate material and builds SSLContexts.
+
+Rules:
+1. Material is parsed and validated completely (files exist, PEM parses, key matches the
+   certificate, the CA bundle holds certificates) before any context is built; a failure raises
+   ConfigError naming the file, the key and the reason.
+2. Client certificates are always verified against the configured CAs; nothing here disables
+   verification. TLS 1.0/1.1 are never enabled; TLS 1.2 uses ECDHE + AEAD suites only.
+3. Private keys and PEM bodies never reach a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mtls_proxy.config import Config, TLSConfig
+from mtls_proxy.errors import ConfigError
+from mtls_proxy.identity import rfc2253
+
+TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@dataclass(frozen=True, slots=True)
+class Material:
+    """Validated certificate material, ready to build contexts from."""
+
+    cert_file: str
+    key_file: str
+    key_password: bytes | None
+    cacert_file: str | None
+    leaf: x509.Certificate
+    chain_len: int
+    ca_certs: tuple[x509.Certificate, ...]
+
+    @property
+    def server_subject(self) -> str:
+        """RFC 2253 subject of our own certificate."""
+        return rfc2253(self.leaf.subject)
+
+    @property
+    def server_sha256(self) -> str:
+        """SHA-256 of our own certificate's DER."""
+        return hashlib.sha256(self.leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    @property
+    def server_uri(self) -> str | None:
+        """Our first URI SAN: XFCC's ``By``."""
+        try:
+            san = self.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return None
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        return uris[0] if uris else None
+
+    @property
+    def not_after(self) -> dt.datetime:
+        """Expiry of our own certificate."""
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def ca_not_after(self) -> dt.datetime | None:
+        """The earliest expiry among the trusted CAs."""
+        return min((c.not_valid_after_utc for c in self.ca_certs), default=None)
+
+
+def _read(path: str | None, key: str, what: str) -> bytes:
+    if path is None:
+        raise ConfigError(f"{key}: no {what} file given")
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{key}: {path}: is a directory, expected a {what} file") from None
+    except PermissionError:
+        raise ConfigError(f"{key}: {path}: permission denied") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: {path}: cannot read ({exc.strerror})") from None
+
+
+def _certs(data: bytes, path: str, key: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise ConfigError(f"{key}: {path}: not a PEM certificate file (no parsable "
+                          "'-----BEGIN CERTIFICATE-----' block)")
+    return certs
+
+
+def resolve_password(secret: str | None, key: str) -> bytes | None:
+    """A password given literally or as ``file:/path`` (``${ENV}`` is resolved by config)."""
+    if secret is None:
+        return None
+    if secret.startswith("file:"):
+        return _read(secret[5:], key, "password").rstrip(b"\r\n")
+    return secret.encode()
+
+
+def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Material:
+    """Read and validate cert, key and CA bundle (rule 1). Blocking: run off the event loop."""
+    src = sources or {}
+    cert_key, key_key = src.get("cert", "--cert"), src.get("key", "--key")
+    certs = _certs(_read(tls.cert, cert_key, "certificate"), str(tls.cert), cert_key)
+    key_data = _read(tls.key, key_key, "private key")
+    password = resolve_password(tls.key_password, src.get("key-password", "--key-password"))
+    try:
+        key = serialization.load_pem_private_key(key_data, password)
+    except TypeError:
+        hint = "the key is encrypted: give --key-password" if password is None else (
+            "the key is not encrypted: drop --key-password")
+        raise ConfigError(f"{key_key}: {tls.key}: {hint}") from None
+    except ValueError as exc:
+        reason = "wrong --key-password" if password and "password" in str(exc).lower() else (
+            "not a PEM private key (or wrong password)")
+        raise ConfigError(f"{key_key}: {tls.key}: {reason}") from None
+    leaf = certs[0]
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise ConfigError(f"{key_key}: {tls.key}: the private key does not match the certificate "
+                          f"in {tls.cert} (subject {rfc2253(leaf.subject)})")
+    ca_certs: tuple[x509.Certificate, ...] = ()
+    if tls.cacert is not None:
+        ca_key = src.get("cacert", "--cacert")
+        ca_certs = tuple(_certs(_read(tls.cacert, ca_key, "CA bundle"), tls.cacert, ca_key))
+    return Material(str(tls.cert), str(tls.key), password, tls.cacert, leaf, len(certs), ca_certs)
+
+
+def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
+    """The listener's SSLContext for *material* (rule 2)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if cfg.tls.min_tls_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_alpn_protocols(["http/1.1"])  # we speak HTTP/1.1 only; h2-capable clients fall back
+    try:
+        ctx.load_cert_chain(material.cert_file, material.key_file, password=material.key_password)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{cfg.source('cert')}: {material.cert_file}: OpenSSL refused the "
+                          f"certificate/key ({exc.reason})") from None
+    if cfg.tls.client_auth != "none":
+        ctx.load_verify_locations(cadata="".join(
+            c.public_bytes(serialization.Encoding.PEM).decode() for c in material.ca_certs))
+        ctx.verify_mode = ssl.CERT_REQUIRED if cfg.tls.client_auth == "require" else ssl.CERT_OPTIONAL
+        if cfg.strict_client_certs:
+            ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+def upstream_context() -> ssl.SSLContext:
+    """Client context for an https:// upstream: system trust, hostname checked."""
+    ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+# OpenSSL X509_V_ERR_* codes -> the SPEC's handshake failure reasons.
+_VERIFY_REASONS: Final = {
+    10: "expired", 9: "expired", 2: "unknown_ca", 19: "unknown_ca", 20: "unknown_ca",
+    21: "unknown_ca", 23: "revoked", 3: "other",
+}
+
+
+def classify_handshake_error(exc: BaseException) -> str:
+    """Map a failed server handshake to the bounded `reason` label of handshakes_total."""
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
+        return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(exc.verify_code, "bad_certificate")
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "").upper()
+        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
+            return "no_certificate"
+        if "CERTIFICATE" in reason:
+            return "bad_certificate"
+        return "protocol"
+    return "other"
