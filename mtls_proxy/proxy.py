@@ -46,6 +46,13 @@ access_log = logging.getLogger("mtls_proxy.access")
 logger = logging.getLogger(__name__)
 
 _BUFFER_LIMIT: Final = 256 * 1024
+
+
+class NotImplementedUpgrade(NotImplementedCoding):
+    """An Upgrade request with a body: upgrades are never tunnelled."""
+
+    public_message = "protocol upgrades are not supported"
+
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS: Final = {400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
                    405: b"Method Not Allowed", 408: b"Request Timeout", 417: b"Expectation Failed",
@@ -307,6 +314,12 @@ class ClientConnection(asyncio.Protocol):
             return ex
         if not p.should_keep_alive():
             ex.close = True
+        if p.should_upgrade() and ex.has_body:
+            # llhttp hands everything after an upgrade request's head to the new protocol, so
+            # its body can't be framed; upgrades without a body are forwarded as plain requests.
+            ex.status = NotImplementedUpgrade.status
+            self._error_for(ex, NotImplementedUpgrade())
+            return ex
         block = self.block
         assert block is not None  # noqa: S101 -- set in connection_made before any data
         ex.head = b"".join((
