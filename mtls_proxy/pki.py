@@ -58,12 +58,11 @@ class Issued:
 
 
 def _name(cn: str, o: str | None = None, ou: Sequence[str] = ()) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-    if o:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, o))
+    # Most-significant first in DER (O, OU..., CN), so RFC 2253 prints CN first.
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o)] if o else []
     attrs.extend(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, u) for u in ou)
-    # Written most-significant first (O, OU, CN) so RFC 2253 prints CN first.
-    return x509.Name(list(reversed(attrs)))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    return x509.Name(attrs)
 
 
 def _key_usage(*, ca: bool, key_type_rsa: bool = False) -> x509.KeyUsage:
