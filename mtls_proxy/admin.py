@@ -13,7 +13,7 @@ from mtls_proxy import __version__
 if TYPE_CHECKING:
     from mtls_proxy.server import ProxyServer
 
-SERVER: Final = web.AppKey("server", "ProxyServer")
+SERVER: Final[web.AppKey[ProxyServer]] = web.AppKey("server")
 
 
 def rfc3339(t: dt.datetime | None) -> str | None:
@@ -33,25 +33,31 @@ async def readyz(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     if server.ready:
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "draining" if server.shared.draining else "starting"},
-                             status=503)
+    return web.json_response(
+        {"status": "draining" if server.shared.draining else "starting"}, status=503
+    )
 
 
 async def status(request: web.Request) -> web.Response:
     """A JSON summary of what the proxy runs with."""
     server = request.app[SERVER]
     m = server.material
-    return web.json_response({
-        "version": __version__,
-        "listen": str(server.cfg.listen),
-        "upstream": server.cfg.upstream.url,
-        "server_cert": {"subject": m.server_subject, "sha256": m.server_sha256,
-                        "not_after": rfc3339(m.not_after)},
-        "trusted_cas": len(m.ca_certs),
-        "last_reload": server.last_reload,
-        "connections_open": len(server.shared.connections),
-        "draining": server.shared.draining,
-    })
+    return web.json_response(
+        {
+            "version": __version__,
+            "listen": str(server.cfg.listen),
+            "upstream": server.cfg.upstream.url,
+            "server_cert": {
+                "subject": m.server_subject,
+                "sha256": m.server_sha256,
+                "not_after": rfc3339(m.not_after),
+            },
+            "trusted_cas": len(m.ca_certs),
+            "last_reload": server.last_reload,
+            "connections_open": len(server.shared.connections),
+            "draining": server.shared.draining,
+        }
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -20,20 +20,23 @@ logger = logging.getLogger("mtls_proxy")
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", metavar="FILE",
-                   help="YAML config file (env MTLS_PROXY_CONFIG)")
+    p.add_argument(
+        "--config", "-c", metavar="FILE", help="YAML config file (env MTLS_PROXY_CONFIG)"
+    )
     for opt in OPTIONS:
         flag = f"--{opt.name}"
         dest = opt.name
         if opt.kind == "allow":
             p.add_argument(flag, dest=dest, action="append", metavar="V", help=opt.help)
         elif opt.kind == "bool":
-            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None,
-                           help=opt.help)
+            p.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=opt.help
+            )
         else:
             default = "" if opt.default is None else f" (default {opt.default})"
-            p.add_argument(flag, dest=dest, metavar=opt.name.split("-")[-1].upper(),
-                           help=opt.help + default)
+            p.add_argument(
+                flag, dest=dest, metavar=opt.name.split("-")[-1].upper(), help=opt.help + default
+            )
 
 
 def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
@@ -51,9 +54,13 @@ def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) ->
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtls-proxy", description=(
-        "An mTLS-terminating reverse proxy: verifies client certificates, checks them against an "
-        "allow-list, injects identity headers and forwards to a plain HTTP upstream."))
+    parser = argparse.ArgumentParser(
+        prog="mtls-proxy",
+        description=(
+            "An mTLS-terminating reverse proxy: verifies client certificates, checks them "
+            "against an allow-list, injects identity headers and forwards to a plain HTTP upstream."
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"mtls-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the proxy")
@@ -61,8 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate config and certificate material, then exit")
     _add_options(check)
     demo = sub.add_parser("demo", help="throwaway PKI + echo upstream + proxy on loopback")
-    demo.add_argument("--self-test", action="store_true",
-                      help="run the allowed/denied/no-cert checks, print them, exit 0 if all pass")
+    demo.add_argument(
+        "--self-test",
+        action="store_true",
+        help="run the allowed/denied/no-cert checks, print them, exit 0 if all pass",
+    )
     pki = sub.add_parser("pki", help="development PKI")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)
     init = pki_sub.add_parser("init", help="root + intermediate CA in DIR")
@@ -86,7 +96,7 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]], loop: str = "auto") 
     factory = None
     if loop in ("auto", "uvloop"):
         try:
-            import uvloop  # noqa: PLC0415 -- optional at import time, chosen at run time
+            import uvloop
 
             factory = uvloop.new_event_loop
         except ImportError:
@@ -98,8 +108,8 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]], loop: str = "auto") 
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mtls_proxy.server import ProxyServer  # noqa: PLC0415 -- keeps `check` and `--help` light
-    from mtls_proxy.tls import load_material  # noqa: PLC0415
+    from mtls_proxy.server import ProxyServer
+    from mtls_proxy.tls import load_material
 
     cfg = build_config(args)
     setup_logging(cfg.log_format, cfg.log_level)
@@ -114,8 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from mtls_proxy.admin import rfc3339  # noqa: PLC0415
-    from mtls_proxy.tls import load_material, server_context  # noqa: PLC0415
+    from mtls_proxy.admin import rfc3339
+    from mtls_proxy.tls import load_material, server_context
 
     cfg = build_config(args)
     material = load_material(cfg.tls, dict(cfg.sources))
@@ -139,32 +149,44 @@ def _check(args: argparse.Namespace) -> int:
         f"  identity headers:  {','.join(cfg.identity_headers)} (xfcc mode {cfg.xfcc_mode})",
         f"  admin:             {cfg.admin or 'off'}",
     ]
-    print("\n".join(lines))  # noqa: T201 -- the command's output
+    print("\n".join(lines))
     return 0
 
 
 def _pki(args: argparse.Namespace) -> int:
-    from mtls_proxy import pki  # noqa: PLC0415
+    from mtls_proxy import pki
 
     if args.pki_command == "init":
         directory = Path(args.dir)
         pki.init_pki(directory, args.key_type)
-        print(f"wrote {directory}/root.crt, root.key, intermediate.crt, intermediate.key, ca.crt")  # noqa: T201
+        print(f"wrote {directory}/root.crt, root.key, intermediate.crt, intermediate.key, ca.crt")
         return 0
     directory = Path(args.dir)
     try:
         issuer = pki.load_issuer(directory)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--dir: {directory}: no usable intermediate CA ({exc}); "
-                          "run 'mtls-proxy pki init DIR' first") from None
+        raise ConfigError(
+            f"--dir: {directory}: no usable intermediate CA ({exc}); "
+            "run 'mtls-proxy pki init DIR' first"
+        ) from None
     try:
-        item = pki.issue(issuer, args.kind, args.cn or args.name, dns=args.dns, ips=args.ip,
-                         uris=args.uri, emails=args.email, o=args.o, ou=args.ou, days=args.days,
-                         key_type=args.key_type)
+        item = pki.issue(
+            issuer,
+            args.kind,
+            args.cn or args.name,
+            dns=args.dns,
+            ips=args.ip,
+            uris=args.uri,
+            emails=args.email,
+            o=args.o,
+            ou=args.ou,
+            days=args.days,
+            key_type=args.key_type,
+        )
     except ValueError as exc:
         raise ConfigError(f"pki issue {args.name}: {exc}") from None
     pki.write_pair(directory, args.name, item)
-    print(f"wrote {directory}/{args.name}.crt (leaf + intermediate) and {args.name}.key")  # noqa: T201
+    print(f"wrote {directory}/{args.name}.crt (leaf + intermediate) and {args.name}.key")
     return 0
 
 
@@ -178,15 +200,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "pki":
             return _pki(args)
-        from mtls_proxy.demo import run_demo  # noqa: PLC0415
+        from mtls_proxy.demo import run_demo
 
         return run_demo(self_test=args.self_test)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"mtls-proxy: error: {problem}", file=sys.stderr)  # noqa: T201
+            print(f"mtls-proxy: error: {problem}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"mtls-proxy: error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"mtls-proxy: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -9,11 +9,10 @@ variables or configuration files.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import yaml
 
@@ -22,8 +21,13 @@ from mtls_proxy.headers import DIALECTS, IMPLEMENTED_DIALECTS, XFCC_MODES, XfccM
 from mtls_proxy.policy import RULE_FIELDS, Policy, Rule, RuleError, compile_rule
 
 ClientAuth = Literal["require", "optional", "none"]
-_CLIENT_AUTH_ALIASES: Final = {"require": "require", "need": "require", "optional": "optional",
-                               "want": "optional", "none": "none"}
+_CLIENT_AUTH_ALIASES: Final = {
+    "require": "require",
+    "need": "require",
+    "optional": "optional",
+    "want": "optional",
+    "none": "none",
+}
 ENV_PREFIX: Final = "MTLS_PROXY_"
 
 
@@ -47,33 +51,67 @@ class Opt:
 ALLOW_FLAGS: Final = tuple(f for f in RULE_FIELDS if f != "anonymous")
 OPTIONS: Final[tuple[Opt, ...]] = (
     Opt("listen", ("listen",), "hostport", "0.0.0.0:8443", "the mTLS listener HOST:PORT"),
-    Opt("upstream", ("upstream",), "upstream", None, "http://host:port, https://host:port or unix:/path"),
+    Opt(
+        "upstream",
+        ("upstream",),
+        "upstream",
+        None,
+        "http://host:port, https://host:port or unix:/path",
+    ),
     Opt("cert", ("tls", "cert"), "path", None, "PEM server certificate, leaf then intermediates"),
     Opt("key", ("tls", "key"), "path", None, "PEM private key of --cert"),
     Opt("key-password", ("tls", "key_password"), "secret", None, "password of an encrypted --key"),
     Opt("keystore", ("tls", "keystore"), "path", None, "PKCS12/JKS keystore (not yet supported)"),
     Opt("keystore-password", ("tls", "keystore_password"), "secret", None, "keystore password"),
     Opt("keystore-alias", ("tls", "keystore_alias"), "str", None, "alias in a multi-key keystore"),
-    Opt("cert-dir", ("tls", "cert_dir"), "path", None, "Kubernetes secret mount (not yet supported)"),
+    Opt(
+        "cert-dir", ("tls", "cert_dir"), "path", None, "Kubernetes secret mount (not yet supported)"
+    ),
     Opt("cacert", ("tls", "cacert"), "path", None, "PEM bundle of CAs trusted for client certs"),
-    Opt("truststore", ("tls", "truststore"), "path", None, "PKCS12/JKS truststore (not yet supported)"),
-    Opt("truststore-password", ("tls", "truststore_password"), "secret", None, "truststore password"),
+    Opt(
+        "truststore",
+        ("tls", "truststore"),
+        "path",
+        None,
+        "PKCS12/JKS truststore (not yet supported)",
+    ),
+    Opt(
+        "truststore-password", ("tls", "truststore_password"), "secret", None, "truststore password"
+    ),
     Opt("crl", ("tls", "crl"), "path", None, "PEM CRL file (not yet supported)"),
-    Opt("client-auth", ("tls", "client_auth"), "enum", "require", "require|optional|none",
-        tuple(_CLIENT_AUTH_ALIASES)),
+    Opt(
+        "client-auth",
+        ("tls", "client_auth"),
+        "enum",
+        "require",
+        "require|optional|none",
+        tuple(_CLIENT_AUTH_ALIASES),
+    ),
     Opt("min-tls-version", ("tls", "min_tls_version"), "enum", "1.2", "1.2 or 1.3", ("1.2", "1.3")),
-    *(Opt(f"allow-{f}", ("policy", "allow"), "allow", None, f"allow clients by {f} (repeatable)")
-      for f in ALLOW_FLAGS),
+    *(
+        Opt(f"allow-{f}", ("policy", "allow"), "allow", None, f"allow clients by {f} (repeatable)")
+        for f in ALLOW_FLAGS
+    ),
     Opt("allow-all", ("allow_all",), "bool", False, "allow any client with a valid chain"),
     Opt("allow-anonymous", ("allow_anonymous",), "bool", False, "admit requests without a cert"),
     Opt("policy", ("policy_file",), "path", None, "YAML policy file (not yet supported)"),
-    Opt("identity-headers", ("identity_headers",), "list", "xfcc,simple",
-        "comma list of " + ",".join(DIALECTS)),
+    Opt(
+        "identity-headers",
+        ("identity_headers",),
+        "list",
+        "xfcc,simple",
+        "comma list of " + ",".join(DIALECTS),
+    ),
     Opt("xfcc-mode", ("xfcc_mode",), "enum", "sanitize_set", "Envoy XFCC mode", XFCC_MODES),
     Opt("admin", ("admin",), "hostport_off", "127.0.0.1:9901", "admin HOST:PORT, or off"),
     Opt("workers", ("workers",), "int", 1, "worker processes"),
-    Opt("strict-client-certs", ("strict_client_certs",), "bool", False,
-        "also refuse leaves without EKU, CA:TRUE leaves and X.509 v1"),
+    Opt(
+        "strict-client-certs",
+        ("strict_client_certs",),
+        "bool",
+        False,
+        "also refuse leaves without EKU, CA:TRUE leaves and X.509 v1",
+    ),
     Opt("handshake-timeout", ("handshake_timeout",), "float", 10.0, "TLS handshake seconds"),
     Opt("header-timeout", ("header_timeout",), "float", 10.0, "seconds to receive a request head"),
     Opt("upstream-timeout", ("upstream_timeout",), "float", 30.0, "connect + first byte seconds"),
@@ -83,11 +121,23 @@ OPTIONS: Final[tuple[Opt, ...]] = (
     Opt("shutdown-grace", ("shutdown_grace",), "float", 15.0, "drain seconds on SIGTERM"),
     Opt("reload-interval", ("reload_interval",), "float0", 0.0, "poll interval (0 = watch only)"),
     Opt("log-format", ("log_format",), "enum", "json", "json or text", ("json", "text")),
-    Opt("log-level", ("log_level",), "enum", "info", "log level",
-        ("debug", "info", "warning", "error")),
+    Opt(
+        "log-level",
+        ("log_level",),
+        "enum",
+        "info",
+        "log level",
+        ("debug", "info", "warning", "error"),
+    ),
     Opt("access-log", ("access_log",), "bool", True, "one JSON record per request"),
-    Opt("loop", ("loop",), "enum", "auto", "event loop: auto, uvloop or asyncio",
-        ("auto", "uvloop", "asyncio")),
+    Opt(
+        "loop",
+        ("loop",),
+        "enum",
+        "auto",
+        "event loop: auto, uvloop or asyncio",
+        ("auto", "uvloop", "asyncio"),
+    ),
 )
 _BY_NAME: Final = {o.name: o for o in OPTIONS}
 _TOP_KEYS: Final = {o.path[0] for o in OPTIONS if len(o.path) == 1} | {"tls", "policy"}
@@ -205,8 +255,13 @@ def _unknown_keys(data: Mapping[str, object], filename: str) -> list[str]:
 class _Collector:
     """Gathers values by precedence and problems with their sources."""
 
-    def __init__(self, data: Mapping[str, object], filename: str,
-                 env: Mapping[str, str], flags: Mapping[str, object]) -> None:
+    def __init__(
+        self,
+        data: Mapping[str, object],
+        filename: str,
+        env: Mapping[str, str],
+        flags: Mapping[str, object],
+    ) -> None:
         self.data, self.filename, self.env, self.flags = data, filename, env, flags
         self.problems: list[str] = []
         self.sources: dict[str, str] = {}
@@ -236,11 +291,19 @@ class _Collector:
             return _convert(opt, opt.default, self.env) if opt.default is not None else None
 
 
-_BOOL: Final = {"1": True, "true": True, "yes": True, "on": True,
-                "0": False, "false": False, "no": False, "off": False}
+_BOOL: Final = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
 
 
-def _convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:  # noqa: C901, PLR0911
+def _convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:
     kind = opt.kind
     if kind == "bool":
         if isinstance(value, bool):
@@ -263,6 +326,8 @@ def _convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:  # noqa
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ValueError(f"must be a list of names (got {value!r})")
         return tuple(i.strip() for i in items if i.strip())
+    if kind == "hostport_off" and value is False:
+        return None  # YAML 1.1 reads a bare `off` as false
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError(f"must be a string (got {value!r})")
     text = str(value)
@@ -304,7 +369,9 @@ def parse_upstream(text: str) -> Upstream:
         return Upstream(text, "unix", path=path)
     m = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?/?", text)
     if m is None:
-        raise ValueError(f"expected http://host:port, https://host:port or unix:/path (got {text!r})")
+        raise ValueError(
+            f"expected http://host:port, https://host:port or unix:/path (got {text!r})"
+        )
     scheme = m.group(1)
     host = m.group(2).strip("[]")
     port = int(m.group(3) or (443 if scheme == "https" else 80))
@@ -331,13 +398,14 @@ def _rules(c: _Collector) -> tuple[list[Rule], str]:
         for f in ALLOW_FLAGS:
             opt = _BY_NAME[f"allow-{f}"]
             if layer == "flags":
-                vals = c.flags.get(opt.name) or []
+                given = c.flags.get(opt.name)
+                vals = [str(v) for v in given] if isinstance(given, list) else []
                 label = f"--{opt.name}"
             else:
                 raw = c.env.get(opt.env, "")
                 vals = [v.strip() for v in raw.split(",") if v.strip()]
                 label = opt.env
-            specs.extend((f, str(v), label) for v in vals)  # type: ignore[union-attr]  # list from argparse
+            specs.extend((f, v, label) for v in vals)
         for f, v, label in specs:
             try:
                 rules.append(compile_rule({f: v}))
@@ -365,7 +433,10 @@ def _rules(c: _Collector) -> tuple[list[Rule], str]:
 
 
 def load_config(
-    *, text: str | None = None, filename: str = "config", env: Mapping[str, str] | None = None,
+    *,
+    text: str | None = None,
+    filename: str = "config",
+    env: Mapping[str, str] | None = None,
     flags: Mapping[str, object] | None = None,
 ) -> Config:
     """Build the Config; raise ConfigError listing every problem."""
@@ -375,12 +446,23 @@ def load_config(
     c.problems.extend(_unknown_keys(data, filename))
     g = c.get
     tls = TLSConfig(
-        cert=_str(g("cert")), key=_str(g("key")), key_password=_str(g("key-password")),
-        cacert=_str(g("cacert")), client_auth=g("client-auth"),  # type: ignore[arg-type]  # validated enum
+        cert=_str(g("cert")),
+        key=_str(g("key")),
+        key_password=_str(g("key-password")),
+        cacert=_str(g("cacert")),
+        client_auth=g("client-auth"),  # type: ignore[arg-type]  # validated enum
         min_tls_version=g("min-tls-version"),  # type: ignore[arg-type]  # validated enum
     )
-    for name in ("keystore", "truststore", "cert-dir", "crl", "policy", "keystore-password",
-                 "truststore-password", "keystore-alias"):
+    for name in (
+        "keystore",
+        "truststore",
+        "cert-dir",
+        "crl",
+        "policy",
+        "keystore-password",
+        "truststore-password",
+        "keystore-alias",
+    ):
         if g(name) is not None:
             c.problems.append(f"{c.sources[name]}: {name} is not supported by this version yet")
     policy_section = data.get("policy")
@@ -395,61 +477,91 @@ def load_config(
     _check_tls(c, tls, rules, rules_src, allow_all, anonymous)
     upstream = g("upstream")
     if upstream is None:
-        c.problems.append("--upstream is required (or upstream: in the config file, "
-                          "or MTLS_PROXY_UPSTREAM)")
+        c.problems.append(
+            "--upstream is required (or upstream: in the config file, or MTLS_PROXY_UPSTREAM)"
+        )
     dialects = g("identity-headers") or ()
     assert isinstance(dialects, tuple)  # noqa: S101 -- _convert returns a tuple for kind 'list'
     for d in dialects:
         if d not in DIALECTS:
-            c.problems.append(f"{c.sources['identity-headers']}: unknown dialect {d!r}"
-                              f"{_did_you_mean(d, set(DIALECTS))}; known: {', '.join(DIALECTS)}")
+            c.problems.append(
+                f"{c.sources['identity-headers']}: unknown dialect {d!r}"
+                f"{_did_you_mean(d, set(DIALECTS))}; known: {', '.join(DIALECTS)}"
+            )
         elif d not in IMPLEMENTED_DIALECTS:
-            c.problems.append(f"{c.sources['identity-headers']}: dialect {d!r} is not supported "
-                              "by this version yet")
+            c.problems.append(
+                f"{c.sources['identity-headers']}: dialect {d!r} is not supported "
+                "by this version yet"
+            )
     workers = g("workers")
     if workers != 1 and workers is not None:
         c.problems.append(f"{c.sources['workers']}: only 1 worker is supported by this version")
-    v = {o.name.replace("-", "_"): g(o.name) for o in OPTIONS
-         if o.kind in _PLAIN_KINDS and o.name not in _NOT_PLAIN}
+    v = {
+        o.name.replace("-", "_"): g(o.name)
+        for o in OPTIONS
+        if o.kind in _PLAIN_KINDS and o.name not in _NOT_PLAIN
+    }
     if c.problems:
         raise ConfigError(c.problems)
     return Config(
-        upstream=upstream, tls=tls,  # type: ignore[arg-type]  # converted
+        upstream=cast(Upstream, upstream),  # None was reported above; _convert built it
+        tls=tls,
         policy=Policy(tuple(rules), allow_all, anonymous, audit),
-        identity_headers=dialects, workers=1,
-        config_file=filename if text is not None else None, sources=dict(c.sources),
+        identity_headers=dialects,
+        workers=1,
+        config_file=filename if text is not None else None,
+        sources=dict(c.sources),
         **v,  # type: ignore[arg-type]  # each value was converted by its option's kind
     )
 
 
-_PLAIN_KINDS: Final = frozenset({"hostport", "hostport_off", "int", "float", "float0", "enum", "bool"})
-_NOT_PLAIN: Final = frozenset({"client-auth", "min-tls-version", "workers", "allow-all",
-                               "allow-anonymous"})
+_PLAIN_KINDS: Final = frozenset(
+    {"hostport", "hostport_off", "int", "float", "float0", "enum", "bool"}
+)
+_NOT_PLAIN: Final = frozenset(
+    {"client-auth", "min-tls-version", "workers", "allow-all", "allow-anonymous"}
+)
 
 
 def _str(v: object) -> str | None:
     return None if v is None else str(v)
 
 
-def _check_tls(c: _Collector, tls: TLSConfig, rules: list[Rule], rules_src: str,
-               allow_all: bool, anonymous: bool) -> None:
+def _check_tls(
+    c: _Collector,
+    tls: TLSConfig,
+    rules: list[Rule],
+    rules_src: str,
+    allow_all: bool,
+    anonymous: bool,
+) -> None:
     src = c.sources
     if tls.cert is None or tls.key is None:
         c.problems.append("--cert and --key are required (tls.cert / tls.key in the config file)")
     if tls.cacert is None and tls.client_auth != "none":
-        c.problems.append(f"--cacert is required with client-auth {tls.client_auth} "
-                          f"(tls.cacert in the config file)")
+        c.problems.append(
+            f"--cacert is required with client-auth {tls.client_auth} "
+            f"(tls.cacert in the config file)"
+        )
     if allow_all and any(not r.anonymous for r in rules):
-        c.problems.append(f"{src['allow-all']}: --allow-all cannot be combined with allow rules "
-                          f"({rules_src}); use one or the other")
+        c.problems.append(
+            f"{src['allow-all']}: --allow-all cannot be combined with allow rules "
+            f"({rules_src}); use one or the other"
+        )
     has_cert_rules = allow_all or any(not r.anonymous for r in rules)
     has_anon = anonymous or any(r.anonymous for r in rules)
     if anonymous and tls.client_auth == "require":
-        c.problems.append(f"{src['allow-anonymous']}: --allow-anonymous needs --client-auth "
-                          "optional or none (with require, every client has a certificate)")
+        c.problems.append(
+            f"{src['allow-anonymous']}: --allow-anonymous needs --client-auth "
+            "optional or none (with require, every client has a certificate)"
+        )
     if tls.client_auth == "none" and has_cert_rules:
-        c.problems.append("--client-auth none requests no certificate, so only anonymous rules "
-                          "can match; remove the --allow-* rules or change --client-auth")
+        c.problems.append(
+            "--client-auth none requests no certificate, so only anonymous rules "
+            "can match; remove the --allow-* rules or change --client-auth"
+        )
     if not has_cert_rules and not has_anon:
-        c.problems.append("no access rules: give --allow-* flags, policy.allow, --allow-all or "
-                          "--allow-anonymous (the proxy fails closed and would deny every request)")
+        c.problems.append(
+            "no access rules: give --allow-* flags, policy.allow, --allow-all or "
+            "--allow-anonymous (the proxy fails closed and would deny every request)"
+        )

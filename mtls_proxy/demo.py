@@ -25,18 +25,40 @@ ALLOWED_URI = "spiffe://demo.local/ns/demo/sa/allowed"
 def make_demo_pki(d: Path) -> None:
     """root/intermediate CA, server, an allowed and a denied client, in *d*."""
     _, inter = pki.init_pki(d)
-    pki.write_pair(d, "server", pki.issue(inter, "server", "localhost", dns=["localhost"],
-                                          ips=["127.0.0.1"], uris=["spiffe://demo.local/proxy"]))
-    pki.write_pair(d, "allowed", pki.issue(inter, "client", "demo-allowed", o="Demo",
-                                           uris=[ALLOWED_URI]))
-    pki.write_pair(d, "denied", pki.issue(inter, "client", "demo-denied", o="Demo",
-                                          uris=["spiffe://demo.local/ns/demo/sa/denied"]))
+    pki.write_pair(
+        d,
+        "server",
+        pki.issue(
+            inter,
+            "server",
+            "localhost",
+            dns=["localhost"],
+            ips=["127.0.0.1"],
+            uris=["spiffe://demo.local/proxy"],
+        ),
+    )
+    pki.write_pair(
+        d, "allowed", pki.issue(inter, "client", "demo-allowed", o="Demo", uris=[ALLOWED_URI])
+    )
+    pki.write_pair(
+        d,
+        "denied",
+        pki.issue(
+            inter, "client", "demo-denied", o="Demo", uris=["spiffe://demo.local/ns/demo/sa/denied"]
+        ),
+    )
 
 
 async def _echo(request: web.Request) -> web.Response:
     body = await request.read()
-    return web.json_response({"method": request.method, "path": request.path_qs,
-                              "headers": dict(request.headers), "body_bytes": len(body)})
+    return web.json_response(
+        {
+            "method": request.method,
+            "path": request.path_qs,
+            "headers": dict(request.headers),
+            "body_bytes": len(body),
+        }
+    )
 
 
 def _request(port: int, d: Path, client: str | None) -> tuple[str, str]:
@@ -45,8 +67,10 @@ def _request(port: int, d: Path, client: str | None) -> tuple[str, str]:
     if client:
         ctx.load_cert_chain(d / f"{client}.crt", d / f"{client}.key")
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
             s.sendall(b"GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             data = b""
             while chunk := s.recv(65536):  # TLS 1.3: a rejected certificate shows on first read
@@ -67,18 +91,20 @@ def _self_test(port: int, d: Path) -> bool:
     xfcc = next((v for k, v in seen.items() if k.lower() == "x-forwarded-client-cert"), None)
     good = status == "200" and bool(xfcc) and ALLOWED_URI in str(xfcc)
     ok &= good
-    print(f"[{'PASS' if good else 'FAIL'}] allowed client      -> {status}; upstream saw "  # noqa: T201
-          f"x-forwarded-client-cert: {xfcc}")
+    print(
+        f"[{'PASS' if good else 'FAIL'}] allowed client      -> {status}; upstream saw "
+        f"x-forwarded-client-cert: {xfcc}"
+    )
     status, body = _request(port, d, "denied")
     good = status == "403"
     ok &= good
-    print(f"[{'PASS' if good else 'FAIL'}] denied client       -> {status} {body.strip()}")  # noqa: T201
+    print(f"[{'PASS' if good else 'FAIL'}] denied client       -> {status} {body.strip()}")
     status, detail = _request(port, d, None)
     # TLS 1.3 verifies the client after its Finished: the failure shows as an error or EOF
     # on the first read, never as an HTTP response.
     good = status in ("handshake failed", "no response")
     ok &= good
-    print(f"[{'PASS' if good else 'FAIL'}] no client cert      -> {status} ({detail})")  # noqa: T201
+    print(f"[{'PASS' if good else 'FAIL'}] no client cert      -> {status} ({detail})")
     return ok
 
 
@@ -89,28 +115,34 @@ async def _run(d: Path, self_test: bool) -> int:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    up_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # noqa: SLF001 -- port bound for :0
-    cfg = load_config(flags={
-        "listen": "127.0.0.1:0" if self_test else "127.0.0.1:8443", "admin": "127.0.0.1:0",
-        "upstream": f"http://127.0.0.1:{up_port}", "cert": str(d / "server.crt"),
-        "key": str(d / "server.key"), "cacert": str(d / "ca.crt"), "allow-uri": [ALLOWED_URI],
-        "access-log": not self_test,
-    })
+    up_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    cfg = load_config(
+        flags={
+            "listen": "127.0.0.1:0" if self_test else "127.0.0.1:8443",
+            "admin": "127.0.0.1:0",
+            "upstream": f"http://127.0.0.1:{up_port}",
+            "cert": str(d / "server.crt"),
+            "key": str(d / "server.key"),
+            "cacert": str(d / "ca.crt"),
+            "allow-uri": [ALLOWED_URI],
+            "access-log": not self_test,
+        }
+    )
     server = ProxyServer(cfg, load_material(cfg.tls))
     try:
         if self_test:
             await server.start()
             port = server.address[1]
             ok = await asyncio.to_thread(_self_test, port, d)
-            print("demo self-test:", "OK" if ok else "FAILED")  # noqa: T201
+            print("demo self-test:", "OK" if ok else "FAILED")
             await server.shutdown()
             return 0 if ok else 1
         serving = asyncio.get_running_loop().create_task(server.run())
-        while not server.listening:
-            await asyncio.sleep(0.02)
+        await server.started.wait()
         port = server.address[1]
         base = f"curl --cacert {d}/ca.crt https://localhost:{port}/hello"
-        print(f"""
+        print(
+            f"""
 mtls-proxy demo: proxy on https://localhost:{port} -> echo upstream on 127.0.0.1:{up_port}
 admin: http://{server.admin_address}/status   certificates in {d}
 
@@ -121,7 +153,9 @@ admin: http://{server.admin_address}/status   certificates in {d}
   # no client certificate (the TLS handshake fails)
   {base}
 
-Ctrl-C to stop.""", flush=True)  # noqa: T201
+Ctrl-C to stop.""",
+            flush=True,
+        )
         await serving
         return 0
     finally:
@@ -130,7 +164,7 @@ Ctrl-C to stop.""", flush=True)  # noqa: T201
 
 def run_demo(self_test: bool = False) -> int:
     """Entry point of ``mtls-proxy demo``."""
-    from mtls_proxy.cli import run_async  # noqa: PLC0415 -- cli imports demo lazily too
+    from mtls_proxy.cli import run_async
 
     setup_logging("text", "warning" if self_test else "info")
     d = Path(tempfile.mkdtemp(prefix="mtls-proxy-demo-"))
@@ -141,4 +175,4 @@ def run_demo(self_test: bool = False) -> int:
         if self_test:
             shutil.rmtree(d, ignore_errors=True)
         else:
-            print(f"certificates left in {d}", file=sys.stderr)  # noqa: T201
+            print(f"certificates left in {d}", file=sys.stderr)

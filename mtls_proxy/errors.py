@@ -1,4 +1,4 @@
-"""Exception hierarchy: every proxy error carries the HTTP status and the only text a client sees."""
+"""Exception hierarchy: each proxy error carries its HTTP status and the only text a client sees."""
 
 from __future__ import annotations
 

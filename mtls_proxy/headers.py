@@ -67,7 +67,9 @@ PROXY_SET: Final[frozenset[bytes]] = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
 )
 # Connection may not nominate these (HDR-008): ignoring the nomination keeps framing intact.
-_UNNOMINABLE: Final[frozenset[bytes]] = frozenset({b"host", b"content-length", b"transfer-encoding"})
+_UNNOMINABLE: Final[frozenset[bytes]] = frozenset(
+    {b"host", b"content-length", b"transfer-encoding"}
+)
 _REQUEST_DROP: Final[frozenset[bytes]] = (
     IDENTITY_NAMES | HOP_BY_HOP | PROXY_SET | {b"host", b"content-length", b"expect"}
 )

@@ -91,17 +91,20 @@ def escape_value(value: str) -> str:
     return "".join(out)
 
 
-def _attribute_der(attr: x509.NameAttribute[str] | x509.NameAttribute[bytes]) -> bytes:
+def _attribute_der(attr: x509.NameAttribute[str | bytes]) -> bytes:
     """Re-encode an attribute value as DER (for OpenSSL's '#hex' dump of unknown types)."""
     value = attr.value
     if isinstance(value, str):
-        tag = attr._type.value  # noqa: SLF001 -- the ASN.1 tag; no public accessor exists
+        tag = attr._type.value
         body = value.encode("utf-16-be" if tag == 30 else "utf-8")
     else:
         tag, body = 3, value
     n = len(body)
-    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
-        (n.bit_length() + 7) // 8, "big"
+    length = (
+        bytes([n])
+        if n < 0x80
+        else bytes([0x80 | ((n.bit_length() + 7) // 8)])
+        + n.to_bytes((n.bit_length() + 7) // 8, "big")
     )
     return bytes([tag]) + length + body
 
@@ -129,7 +132,7 @@ def _values(name: x509.Name, oid: x509.ObjectIdentifier) -> tuple[str, ...]:
 
 @lru_cache(maxsize=4096)
 def identity_from_der(der: bytes) -> PeerIdentity:
-    """Parse a DER certificate into a PeerIdentity (cached: clients reconnect with the same cert)."""
+    """Parse a DER certificate into a PeerIdentity (cached: clients reconnect with one cert)."""
     cert = x509.load_der_x509_certificate(der)
     subject = cert.subject
     dns: tuple[str, ...] = ()

@@ -52,9 +52,13 @@ class Issued:
     def key_pem(self, password: bytes | None = None) -> bytes:
         """The private key in PKCS#8 PEM, encrypted when *password* is given."""
         enc: serialization.KeySerializationEncryption = (
-            serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+            serialization.BestAvailableEncryption(password)
+            if password
+            else serialization.NoEncryption()
         )
-        return self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc
+        )
 
 
 def _name(cn: str, o: str | None = None, ou: Sequence[str] = ()) -> x509.Name:
@@ -67,14 +71,26 @@ def _name(cn: str, o: str | None = None, ou: Sequence[str] = ()) -> x509.Name:
 
 def _key_usage(*, ca: bool, key_type_rsa: bool = False) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=not ca, content_commitment=False, key_encipherment=key_type_rsa and not ca,
-        data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-        encipher_only=False, decipher_only=False,
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=key_type_rsa and not ca,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
-def make_ca(cn: str = "mtls-proxy dev root", *, key_type: KeyType = "ec", days: int = 3650,
-            issuer: Issued | None = None, path_len: int | None = None) -> Issued:
+def make_ca(
+    cn: str = "mtls-proxy dev root",
+    *,
+    key_type: KeyType = "ec",
+    days: int = 3650,
+    issuer: Issued | None = None,
+    path_len: int | None = None,
+) -> Issued:
     """A root CA (issuer None) or an intermediate CA signed by *issuer*."""
     key = new_key(key_type)
     now = dt.datetime.now(dt.UTC)
@@ -93,7 +109,8 @@ def make_ca(cn: str = "mtls-proxy dev root", *, key_type: KeyType = "ec", days: 
     )
     if issuer:
         b = b.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
         )
     cert = b.sign(sign_key, _hash_for(sign_key))
     chain = (issuer.cert, *issuer.chain) if issuer else ()
@@ -101,11 +118,21 @@ def make_ca(cn: str = "mtls-proxy dev root", *, key_type: KeyType = "ec", days: 
     return Issued(cert, key, tuple(c for c in chain if c.issuer != c.subject))
 
 
-def issue(  # noqa: PLR0913 -- mirrors the CLI's options one to one
-    issuer: Issued, kind: Literal["server", "client"], cn: str, *, dns: Sequence[str] = (),
-    ips: Sequence[str] = (), uris: Sequence[str] = (), emails: Sequence[str] = (),
-    o: str | None = None, ou: Sequence[str] = (), days: int = 825, key_type: KeyType = "ec",
-    not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
+def issue(
+    issuer: Issued,
+    kind: Literal["server", "client"],
+    cn: str,
+    *,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    uris: Sequence[str] = (),
+    emails: Sequence[str] = (),
+    o: str | None = None,
+    ou: Sequence[str] = (),
+    days: int = 825,
+    key_type: KeyType = "ec",
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
     eku: Sequence[x509.ObjectIdentifier] | None = None,
 ) -> Issued:
     """A leaf certificate for a server or a client, signed by *issuer*."""
@@ -114,7 +141,9 @@ def issue(  # noqa: PLR0913 -- mirrors the CLI's options one to one
     nb = not_before or now - _DAY
     na = not_after or now + days * _DAY
     if eku is None:
-        eku = [ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else ExtendedKeyUsageOID.CLIENT_AUTH]
+        eku = [
+            ExtendedKeyUsageOID.SERVER_AUTH if kind == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+        ]
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     sans += [x509.UniformResourceIdentifier(u) for u in uris]
@@ -131,7 +160,8 @@ def issue(  # noqa: PLR0913 -- mirrors the CLI's options one to one
         .add_extension(_key_usage(ca=False, key_type_rsa=key_type == "rsa"), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
         )
     )
     if eku:
@@ -161,7 +191,9 @@ def load_issuer(directory: Path) -> Issued:
     """Load DIR/intermediate.{crt,key} written by init_pki (the issuer of leaves)."""
     certs = x509.load_pem_x509_certificates((directory / "intermediate.crt").read_bytes())
     key = serialization.load_pem_private_key((directory / "intermediate.key").read_bytes(), None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
         raise ValueError(f"{directory / 'intermediate.key'}: unsupported key type")
     return Issued(certs[0], key, tuple(certs[1:]))
 
@@ -170,8 +202,9 @@ def init_pki(directory: Path, key_type: KeyType = "ec") -> tuple[Issued, Issued]
     """Write root.crt/key, intermediate.crt/key and ca.crt (the trust bundle) into *directory*."""
     directory.mkdir(parents=True, exist_ok=True)
     root = make_ca(key_type=key_type)
-    inter = make_ca("mtls-proxy dev intermediate", key_type=key_type, issuer=root, path_len=0,
-                    days=1825)
+    inter = make_ca(
+        "mtls-proxy dev intermediate", key_type=key_type, issuer=root, path_len=0, days=1825
+    )
     write_pair(directory, "root", root)
     write_pair(directory, "intermediate", inter)
     (directory / "ca.crt").write_bytes(root.cert_pem(with_chain=False))

@@ -1,7 +1,8 @@
 """PURE. Allow-list rules and the authorization decision.
 
 Rules:
-1. Fail closed: no rule, no access. Every deny path returns a Decision; nothing raises past decide().
+1. Fail closed: no rule, no access. Every deny path returns a Decision; nothing raises from
+   decide().
 2. A rule matches when *all* of its fields match; a request is allowed when *any* rule matches.
 3. Subject fields must be unambiguous: a ``cn`` or ``o`` rule never matches a subject that carries
    that attribute twice (SECURITY.md POL-008), so the decision cannot depend on which value a

@@ -53,11 +53,21 @@ class NotImplementedUpgrade(NotImplementedCoding):
 
     public_message = "protocol upgrades are not supported"
 
+
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_REASONS: Final = {400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
-                   405: b"Method Not Allowed", 408: b"Request Timeout", 417: b"Expectation Failed",
-                   431: b"Request Header Fields Too Large", 501: b"Not Implemented",
-                   502: b"Bad Gateway", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported"}
+_REASONS: Final = {
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
 
 
 class _Stop(Exception):
@@ -70,10 +80,30 @@ class _Stop(Exception):
 class Exchange:
     """One request/response pair on a client connection."""
 
-    __slots__ = ("body", "body_done", "buffered", "chunked", "client_chunked", "close", "decision",
-                 "expect", "has_body", "head", "http10", "is_head", "method", "path",
-                 "response_started", "rule", "sent", "start", "started", "status", "upstream",
-                 "upstream_status")
+    __slots__ = (
+        "body",
+        "body_done",
+        "buffered",
+        "chunked",
+        "client_chunked",
+        "close",
+        "decision",
+        "expect",
+        "has_body",
+        "head",
+        "http10",
+        "is_head",
+        "method",
+        "path",
+        "response_started",
+        "rule",
+        "sent",
+        "start",
+        "started",
+        "status",
+        "upstream",
+        "upstream_status",
+    )
 
     def __init__(self, method: bytes, path: bytes, http10: bool) -> None:
         self.method, self.path, self.http10 = method, path, http10
@@ -260,7 +290,7 @@ class ClientConnection(asyncio.Protocol):
             self._pause("queue")  # pipelined: wait until the earlier response is done (rule 2)
 
     # -- request validation ----------------------------------------------------------------
-    def _build(self) -> Exchange:  # noqa: C901, PLR0912
+    def _build(self) -> Exchange:
         p = self._parser
         version = p.get_http_version()
         method = p.get_method()
@@ -322,13 +352,26 @@ class ClientConnection(asyncio.Protocol):
             return ex
         block = self.block
         assert block is not None  # noqa: S101 -- set in connection_made before any data
-        ex.head = b"".join((
-            ex.method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n",
-            rh.forwarded_lines(),
-            b"X-Forwarded-For: ", self.client_ip, b"\r\nX-Forwarded-Proto: https\r\n"
-            b"X-Forwarded-Host: ", host, b"\r\n",
-            block.lines, block.xfcc_line(rh.xfcc), framing, b"\r\n",
-        ))
+        ex.head = b"".join(
+            (
+                ex.method,
+                b" ",
+                target,
+                b" HTTP/1.1\r\nHost: ",
+                host,
+                b"\r\n",
+                rh.forwarded_lines(),
+                b"X-Forwarded-For: ",
+                self.client_ip,
+                b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ",
+                host,
+                b"\r\n",
+                block.lines,
+                block.xfcc_line(rh.xfcc),
+                framing,
+                b"\r\n",
+            )
+        )
         return ex
 
     def _error_for(self, ex: Exchange, err: ProxyError) -> None:
@@ -361,8 +404,14 @@ class ClientConnection(asyncio.Protocol):
         ex.decision, ex.rule = d.kind, d.rule
         if not d.allowed:
             if d.kind == "deny":
-                logger.info("request denied", extra={"peer": self.peer.subject if self.peer
-                            else None, "reason": d.reason, "path": ex.path.decode("latin-1")})
+                logger.info(
+                    "request denied",
+                    extra={
+                        "peer": self.peer.subject if self.peer else None,
+                        "reason": d.reason,
+                        "path": ex.path.decode("latin-1"),
+                    },
+                )
             # A body we will not read makes the connection unusable: close after answering.
             ex.close = ex.close or (ex.has_body and not ex.body_done)
             ex.status = d.status
@@ -406,7 +455,8 @@ class ClientConnection(asyncio.Protocol):
         self._resume("buffer")
         self.flush()
         self._up_timer = asyncio.get_running_loop().call_later(
-            self.shared.cfg.upstream_timeout, self._on_upstream_timeout, ex)
+            self.shared.cfg.upstream_timeout, self._on_upstream_timeout, ex
+        )
 
     # -- upstream events (ResponseSink) ----------------------------------------------------
     def upstream_first_byte(self) -> None:
@@ -415,8 +465,9 @@ class ClientConnection(asyncio.Protocol):
             self._up_timer.cancel()
             self._up_timer = None
 
-    def on_response_head(self, status: int, reason: bytes, headers: ResponseHeaders,
-                         mode: int, length: int) -> None:
+    def on_response_head(
+        self, status: int, reason: bytes, headers: ResponseHeaders, mode: int, length: int
+    ) -> None:
         """Write the re-framed response head."""
         ex = self._queue[0]
         ex.status = ex.upstream_status = status
@@ -425,8 +476,11 @@ class ClientConnection(asyncio.Protocol):
             ex.close = True
         if mode == NONE:
             # HEAD and 304 keep the upstream's Content-Length (it describes the GET body).
-            framing = (b"Content-Length: %s\r\n" % headers.content_length[0]
-                       if headers.content_length and status != 204 and status >= 200 else b"")
+            framing = (
+                b"Content-Length: %s\r\n" % headers.content_length[0]
+                if headers.content_length and status != 204 and status >= 200
+                else b""
+            )
         elif mode == LENGTH:
             framing = b"Content-Length: %d\r\n" % length
         elif ex.http10:
@@ -437,8 +491,10 @@ class ClientConnection(asyncio.Protocol):
             conn = b"Connection: close\r\n"
         else:
             conn = b"Connection: keep-alive\r\n" if ex.http10 else b""
-        self._out.append(b"HTTP/1.1 %d %s\r\n%s%s%s\r\n" % (
-            status, reason, b"".join(headers.lines), framing, conn))
+        self._out.append(
+            b"HTTP/1.1 %d %s\r\n%s%s%s\r\n"
+            % (status, reason, b"".join(headers.lines), framing, conn)
+        )
 
     def on_response_body(self, data: bytes) -> None:
         """Queue a body piece for the client."""
@@ -487,12 +543,17 @@ class ClientConnection(asyncio.Protocol):
 
     def _upstream_failed(self, ex: Exchange, exc: ProxyError, kind: str) -> None:
         self.shared.metrics.upstream_errors.labels(kind=kind).inc()
-        logger.warning("upstream %s: %s", kind, exc.public_message,
-                       extra={"upstream": self.shared.cfg.upstream.url})
+        logger.warning(
+            "upstream %s: %s",
+            kind,
+            exc.public_message,
+            extra={"upstream": self.shared.cfg.upstream.url},
+        )
         ex.status = exc.status
         ex.close = ex.close or not ex.body_done
-        self._out.append(self._error_bytes(exc.status, exc.error, exc.public_message, ex.is_head,
-                                           ex.close))
+        self._out.append(
+            self._error_bytes(exc.status, exc.error, exc.public_message, ex.is_head, ex.close)
+        )
         self._finish(ex)
 
     def flush(self) -> None:
@@ -518,14 +579,21 @@ class ClientConnection(asyncio.Protocol):
         duration = time.monotonic() - ex.start
         shared.metrics.observe(duration)
         if shared.cfg.access_log:
-            access_log.info("access", extra={
-                "peer": self.peer.subject if self.peer else None,
-                "client": self.client_ip.decode(), "method": ex.method.decode("latin-1"),
-                "path": ex.path.split(b"?", 1)[0].decode("latin-1"), "status": ex.status,
-                "upstream_status": ex.upstream_status or None, "decision": ex.decision,
-                "rule": ex.rule, "duration_ms": round(duration * 1000, 3),
-                **({"aborted": True} if aborted else {}),
-            })
+            access_log.info(
+                "access",
+                extra={
+                    "peer": self.peer.subject if self.peer else None,
+                    "client": self.client_ip.decode(),
+                    "method": ex.method.decode("latin-1"),
+                    "path": ex.path.split(b"?", 1)[0].decode("latin-1"),
+                    "status": ex.status,
+                    "upstream_status": ex.upstream_status or None,
+                    "decision": ex.decision,
+                    "rule": ex.rule,
+                    "duration_ms": round(duration * 1000, 3),
+                    **({"aborted": True} if aborted else {}),
+                },
+            )
         if self._queue and self._queue[0] is ex:
             self._queue.pop(0)
         t = self.transport
@@ -563,8 +631,9 @@ class ClientConnection(asyncio.Protocol):
                 self._finish(last, aborted=True)
                 return
             last.status = err.status
-            self._out.append(self._error_bytes(err.status, err.error, err.public_message,
-                                               last.is_head, True))
+            self._out.append(
+                self._error_bytes(err.status, err.error, err.public_message, last.is_head, True)
+            )
             self._finish(last)
             return
         if self._queue:
@@ -574,19 +643,29 @@ class ClientConnection(asyncio.Protocol):
             self._queue.append(ex)
             self._pause("error")
             return
-        logger.info("bad request: %s", err.public_message, extra={"client": self.client_ip.decode()})
+        logger.info(
+            "bad request: %s", err.public_message, extra={"client": self.client_ip.decode()}
+        )
         self.shared.metrics.request("deny", err.status)
         if self.transport is not None:
-            self.transport.write(self._error_bytes(err.status, err.error, err.public_message,
-                                                   False, True))
+            self.transport.write(
+                self._error_bytes(err.status, err.error, err.public_message, False, True)
+            )
             self.transport.close()
 
     @staticmethod
     def _error_bytes(status: int, error: str, reason: str, is_head: bool, close: bool) -> bytes:
         body = json.dumps({"error": error, "reason": reason}).encode()
-        return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
-            status, _REASONS.get(status, b"Error"), len(body),
-            b"Connection: close\r\n" if close else b"", b"" if is_head else body)
+        return (
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (
+                status,
+                _REASONS.get(status, b"Error"),
+                len(body),
+                b"Connection: close\r\n" if close else b"",
+                b"" if is_head else body,
+            )
+        )
 
     # -- flow control and timers -----------------------------------------------------------
     def _pause(self, reason: str) -> None:

@@ -92,8 +92,10 @@ def _certs(data: bytes, path: str, key: str) -> list[x509.Certificate]:
     except ValueError:
         certs = []
     if not certs:
-        raise ConfigError(f"{key}: {path}: not a PEM certificate file (no parsable "
-                          "'-----BEGIN CERTIFICATE-----' block)")
+        raise ConfigError(
+            f"{key}: {path}: not a PEM certificate file (no parsable "
+            "'-----BEGIN CERTIFICATE-----' block)"
+        )
     return certs
 
 
@@ -116,12 +118,18 @@ def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Mate
     try:
         key = serialization.load_pem_private_key(key_data, password)
     except TypeError:
-        hint = "the key is encrypted: give --key-password" if password is None else (
-            "the key is not encrypted: drop --key-password")
+        hint = (
+            "the key is encrypted: give --key-password"
+            if password is None
+            else ("the key is not encrypted: drop --key-password")
+        )
         raise ConfigError(f"{key_key}: {tls.key}: {hint}") from None
     except ValueError as exc:
-        reason = "wrong --key-password" if password and "password" in str(exc).lower() else (
-            "not a PEM private key (or wrong password)")
+        reason = (
+            "wrong --key-password"
+            if password and "password" in str(exc).lower()
+            else ("not a PEM private key (or wrong password)")
+        )
         raise ConfigError(f"{key_key}: {tls.key}: {reason}") from None
     leaf = certs[0]
     if key.public_key().public_bytes(
@@ -129,8 +137,10 @@ def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Mate
     ) != leaf.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
-        raise ConfigError(f"{key_key}: {tls.key}: the private key does not match the certificate "
-                          f"in {tls.cert} (subject {rfc2253(leaf.subject)})")
+        raise ConfigError(
+            f"{key_key}: {tls.key}: the private key does not match the certificate "
+            f"in {tls.cert} (subject {rfc2253(leaf.subject)})"
+        )
     ca_certs: tuple[x509.Certificate, ...] = ()
     if tls.cacert is not None:
         ca_key = src.get("cacert", "--cacert")
@@ -150,12 +160,19 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(material.cert_file, material.key_file, password=material.key_password)
     except ssl.SSLError as exc:
-        raise ConfigError(f"{cfg.source('cert')}: {material.cert_file}: OpenSSL refused the "
-                          f"certificate/key ({exc.reason})") from None
+        raise ConfigError(
+            f"{cfg.source('cert')}: {material.cert_file}: OpenSSL refused the "
+            f"certificate/key ({exc.reason})"
+        ) from None
     if cfg.tls.client_auth != "none":
-        ctx.load_verify_locations(cadata="".join(
-            c.public_bytes(serialization.Encoding.PEM).decode() for c in material.ca_certs))
-        ctx.verify_mode = ssl.CERT_REQUIRED if cfg.tls.client_auth == "require" else ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(
+            cadata="".join(
+                c.public_bytes(serialization.Encoding.PEM).decode() for c in material.ca_certs
+            )
+        )
+        ctx.verify_mode = (
+            ssl.CERT_REQUIRED if cfg.tls.client_auth == "require" else ssl.CERT_OPTIONAL
+        )
         if cfg.strict_client_certs:
             ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
@@ -170,8 +187,14 @@ def upstream_context() -> ssl.SSLContext:
 
 # OpenSSL X509_V_ERR_* codes -> the SPEC's handshake failure reasons.
 _VERIFY_REASONS: Final = {
-    10: "expired", 9: "expired", 2: "unknown_ca", 19: "unknown_ca", 20: "unknown_ca",
-    21: "unknown_ca", 23: "revoked", 3: "other",
+    10: "expired",
+    9: "expired",
+    2: "unknown_ca",
+    19: "unknown_ca",
+    20: "unknown_ca",
+    21: "unknown_ca",
+    23: "revoked",
+    3: "other",
 }
 
 

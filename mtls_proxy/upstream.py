@@ -11,6 +11,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from typing import TYPE_CHECKING, Final, Protocol
@@ -41,8 +42,9 @@ _HEAD, _CL, _SIZE, _DATA, _CRLF, _TRAILER, _CLOSE, _DONE = range(8)
 class ResponseSink(Protocol):
     """What the client side implements to receive one upstream response."""
 
-    def on_response_head(self, status: int, reason: bytes, headers: ResponseHeaders,
-                         mode: int, length: int) -> None: ...
+    def on_response_head(
+        self, status: int, reason: bytes, headers: ResponseHeaders, mode: int, length: int
+    ) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self, conn: UpstreamConnection, reusable: bool) -> None: ...
     def on_upstream_error(self, conn: UpstreamConnection, exc: ProxyError, kind: str) -> None: ...
@@ -188,7 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = None
         sink.on_response_end(self, reusable and not self._http10 and not self._close_after)
 
-    def _feed(self, data: bytes, sink: ResponseSink) -> None:  # noqa: C901, PLR0912
+    def _feed(self, data: bytes, sink: ResponseSink) -> None:
         if self._buf:
             data, self._buf = self._buf + data, b""
         while data:
@@ -224,7 +226,11 @@ class UpstreamConnection(asyncio.Protocol):
                     self._finish(sink, not data)
                     return
                 self._state, self._remaining = (
-                    (_CL, length) if mode == LENGTH else (_SIZE, 0) if mode == CHUNKED else (_CLOSE, 0)
+                    (_CL, length)
+                    if mode == LENGTH
+                    else (_SIZE, 0)
+                    if mode == CHUNKED
+                    else (_CLOSE, 0)
                 )
             elif state == _CLOSE:
                 sink.on_response_body(data)
@@ -271,8 +277,13 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPool:
     """Idle keep-alive connections to one upstream, most recently used first."""
 
-    def __init__(self, upstream: Upstream, connect_timeout: float, max_idle: int = 256,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        connect_timeout: float,
+        max_idle: int = 256,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.upstream = upstream
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
@@ -300,8 +311,12 @@ class UpstreamPool:
                     _, proto = await loop.create_unix_connection(factory, u.path)
                 else:
                     _, proto = await loop.create_connection(
-                        factory, u.host, u.port, ssl=self.ssl_context,
-                        server_hostname=u.host if self.ssl_context else None)
+                        factory,
+                        u.host,
+                        u.port,
+                        ssl=self.ssl_context,
+                        server_hostname=u.host if self.ssl_context else None,
+                    )
         except TimeoutError:
             raise UpstreamTimeout from None
         except (OSError, ssl.SSLError) as exc:
@@ -319,10 +334,8 @@ class UpstreamPool:
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Forget a connection that closed."""
-        try:
+        with contextlib.suppress(ValueError):
             self.idle.remove(conn)
-        except ValueError:
-            pass
 
     def close(self) -> None:
         """Close every idle connection."""

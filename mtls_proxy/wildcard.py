@@ -89,5 +89,7 @@ def compile_dns(pattern: str) -> DnsPattern:
     name = pattern[2:] if wildcard else pattern
     labels = name.split(".")
     if not name or not all(_DNS_LABEL.match(label) for label in labels):
-        raise PatternError(f"{pattern!r} is not a DNS name (only a leading '*.' label may be a wildcard)")
+        raise PatternError(
+            f"{pattern!r} is not a DNS name (only a leading '*.' label may be a wildcard)"
+        )
     return DnsPattern(pattern, wildcard, name.lower())

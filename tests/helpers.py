@@ -57,29 +57,97 @@ def make_test_pki(d: Path) -> Pki:
     root, inter = pki.init_pki(d)
     now = dt.datetime.now(dt.UTC)
     w = pki.write_pair
-    w(d, "server", pki.issue(inter, "server", "localhost", dns=["localhost"], ips=["127.0.0.1"],
-                             uris=["spiffe://test.local/proxy"]))
-    w(d, "good", pki.issue(inter, "client", "client-good", o="Example Corp", uris=[ALLOWED_URI],
-                           dns=["client.test", "alt.client.test"]))
-    w(d, "other", pki.issue(inter, "client", "client-other", o="Example Corp",
-                            uris=["spiffe://test.local/ns/default/sa/other"]))
-    w(d, "expired", pki.issue(inter, "client", "client-expired", uris=[ALLOWED_URI],
-                              not_before=now - dt.timedelta(days=30),
-                              not_after=now - dt.timedelta(days=1)))
-    w(d, "server_eku", pki.issue(inter, "client", "client-server-eku", uris=[ALLOWED_URI],
-                                 eku=[ExtendedKeyUsageOID.SERVER_AUTH]))
-    w(d, "evil", pki.issue(inter, "client", "evil\r\nX-Client-Subject: CN=admin", uris=[ALLOWED_URI],
-                           dns=["evil.test"]))
-    w(d, "quote", pki.issue(inter, "client", 'a"b,c;d=e\\f', o="Org, Inc.",
-                            uris=["spiffe://test.local/a;By=spiffe://admin,Hash=00"]))
+    w(
+        d,
+        "server",
+        pki.issue(
+            inter,
+            "server",
+            "localhost",
+            dns=["localhost"],
+            ips=["127.0.0.1"],
+            uris=["spiffe://test.local/proxy"],
+        ),
+    )
+    w(
+        d,
+        "good",
+        pki.issue(
+            inter,
+            "client",
+            "client-good",
+            o="Example Corp",
+            uris=[ALLOWED_URI],
+            dns=["client.test", "alt.client.test"],
+        ),
+    )
+    w(
+        d,
+        "other",
+        pki.issue(
+            inter,
+            "client",
+            "client-other",
+            o="Example Corp",
+            uris=["spiffe://test.local/ns/default/sa/other"],
+        ),
+    )
+    w(
+        d,
+        "expired",
+        pki.issue(
+            inter,
+            "client",
+            "client-expired",
+            uris=[ALLOWED_URI],
+            not_before=now - dt.timedelta(days=30),
+            not_after=now - dt.timedelta(days=1),
+        ),
+    )
+    w(
+        d,
+        "server_eku",
+        pki.issue(
+            inter,
+            "client",
+            "client-server-eku",
+            uris=[ALLOWED_URI],
+            eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+        ),
+    )
+    w(
+        d,
+        "evil",
+        pki.issue(
+            inter,
+            "client",
+            "evil\r\nX-Client-Subject: CN=admin",
+            uris=[ALLOWED_URI],
+            dns=["evil.test"],
+        ),
+    )
+    w(
+        d,
+        "quote",
+        pki.issue(
+            inter,
+            "client",
+            'a"b,c;d=e\\f',
+            o="Org, Inc.",
+            uris=["spiffe://test.local/a;By=spiffe://admin,Hash=00"],
+        ),
+    )
     w(d, "direct", pki.issue(root, "client", "client-direct", uris=[ALLOWED_URI]))
     # The leaf alone, without the intermediate: must fail (the proxy trusts only the root).
     good_leaf = x509.load_pem_x509_certificates(Path(d / "good.crt").read_bytes())[0]
     (d / "good_leaf_only.crt").write_bytes(good_leaf.public_bytes(serialization.Encoding.PEM))
     (d / "good_leaf_only.key").write_bytes((d / "good.key").read_bytes())
     rogue_root = pki.make_ca("rogue root")
-    w(d, "rogue", pki.issue(rogue_root, "client", "client-good", o="Example Corp",
-                            uris=[ALLOWED_URI]))
+    w(
+        d,
+        "rogue",
+        pki.issue(rogue_root, "client", "client-good", o="Example Corp", uris=[ALLOWED_URI]),
+    )
     return Pki(d)
 
 
@@ -117,7 +185,7 @@ class Upstream:
     _server: socketserver.ThreadingTCPServer | None = None
 
 
-def _handle(up: Upstream, sock: socket.socket, conn_id: int) -> None:  # noqa: C901, PLR0912, PLR0915
+def _handle(up: Upstream, sock: socket.socket, conn_id: int) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=256 * 1024)
     while True:
         req = None
@@ -151,7 +219,9 @@ def _handle(up: Upstream, sock: socket.socket, conn_id: int) -> None:  # noqa: C
         assert req is not None
         headers = [(k.decode().lower(), v.decode("latin-1")) for k, v in req.headers]
         target = req.target.decode()
-        up.seen.append(Seen(req.method.decode(), target, headers, n, sha.hexdigest(), head, conn_id))
+        up.seen.append(
+            Seen(req.method.decode(), target, headers, n, sha.hexdigest(), head, conn_id)
+        )
         path, _, query = target.partition("?")
         params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
         if path.startswith("/slow"):
@@ -166,8 +236,12 @@ def _handle(up: Upstream, sock: socket.socket, conn_id: int) -> None:  # noqa: C
             sock.close()
             return
         status = int(params.get("status", "200"))
-        out_headers = [("X-Upstream", "1"), ("Connection", "X-Hop"), ("X-Hop", "secret"),
-                       ("Keep-Alive", "timeout=5")]
+        out_headers = [
+            ("X-Upstream", "1"),
+            ("Connection", "X-Hop"),
+            ("X-Hop", "secret"),
+            ("Keep-Alive", "timeout=5"),
+        ]
         if path == "/download":
             size = int(params["bytes"])
             chunked = params.get("chunked") == "1"
@@ -187,8 +261,13 @@ def _handle(up: Upstream, sock: socket.socket, conn_id: int) -> None:  # noqa: C
             elif status in (204, 304) or req.method == b"HEAD":
                 body_parts = []
             else:
-                echo = {"method": req.method.decode(), "target": target, "body_len": n,
-                        "body_sha256": sha.hexdigest(), "headers": headers}
+                echo = {
+                    "method": req.method.decode(),
+                    "target": target,
+                    "body_len": n,
+                    "body_sha256": sha.hexdigest(),
+                    "headers": headers,
+                }
                 body_parts = [json.dumps(echo).encode()]
             if path != "/chunked":
                 length = sum(map(len, body_parts))
@@ -278,15 +357,43 @@ def proxy_cmd(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def run_proxy(tp: Pki, upstream: str, *extra: str, loop: str = "auto",
-              default_policy: bool = True, env: dict[str, str] | None = None) -> Iterator[Proxy]:
-    args = ["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", upstream,
-            "--cert", tp.crt("server"), "--key", tp.key("server"), "--cacert", tp.ca,
-            "--loop", loop, "--log-format", "json", *extra]
+def run_proxy(
+    tp: Pki,
+    upstream: str,
+    *extra: str,
+    loop: str = "auto",
+    default_policy: bool = True,
+    env: dict[str, str] | None = None,
+) -> Iterator[Proxy]:
+    args = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--cert",
+        tp.crt("server"),
+        "--key",
+        tp.key("server"),
+        "--cacert",
+        tp.ca,
+        "--loop",
+        loop,
+        "--log-format",
+        "json",
+        *extra,
+    ]
     if default_policy and not any(a.startswith("--allow") for a in extra):
         args += ["--allow-uri", ALLOWED_URI]
-    proc = subprocess.Popen(proxy_cmd(*args), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        proxy_cmd(*args),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     logs: list[str] = []
     ready: queue.Queue[dict[str, object] | None] = queue.Queue()
 
@@ -337,8 +444,9 @@ def connect(port: int, ctx: ssl.SSLContext, timeout: float = 10) -> ssl.SSLSocke
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
-def read_response(s: ssl.SSLSocket, buf: bytearray, head_only: bool = False
-                  ) -> tuple[int, dict[str, str], bytes]:
+def read_response(
+    s: ssl.SSLSocket, buf: bytearray, head_only: bool = False
+) -> tuple[int, dict[str, str], bytes]:
     """Read one HTTP/1.1 response (Content-Length, chunked or close-delimited) from *s*."""
     while b"\r\n\r\n" not in buf:
         chunk = s.recv(65536)
@@ -398,7 +506,9 @@ def request(port: int, ctx: ssl.SSLContext, raw: bytes) -> tuple[int, dict[str, 
         return read_response(s, bytearray(), head_only=raw.startswith(b"HEAD "))
 
 
-def get(port: int, ctx: ssl.SSLContext, path: str = "/", headers: str = "") -> tuple[int, dict[str, str], bytes]:
+def get(
+    port: int, ctx: ssl.SSLContext, path: str = "/", headers: str = ""
+) -> tuple[int, dict[str, str], bytes]:
     return request(port, ctx, f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
 
 

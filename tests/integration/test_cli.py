@@ -15,8 +15,16 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 
 def base(tp: Pki, cert: str = "server", key: str = "server") -> list[str]:
-    return ["--upstream", "http://127.0.0.1:9", "--cert", tp.crt(cert), "--key", tp.key(key),
-            "--cacert", tp.ca]
+    return [
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--cert",
+        tp.crt(cert),
+        "--key",
+        tp.key(key),
+        "--cacert",
+        tp.ca,
+    ]
 
 
 def test_check_ok_prints_a_summary(tp: Pki) -> None:
@@ -28,32 +36,55 @@ def test_check_ok_prints_a_summary(tp: Pki) -> None:
     assert "rules:             2" in out and f"uri={ALLOWED_URI}" in out
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    ({"--cert": "/nonexistent/tls.crt"}, "/nonexistent/tls.crt: file not found"),
-    ({"--key": "KEY:good"}, "does not match the certificate"),
-    ({"--cert": "KEY:server"}, "not a PEM certificate file"),
-    ({"--cacert": "KEY:server"}, "not a PEM certificate file"),
-    ({"--allow-uri": "not a uri"}, "--allow-uri"),
-    ({"--allow-uri": "spiffe://x/**/y"}, "'**' is only allowed as the last path segment"),
-    ({"--allow-all": None, "--allow-cn": "x"}, "--allow-all cannot be combined"),
-    ({"--listen": "nope"}, "--listen: expected HOST:PORT"),
-    ({"--client-auth": "sometimes"}, "--client-auth: must be one of"),
-    ({"--identity-headers": "xfcc,bogus"}, "unknown dialect 'bogus'"),
-    ({"--idle-timeout": "0"}, "--idle-timeout: must be > 0"),
-], ids=["missing-file", "key-mismatch", "not-a-cert", "ca-not-a-cert", "bad-uri", "bad-glob",
-        "allow-all-and-cn", "bad-listen", "bad-client-auth", "bad-dialect", "zero-timeout"])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ({"--cert": "/nonexistent/tls.crt"}, "/nonexistent/tls.crt: file not found"),
+        ({"--key": "KEY:good"}, "does not match the certificate"),
+        ({"--cert": "KEY:server"}, "not a PEM certificate file"),
+        ({"--cacert": "KEY:server"}, "not a PEM certificate file"),
+        ({"--allow-uri": "not a uri"}, "--allow-uri"),
+        ({"--allow-uri": "spiffe://x/**/y"}, "'**' is only allowed as the last path segment"),
+        ({"--allow-all": None, "--allow-cn": "x"}, "--allow-all cannot be combined"),
+        ({"--listen": "nope"}, "--listen: expected HOST:PORT"),
+        ({"--client-auth": "sometimes"}, "--client-auth: must be one of"),
+        ({"--identity-headers": "xfcc,bogus"}, "unknown dialect 'bogus'"),
+        ({"--idle-timeout": "0"}, "--idle-timeout: must be > 0"),
+    ],
+    ids=[
+        "missing-file",
+        "key-mismatch",
+        "not-a-cert",
+        "ca-not-a-cert",
+        "bad-uri",
+        "bad-glob",
+        "allow-all-and-cn",
+        "bad-listen",
+        "bad-client-auth",
+        "bad-dialect",
+        "zero-timeout",
+    ],
+)
 @pytest.mark.parametrize("command", ["check", "serve"])
-def test_bad_input_exits_2_naming_the_problem(tp: Pki, command: str, args: dict[str, str | None],
-                                              needle: str) -> None:
+def test_bad_input_exits_2_naming_the_problem(
+    tp: Pki, command: str, args: dict[str, str | None], needle: str
+) -> None:
     opts: dict[str, str | None] = {
-        "--upstream": "http://127.0.0.1:9", "--cert": tp.crt("server"), "--key": tp.key("server"),
-        "--cacert": tp.ca, "--listen": "127.0.0.1:0", "--admin": "off",
+        "--upstream": "http://127.0.0.1:9",
+        "--cert": tp.crt("server"),
+        "--key": tp.key("server"),
+        "--cacert": tp.ca,
+        "--listen": "127.0.0.1:0",
+        "--admin": "off",
     }
     if not any(k.startswith("--allow") for k in args):
         opts["--allow-cn"] = "x"
     for k, v in args.items():
-        opts[k] = v.replace("KEY:good", tp.key("good")).replace("KEY:server", tp.key("server")) \
-            if v else v
+        opts[k] = (
+            v.replace("KEY:good", tp.key("good")).replace("KEY:server", tp.key("server"))
+            if v
+            else v
+        )
     argv = [x for k, v in opts.items() for x in ((k, v) if v is not None else (k,))]
     r = run(command, *argv, timeout=20)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -77,12 +108,27 @@ def test_encrypted_key_with_password_from_file(tp: Pki, tmp_path: Path) -> None:
 
     key = serialization.load_pem_private_key(Path(tp.key("server")).read_bytes(), None)
     enc = tmp_path / "enc.key"
-    enc.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.BestAvailableEncryption(b"s3cret")))
+    enc.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"s3cret"),
+        )
+    )
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
-    argv = ["--upstream", "http://127.0.0.1:9", "--cert", tp.crt("server"), "--key", str(enc),
-            "--cacert", tp.ca, "--allow-cn", "x"]
+    argv = [
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--cert",
+        tp.crt("server"),
+        "--key",
+        str(enc),
+        "--cacert",
+        tp.ca,
+        "--allow-cn",
+        "x",
+    ]
     assert run("check", *argv, "--key-password", f"file:{pw}").returncode == 0
     r = run("check", *argv, "--key-password", "wrong")
     assert r.returncode == 2 and "wrong --key-password" in r.stderr
@@ -99,13 +145,37 @@ def test_demo_self_test_passes() -> None:
 def test_pki_init_and_issue(tmp_path: Path) -> None:
     d = tmp_path / "pki"
     assert run("pki", "init", str(d)).returncode == 0
-    r = run("pki", "issue", "client", "svc", "--dir", str(d), "--uri", "spiffe://x/y",
-            "--dns", "svc.local", "--ou", "team")
+    r = run(
+        "pki",
+        "issue",
+        "client",
+        "svc",
+        "--dir",
+        str(d),
+        "--uri",
+        "spiffe://x/y",
+        "--dns",
+        "svc.local",
+        "--ou",
+        "team",
+    )
     assert r.returncode == 0, r.stderr
     assert (d / "svc.key").stat().st_mode & 0o777 == 0o600
-    v = subprocess.run(["openssl", "verify", "-CAfile", str(d / "ca.crt"), "-untrusted",
-                        str(d / "intermediate.crt"), "-purpose", "sslclient", str(d / "svc.crt")],
-                       capture_output=True, text=True)
+    v = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            str(d / "ca.crt"),
+            "-untrusted",
+            str(d / "intermediate.crt"),
+            "-purpose",
+            "sslclient",
+            str(d / "svc.crt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert v.returncode == 0, v.stdout + v.stderr
 
 

@@ -27,8 +27,9 @@ def test_upstream_down_is_502_json(tp: Pki, loop: str) -> None:
 
 
 def test_slow_upstream_is_504_json(tp: Pki, upstream: Upstream, loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--upstream-timeout", "0.5",
-                   loop=loop) as p:
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--upstream-timeout", "0.5", loop=loop
+    ) as p:
         t0 = time.monotonic()
         status, _, body = get(p.port, client_ctx(tp, "good"), "/slow?s=3")
         took = time.monotonic() - t0
@@ -38,10 +39,13 @@ def test_slow_upstream_is_504_json(tp: Pki, upstream: Upstream, loop: str) -> No
     assert 'mtls_proxy_upstream_errors_total{kind="timeout"} 1.0' in metrics
 
 
-def test_upstream_closing_mid_response_closes_the_client(tp: Pki, upstream: Upstream,
-                                                         loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p, \
-            connect(p.port, client_ctx(tp, "good"), timeout=5) as s:
+def test_upstream_closing_mid_response_closes_the_client(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p,
+        connect(p.port, client_ctx(tp, "good"), timeout=5) as s,
+    ):
         s.sendall(b"GET /close-mid HTTP/1.1\r\nHost: a\r\n\r\n")
         data = b""
         t0 = time.monotonic()
@@ -62,10 +66,12 @@ def test_malformed_upstream_response_is_502(tp: Pki, upstream: Upstream) -> None
         assert get(p.port, client_ctx(tp, "good"), "/raw")[0] == 502
 
 
-def test_stalled_handshake_is_dropped_after_handshake_timeout(tp: Pki, upstream: Upstream,
-                                                              loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--handshake-timeout", "1",
-                   loop=loop) as p:
+def test_stalled_handshake_is_dropped_after_handshake_timeout(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--handshake-timeout", "1", loop=loop
+    ) as p:
         with socket.create_connection(("127.0.0.1", p.port)) as s:
             s.settimeout(5)
             t0 = time.monotonic()
@@ -81,8 +87,9 @@ def test_stalled_handshake_is_dropped_after_handshake_timeout(tp: Pki, upstream:
 
 
 def test_max_connections_holds(tp: Pki, upstream: Upstream, loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--max-connections", "2",
-                   loop=loop) as p:
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--max-connections", "2", loop=loop
+    ) as p:
         ctx = client_ctx(tp, "good")
         a, b = connect(p.port, ctx), connect(p.port, ctx)
         for s in (a, b):
@@ -95,7 +102,7 @@ def test_max_connections_holds(tp: Pki, upstream: Upstream, loop: str) -> None:
         try:
             third.do_handshake()
             raise AssertionError("the third connection was served beyond --max-connections")
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             pass
         status = p.admin_get("/status")[1]
         assert json.loads(status)["connections_open"] == 2
@@ -109,11 +116,13 @@ def test_max_connections_holds(tp: Pki, upstream: Upstream, loop: str) -> None:
 
 
 def test_request_head_over_max_header_bytes_is_431(tp: Pki, upstream: Upstream, loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--max-header-bytes", "4096",
-                   loop=loop) as p:
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--max-header-bytes", "4096", loop=loop
+    ) as p:
         ctx = client_ctx(tp, "good")
-        status, headers, _ = request(p.port, ctx, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: "
-                                     + b"a" * 5000 + b"\r\n\r\n")
+        status, headers, _ = request(
+            p.port, ctx, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n"
+        )
         assert status == 431 and headers["connection"] == "close"
         many = b"".join(b"X-H%d: v\r\n" % i for i in range(600))
         assert request(p.port, ctx, b"GET / HTTP/1.1\r\nHost: a\r\n" + many + b"\r\n")[0] == 431

@@ -6,10 +6,19 @@ import pytest
 
 from tests.helpers import Pki, Upstream, client_ctx, connect, read_response, request, run_proxy
 
-IDENTITY = ["X-Forwarded-Client-Cert", "X-Client-Subject", "X-Client-Cert-Sha256",
-            "X-Client-SPIFFE-ID", "X-Client-DNS", "X-Client-Verified", "Client-Cert",
-            "Client-Cert-Chain", "ssl_client_cert", "X-Forwarded-Tls-Client-Cert",
-            "X-Forwarded-Tls-Client-Cert-Info"]
+IDENTITY = [
+    "X-Forwarded-Client-Cert",
+    "X-Client-Subject",
+    "X-Client-Cert-Sha256",
+    "X-Client-SPIFFE-ID",
+    "X-Client-DNS",
+    "X-Client-Verified",
+    "Client-Cert",
+    "Client-Cert-Chain",
+    "ssl_client_cert",
+    "X-Forwarded-Tls-Client-Cert",
+    "X-Forwarded-Tls-Client-Cert-Info",
+]
 
 
 def variants(name: str) -> list[str]:
@@ -17,8 +26,9 @@ def variants(name: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name", IDENTITY)
-def test_every_spelling_of_an_identity_header_is_removed(tp: Pki, upstream: Upstream,
-                                                         name: str) -> None:
+def test_every_spelling_of_an_identity_header_is_removed(
+    tp: Pki, upstream: Upstream, name: str
+) -> None:
     lines = "".join(f"{v}: spoofed-{i}\r\n" for i, v in enumerate(variants(name)))
     lines += f"{name}: \r\n{name}: spoofed-again\r\n"  # empty and repeated
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
@@ -32,15 +42,24 @@ def test_every_spelling_of_an_identity_header_is_removed(tp: Pki, upstream: Upst
     assert len(seen.get("x-client-subject")) == 1
 
 
-@pytest.mark.parametrize("connection", [
-    "x-forwarded-client-cert", "keep-alive, X-Client-Subject", "close, x-forwarded-client-cert",
-    ",  X-Client-Subject ,", "X-Forwarded-For, X-Forwarded-Proto, Host, Content-Length",
-])
-def test_connection_cannot_remove_injected_headers(tp: Pki, upstream: Upstream, loop: str,
-                                                   connection: str) -> None:
+@pytest.mark.parametrize(
+    "connection",
+    [
+        "x-forwarded-client-cert",
+        "keep-alive, X-Client-Subject",
+        "close, x-forwarded-client-cert",
+        ",  X-Client-Subject ,",
+        "X-Forwarded-For, X-Forwarded-Proto, Host, Content-Length",
+    ],
+)
+def test_connection_cannot_remove_injected_headers(
+    tp: Pki, upstream: Upstream, loop: str, connection: str
+) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
-        raw = (f"POST / HTTP/1.1\r\nHost: a\r\nConnection: {connection}\r\nConnection: X-Gone\r\n"
-               "X-Gone: 1\r\nX-Stays: 1\r\nContent-Length: 3\r\n\r\nabc").encode()
+        raw = (
+            f"POST / HTTP/1.1\r\nHost: a\r\nConnection: {connection}\r\nConnection: X-Gone\r\n"
+            "X-Gone: 1\r\nX-Stays: 1\r\nContent-Length: 3\r\n\r\nabc"
+        ).encode()
         assert request(p.port, client_ctx(tp, "good"), raw)[0] == 200
     seen = upstream.seen[0]
     assert len(seen.get("x-forwarded-client-cert")) == 1
@@ -54,16 +73,28 @@ def test_connection_cannot_remove_injected_headers(tp: Pki, upstream: Upstream, 
 
 
 def test_hop_by_hop_and_forwarding_headers(tp: Pki, upstream: Upstream) -> None:
-    hop = ("Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
-           "Trailer: X-T\r\nUpgrade: h2c\r\nHTTP2-Settings: AAAA\r\nProxy-Authorization: x\r\n"
-           "X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: evil\r\n"
-           "Forwarded: for=1.2.3.4;proto=http\r\nX-Real-IP: 1.2.3.4\r\n")
+    hop = (
+        "Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+        "Trailer: X-T\r\nUpgrade: h2c\r\nHTTP2-Settings: AAAA\r\nProxy-Authorization: x\r\n"
+        "X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: evil\r\n"
+        "Forwarded: for=1.2.3.4;proto=http\r\nX-Real-IP: 1.2.3.4\r\n"
+    )
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
         raw = f"GET / HTTP/1.1\r\nHost: svc\r\n{hop}\r\n".encode()
         assert request(p.port, client_ctx(tp, "good"), raw)[0] == 200
     seen = upstream.seen[0]
-    for name in ("keep-alive", "proxy-connection", "te", "trailer", "upgrade", "http2-settings",
-                 "proxy-authorization", "forwarded", "x-real-ip", "connection"):
+    for name in (
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "http2-settings",
+        "proxy-authorization",
+        "forwarded",
+        "x-real-ip",
+        "connection",
+    ):
         assert seen.get(name) == [], name
     assert seen.one("x-forwarded-for") == "127.0.0.1"
     assert seen.one("x-forwarded-proto") == "https"
@@ -72,8 +103,11 @@ def test_hop_by_hop_and_forwarding_headers(tp: Pki, upstream: Upstream) -> None:
 
 def test_identity_in_request_trailers_is_dropped(tp: Pki, upstream: Upstream) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
-        raw = (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-               b"3\r\nabc\r\n0\r\nX-Client-Subject: CN=admin\r\nX-Forwarded-Client-Cert: Hash=00\r\n\r\n")
+        raw = (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Client-Subject: CN=admin\r\n"
+            b"X-Forwarded-Client-Cert: Hash=00\r\n\r\n"
+        )
         assert request(p.port, client_ctx(tp, "good"), raw)[0] == 200
     seen = upstream.seen[0]
     assert seen.body_len == 3
@@ -81,10 +115,13 @@ def test_identity_in_request_trailers_is_dropped(tp: Pki, upstream: Upstream) ->
     assert "Hash=00" not in seen.one("x-forwarded-client-cert")
 
 
-def test_every_keepalive_and_pipelined_request_gets_fresh_identity(tp: Pki,
-                                                                   upstream: Upstream) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p, \
-            connect(p.port, client_ctx(tp, "good")) as s:
+def test_every_keepalive_and_pipelined_request_gets_fresh_identity(
+    tp: Pki, upstream: Upstream
+) -> None:
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p,
+        connect(p.port, client_ctx(tp, "good")) as s,
+    ):
         buf = bytearray()
         one = b"GET /%d HTTP/1.1\r\nHost: a\r\nX-Client-Subject: CN=admin\r\n\r\n"
         s.sendall(one % 1)

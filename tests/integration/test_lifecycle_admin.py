@@ -9,13 +9,24 @@ import threading
 import time
 from pathlib import Path
 
-from tests.helpers import ALLOWED_URI, Pki, Upstream, client_ctx, connect, get, read_response, run_proxy
+from tests.helpers import (
+    ALLOWED_URI,
+    Pki,
+    Upstream,
+    client_ctx,
+    connect,
+    get,
+    read_response,
+    run_proxy,
+)
 
 
-def test_sigterm_drains_in_flight_request_and_refuses_new_ones(tp: Pki, upstream: Upstream,
-                                                               loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--shutdown-grace", "10",
-                   loop=loop) as p:
+def test_sigterm_drains_in_flight_request_and_refuses_new_ones(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--shutdown-grace", "10", loop=loop
+    ) as p:
         assert p.admin_get("/readyz")[0] == 200
         result: dict[str, object] = {}
 
@@ -86,8 +97,9 @@ def test_healthz_does_not_depend_on_the_upstream(tp: Pki) -> None:
 
 
 def test_optional_mode_without_cert_is_401(tp: Pki, upstream: Upstream, loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--client-auth", "want",
-                   loop=loop) as p:
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--client-auth", "want", loop=loop
+    ) as p:
         status, _, body = get(p.port, client_ctx(tp, None))
         assert status == 401 and json.loads(body)["error"] == "unauthorized"
         assert get(p.port, client_ctx(tp, "good"))[0] == 200
@@ -99,8 +111,15 @@ def test_optional_mode_without_cert_is_401(tp: Pki, upstream: Upstream, loop: st
 
 
 def test_optional_mode_with_anonymous_access(tp: Pki, upstream: Upstream) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--client-auth", "optional",
-                   "--allow-anonymous", "--allow-uri", ALLOWED_URI) as p:
+    with run_proxy(
+        tp,
+        f"http://127.0.0.1:{upstream.port}",
+        "--client-auth",
+        "optional",
+        "--allow-anonymous",
+        "--allow-uri",
+        ALLOWED_URI,
+    ) as p:
         assert get(p.port, client_ctx(tp, None), headers="X-Client-Subject: CN=spoof\r\n")[0] == 200
         assert get(p.port, client_ctx(tp, "good"))[0] == 200
         assert get(p.port, client_ctx(tp, "other"))[0] == 403
@@ -112,7 +131,7 @@ def test_optional_mode_with_anonymous_access(tp: Pki, upstream: Upstream) -> Non
 
 def test_config_file_env_and_flags_precedence(tp: Pki, upstream: Upstream, tmp_path: Path) -> None:
     cfg = tmp_path / "proxy.yaml"
-    cfg.write_text(f"""
+    cfg.write_text("""
 upstream: http://127.0.0.1:1
 identity_headers: [simple]
 policy:
@@ -121,15 +140,17 @@ policy:
 """)
     # file says upstream :1 (down) and allows only 'other'; env fixes the upstream; the flag
     # replaces the file's rules.
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--config", str(cfg),
-                   default_policy=False) as p:
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--config", str(cfg), default_policy=False
+    ) as p:
         # --upstream flag (from run_proxy) wins over the file.
         assert get(p.port, client_ctx(tp, "other"))[0] == 200
         assert get(p.port, client_ctx(tp, "good"))[0] == 403
     assert upstream.seen[0].get("x-forwarded-client-cert") == []  # file: simple only
     env = {"MTLS_PROXY_ALLOW_URI": ALLOWED_URI, "MTLS_PROXY_IDENTITY_HEADERS": "xfcc"}
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--config", str(cfg),
-                   default_policy=False, env=env) as p:
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--config", str(cfg), default_policy=False, env=env
+    ) as p:
         assert get(p.port, client_ctx(tp, "good"))[0] == 200  # env rules beat the file's
         assert get(p.port, client_ctx(tp, "other"))[0] == 403
     assert upstream.seen[-1].get("x-client-subject") == []  # env: xfcc only
@@ -145,7 +166,7 @@ def test_unix_socket_upstream(tp: Pki, tmp_path: Path) -> None:
     class H(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             body = self.headers.get("X-Client-Subject", "").encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))

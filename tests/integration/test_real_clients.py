@@ -11,14 +11,49 @@ from tests.helpers import Pki, Upstream, run_proxy
 def test_curl_with_client_certificate(tp: Pki, upstream: Upstream, loop: str) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
         url = f"https://localhost:{p.port}/via-curl?x=1"
-        ok = subprocess.run(["curl", "-sS", "--cacert", tp.ca, "--cert", tp.crt("good"), "--key",
-                             tp.key("good"), "-H", "X-Client-Subject: CN=admin", "-d", "hello",
-                             url], capture_output=True, text=True, timeout=30)
-        denied = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
-                                 "--cacert", tp.ca, "--cert", tp.crt("other"), "--key",
-                                 tp.key("other"), url], capture_output=True, text=True, timeout=30)
-        nocert = subprocess.run(["curl", "-sS", "--cacert", tp.ca, url], capture_output=True,
-                                text=True, timeout=30)
+        ok = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--cacert",
+                tp.ca,
+                "--cert",
+                tp.crt("good"),
+                "--key",
+                tp.key("good"),
+                "-H",
+                "X-Client-Subject: CN=admin",
+                "-d",
+                "hello",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        denied = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                tp.ca,
+                "--cert",
+                tp.crt("other"),
+                "--key",
+                tp.key("other"),
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        nocert = subprocess.run(
+            ["curl", "-sS", "--cacert", tp.ca, url], capture_output=True, text=True, timeout=30
+        )
     assert ok.returncode == 0, ok.stderr
     echo = json.loads(ok.stdout)
     assert echo["target"] == "/via-curl?x=1" and echo["body_len"] == 5
@@ -30,20 +65,58 @@ def test_curl_with_client_certificate(tp: Pki, upstream: Upstream, loop: str) ->
 def test_openssl_s_client(tp: Pki, upstream: Upstream) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
         req = b"GET /s_client HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{p.port}",
-                              "-servername", "localhost", "-CAfile", tp.ca, "-cert", tp.crt("good"),
-                              # -cert loads only the leaf; -cert_chain sends the intermediate
-                              "-cert_chain", tp.crt("good"), "-key", tp.key("good"), "-quiet",
-                              "-verify_return_error"],
-                             input=req, capture_output=True, timeout=30)
-        bad = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{p.port}",
-                              "-servername", "localhost", "-CAfile", tp.ca, "-cert",
-                              tp.crt("rogue"), "-cert_chain", tp.crt("rogue"), "-key", tp.key("rogue"),
-                              "-quiet"],
-                             input=req, capture_output=True, timeout=30)
-        tls11 = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{p.port}",
-                                "-tls1_1", "-CAfile", tp.ca], input=b"", capture_output=True,
-                               timeout=30)
+        out = subprocess.run(
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{p.port}",
+                "-servername",
+                "localhost",
+                "-CAfile",
+                tp.ca,
+                "-cert",
+                tp.crt("good"),
+                # -cert loads only the leaf; -cert_chain sends the intermediate
+                "-cert_chain",
+                tp.crt("good"),
+                "-key",
+                tp.key("good"),
+                "-quiet",
+                "-verify_return_error",
+            ],
+            input=req,
+            capture_output=True,
+            timeout=30,
+        )
+        bad = subprocess.run(
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{p.port}",
+                "-servername",
+                "localhost",
+                "-CAfile",
+                tp.ca,
+                "-cert",
+                tp.crt("rogue"),
+                "-cert_chain",
+                tp.crt("rogue"),
+                "-key",
+                tp.key("rogue"),
+                "-quiet",
+            ],
+            input=req,
+            capture_output=True,
+            timeout=30,
+        )
+        tls11 = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{p.port}", "-tls1_1", "-CAfile", tp.ca],
+            input=b"",
+            capture_output=True,
+            timeout=30,
+        )
     assert out.stdout.startswith(b"HTTP/1.1 200"), out.stderr
     assert b'"target": "/s_client"' in out.stdout
     assert b"HTTP/1.1" not in bad.stdout

@@ -9,7 +9,16 @@ import time
 
 import pytest
 
-from tests.helpers import Pki, Proxy, Upstream, client_ctx, connect, read_response, request, run_proxy
+from tests.helpers import (
+    Pki,
+    Proxy,
+    Upstream,
+    client_ctx,
+    connect,
+    read_response,
+    request,
+    run_proxy,
+)
 
 GIB = 1 << 30
 
@@ -43,8 +52,11 @@ class PeakRss:
 def test_1gib_upload_streams_with_bounded_memory(tp: Pki, upstream: Upstream, loop: str) -> None:
     block = bytes(range(256)) * 4096  # 1 MiB
     sha = hashlib.sha256()
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p, \
-            connect(p.port, client_ctx(tp, "good"), timeout=120) as s, PeakRss(p) as rss:
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p,
+        connect(p.port, client_ctx(tp, "good"), timeout=120) as s,
+        PeakRss(p) as rss,
+    ):
         s.sendall(b"PUT /upload HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % GIB)
         for _ in range(GIB // len(block)):
             s.sendall(block)
@@ -58,8 +70,11 @@ def test_1gib_upload_streams_with_bounded_memory(tp: Pki, upstream: Upstream, lo
 
 @pytest.mark.slow
 def test_1gib_download_streams_with_bounded_memory(tp: Pki, upstream: Upstream, loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p, \
-            connect(p.port, client_ctx(tp, "good"), timeout=120) as s, PeakRss(p) as rss:
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p,
+        connect(p.port, client_ctx(tp, "good"), timeout=120) as s,
+        PeakRss(p) as rss,
+    ):
         s.sendall(b"GET /download?bytes=%d HTTP/1.1\r\nHost: a\r\n\r\n" % GIB)
         buf = bytearray()
         while b"\r\n\r\n" not in buf:
@@ -78,12 +93,15 @@ def test_1gib_download_streams_with_bounded_memory(tp: Pki, upstream: Upstream, 
 
 def test_chunked_request_and_chunked_response(tp: Pki, upstream: Upstream, loop: str) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
-        raw = (b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-               b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        raw = (
+            b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
         status, _, body = request(p.port, client_ctx(tp, "good"), raw)
         assert status == 200 and json.loads(body)["body_len"] == 11
-        status, headers, body = request(p.port, client_ctx(tp, "good"),
-                                        b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, body = request(
+            p.port, client_ctx(tp, "good"), b"GET /chunked HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
     assert status == 200 and body == b"hello chunked world"
     assert headers["transfer-encoding"] == "chunked"
     seen = upstream.seen[0]
@@ -92,17 +110,23 @@ def test_chunked_request_and_chunked_response(tp: Pki, upstream: Upstream, loop:
 
 def test_http10_client_gets_close_delimited_body(tp: Pki, upstream: Upstream) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
-        status, headers, body = request(p.port, client_ctx(tp, "good"),
-                                        b"GET /chunked HTTP/1.0\r\nHost: a\r\n\r\n")
+        status, headers, body = request(
+            p.port, client_ctx(tp, "good"), b"GET /chunked HTTP/1.0\r\nHost: a\r\n\r\n"
+        )
     assert status == 200 and body == b"hello chunked world"
     assert "transfer-encoding" not in headers and headers["connection"] == "close"
 
 
-def test_expect_100_continue_is_answered_by_the_proxy(tp: Pki, upstream: Upstream,
-                                                      loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p, \
-            connect(p.port, client_ctx(tp, "good")) as s:
-        s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+def test_expect_100_continue_is_answered_by_the_proxy(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p,
+        connect(p.port, client_ctx(tp, "good")) as s,
+    ):
+        s.sendall(
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"
+        )
         buf = bytearray()
         assert read_response(s, buf)[0] == 100
         s.sendall(b"body")
@@ -112,10 +136,14 @@ def test_expect_100_continue_is_answered_by_the_proxy(tp: Pki, upstream: Upstrea
 
 
 def test_denied_client_gets_no_100_continue(tp: Pki, upstream: Upstream) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p, \
-            connect(p.port, client_ctx(tp, "other")) as s:
-        s.sendall(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
-                  b"Content-Length: 1000000000\r\n\r\n")
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p,
+        connect(p.port, client_ctx(tp, "other")) as s,
+    ):
+        s.sendall(
+            b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 1000000000\r\n\r\n"
+        )
         status, headers, _ = read_response(s, bytearray())
     assert status == 403 and headers["connection"] == "close"
     assert upstream.seen == []
@@ -129,8 +157,10 @@ def test_unknown_expectation_is_417(tp: Pki, upstream: Upstream) -> None:
 
 
 def test_head_204_304(tp: Pki, upstream: Upstream, loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p, \
-            connect(p.port, client_ctx(tp, "good")) as s:
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p,
+        connect(p.port, client_ctx(tp, "good")) as s,
+    ):
         buf = bytearray()
         s.sendall(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
         status, headers, _ = read_response(s, buf, head_only=True)
@@ -147,8 +177,10 @@ def test_head_204_304(tp: Pki, upstream: Upstream, loop: str) -> None:
 
 
 def test_keepalive_both_sides_and_pooled_upstream(tp: Pki, upstream: Upstream, loop: str) -> None:
-    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p, \
-            connect(p.port, client_ctx(tp, "good")) as s:
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p,
+        connect(p.port, client_ctx(tp, "good")) as s,
+    ):
         buf = bytearray()
         for i in range(20):
             s.sendall(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)

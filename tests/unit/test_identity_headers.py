@@ -34,9 +34,16 @@ A = x509.NameAttribute
 
 def self_signed(name: x509.Name) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
-    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(KEY.public_key()).serial_number(1).not_valid_before(now)
-            .not_valid_after(now + dt.timedelta(days=1)).sign(KEY, hashes.SHA256()))
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(KEY.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(KEY, hashes.SHA256())
+    )
 
 
 NAMES = [
@@ -47,9 +54,16 @@ NAMES = [
     [A(NameOID.COMMON_NAME, "Jürgen \u202eevil")],
     [A(NameOID.COMMON_NAME, "Jürgen", _ASN1Type.BMPString)],
     [A(NameOID.COMMON_NAME, "#hash + <x> ")],
-    [A(NameOID.EMAIL_ADDRESS, "a@b.c"), A(NameOID.DOMAIN_COMPONENT, "org"),
-     A(NameOID.SERIAL_NUMBER, "123"), A(NameOID.COUNTRY_NAME, "DE"), A(NameOID.USER_ID, "u1"),
-     A(NameOID.GIVEN_NAME, "g"), A(NameOID.SURNAME, "s"), A(NameOID.STREET_ADDRESS, "st")],
+    [
+        A(NameOID.EMAIL_ADDRESS, "a@b.c"),
+        A(NameOID.DOMAIN_COMPONENT, "org"),
+        A(NameOID.SERIAL_NUMBER, "123"),
+        A(NameOID.COUNTRY_NAME, "DE"),
+        A(NameOID.USER_ID, "u1"),
+        A(NameOID.GIVEN_NAME, "g"),
+        A(NameOID.SURNAME, "s"),
+        A(NameOID.STREET_ADDRESS, "st"),
+    ],
     [A(x509.ObjectIdentifier("1.2.3.4.5"), "weird")],
     [A(NameOID.COMMON_NAME, "admin"), A(NameOID.COMMON_NAME, "allowed-client")],
 ]
@@ -58,9 +72,12 @@ NAMES = [
 @pytest.mark.parametrize("attrs", NAMES, ids=range(len(NAMES)))
 def test_rfc2253_matches_openssl(attrs: list[x509.NameAttribute[str]]) -> None:
     cert = self_signed(x509.Name(attrs))
-    out = sp.run(["openssl", "x509", "-noout", "-subject", "-nameopt", "RFC2253"],
-                 input=cert.public_bytes(serialization.Encoding.PEM), capture_output=True,
-                 check=True).stdout.decode()
+    out = sp.run(
+        ["openssl", "x509", "-noout", "-subject", "-nameopt", "RFC2253"],
+        input=cert.public_bytes(serialization.Encoding.PEM),
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     expected = out.removeprefix("subject=").removesuffix("\n")
     got = rfc2253(cert.subject)
     assert got == expected
@@ -68,25 +85,46 @@ def test_rfc2253_matches_openssl(attrs: list[x509.NameAttribute[str]]) -> None:
 
 
 def test_multivalued_rdn() -> None:
-    name = x509.Name([x509.RelativeDistinguishedName([A(NameOID.COMMON_NAME, "a"),
-                                                      A(NameOID.ORGANIZATIONAL_UNIT_NAME, "b")]),
-                      x509.RelativeDistinguishedName([A(NameOID.COUNTRY_NAME, "US")])])
+    name = x509.Name(
+        [
+            x509.RelativeDistinguishedName(
+                [A(NameOID.COMMON_NAME, "a"), A(NameOID.ORGANIZATIONAL_UNIT_NAME, "b")]
+            ),
+            x509.RelativeDistinguishedName([A(NameOID.COUNTRY_NAME, "US")]),
+        ]
+    )
     assert rfc2253(name) == "C=US,OU=b+CN=a"
 
 
-@pytest.mark.parametrize(("raw", "escaped"), [
-    ("plain", "plain"), (" lead", "\\ lead"), ("trail ", "trail\\ "), ("#x", "\\#x"),
-    ("a#b", "a#b"), ("\t", "\\09"), ("ü", "\\C3\\BC"),
-])
+@pytest.mark.parametrize(
+    ("raw", "escaped"),
+    [
+        ("plain", "plain"),
+        (" lead", "\\ lead"),
+        ("trail ", "trail\\ "),
+        ("#x", "\\#x"),
+        ("a#b", "a#b"),
+        ("\t", "\\09"),
+        ("ü", "\\C3\\BC"),
+    ],
+)
 def test_escape_value(raw: str, escaped: str) -> None:
     assert escape_value(raw) == escaped
 
 
 def test_identity_from_der_reads_every_field() -> None:
     root = pki.make_ca("r")
-    leaf = pki.issue(root, "client", "c1", o="Org", ou=["t1", "t2"], dns=["a.test", "b.test"],
-                     ips=["10.0.0.1", "::1"], uris=["spiffe://td/x", "https://e/x"],
-                     emails=["a@b.c"])
+    leaf = pki.issue(
+        root,
+        "client",
+        "c1",
+        o="Org",
+        ou=["t1", "t2"],
+        dns=["a.test", "b.test"],
+        ips=["10.0.0.1", "::1"],
+        uris=["spiffe://td/x", "https://e/x"],
+        emails=["a@b.c"],
+    )
     der = leaf.cert.public_bytes(serialization.Encoding.DER)
     ident = identity_from_der(der)
     assert ident.subject == "CN=c1,OU=t2,OU=t1,O=Org"
@@ -106,37 +144,62 @@ def test_identity_without_sans() -> None:
 
 
 # -- headers ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("name", "norm"), [
-    (b"X-Client-Subject", b"x-client-subject"), (b"X_CLIENT_SUBJECT", b"x-client-subject"),
-    (b"x_client-subject", b"x-client-subject"), (b"Host", b"host"),
-])
+@pytest.mark.parametrize(
+    ("name", "norm"),
+    [
+        (b"X-Client-Subject", b"x-client-subject"),
+        (b"X_CLIENT_SUBJECT", b"x-client-subject"),
+        (b"x_client-subject", b"x-client-subject"),
+        (b"Host", b"host"),
+    ],
+)
 def test_normalize_name(name: bytes, norm: bytes) -> None:
     assert normalize_name(name) == norm
 
 
 def test_split_request_headers_strips_and_collects() -> None:
-    rh = split_request_headers([
-        (b"Host", b"a"), (b"X-Keep", b"1"), (b"X_Client_Subject", b"spoof"),
-        (b"x-forwarded-client-cert", b"By=x"), (b"Connection", b"close, X-Drop, host, Content-Length"),
-        (b"X-Drop", b"1"), (b"Content-Length", b"3"), (b"Transfer-Encoding", b"chunked"),
-        (b"Expect", b"100-continue"), (b"Keep-Alive", b"x"), (b"X-Forwarded-For", b"1.2.3.4"),
-        (b"Upgrade", b"h2c"), (b"Forwarded", b"for=x"),
-    ])
+    rh = split_request_headers(
+        [
+            (b"Host", b"a"),
+            (b"X-Keep", b"1"),
+            (b"X_Client_Subject", b"spoof"),
+            (b"x-forwarded-client-cert", b"By=x"),
+            (b"Connection", b"close, X-Drop, host, Content-Length"),
+            (b"X-Drop", b"1"),
+            (b"Content-Length", b"3"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Expect", b"100-continue"),
+            (b"Keep-Alive", b"x"),
+            (b"X-Forwarded-For", b"1.2.3.4"),
+            (b"Upgrade", b"h2c"),
+            (b"Forwarded", b"for=x"),
+        ]
+    )
     assert rh.forwarded_lines() == b"X-Keep: 1\r\n"
     assert rh.hosts == [b"a"] and rh.content_length == b"3"
     assert rh.transfer_encoding == [b"chunked"] and rh.expect == [b"100-continue"]
     assert rh.xfcc == [b"By=x"] and rh.upgrade is True
 
 
-@pytest.mark.parametrize(("value", "cleaned"), [
-    ("ok", "ok"), ("a\r\nb", "a\\0D\\0Ab"), ("nul\x00", "nul\\00"), ("ü", "\\C3\\BC"),
-])
+@pytest.mark.parametrize(
+    ("value", "cleaned"),
+    [
+        ("ok", "ok"),
+        ("a\r\nb", "a\\0D\\0Ab"),
+        ("nul\x00", "nul\\00"),
+        ("ü", "\\C3\\BC"),
+    ],
+)
 def test_clean(value: str, cleaned: str) -> None:
     assert clean(value) == cleaned
 
 
-PEER = PeerIdentity(subject="CN=c,O=O", sha256="ab" * 32,
-                    uri=("spiffe://td/a", "spiffe://td/x;By=y,Hash=0"), dns=("a.test", "b\r\n.test"))
+PEER = PeerIdentity(
+    subject="CN=c,O=O",
+    sha256="ab" * 32,
+    uri=("spiffe://td/a", "spiffe://td/x;By=y,Hash=0"),
+    dns=("a.test", "b\r\n.test"),
+)
 
 
 def test_xfcc_element_quotes_delimiters_and_escapes_controls() -> None:
@@ -150,21 +213,31 @@ def test_xfcc_element_quotes_delimiters_and_escapes_controls() -> None:
 
 def test_simple_headers() -> None:
     assert dict(simple_headers(PEER)) == {
-        "X-Client-Subject": "CN=c,O=O", "X-Client-Cert-Sha256": "ab" * 32,
-        "X-Client-SPIFFE-ID": "spiffe://td/a", "X-Client-DNS": "a.test,b\\0D\\0A.test",
-        "X-Client-Verified": "SUCCESS"}
+        "X-Client-Subject": "CN=c,O=O",
+        "X-Client-Cert-Sha256": "ab" * 32,
+        "X-Client-SPIFFE-ID": "spiffe://td/a",
+        "X-Client-DNS": "a.test,b\\0D\\0A.test",
+        "X-Client-Verified": "SUCCESS",
+    }
     assert simple_headers(None) == [("X-Client-Verified", "NONE")]
 
 
-@pytest.mark.parametrize(("mode", "incoming", "line"), [
-    ("sanitize_set", [b"By=up"], b"x-forwarded-client-cert: OURS\r\n"),
-    ("sanitize_set", [], b"x-forwarded-client-cert: OURS\r\n"),
-    ("append_forward", [b"By=up", b"Hash=1"], b"x-forwarded-client-cert: By=up,Hash=1,OURS\r\n"),
-    ("append_forward", [], b"x-forwarded-client-cert: OURS\r\n"),
-    ("forward_only", [b"By=up"], b"x-forwarded-client-cert: By=up\r\n"),
-    ("forward_only", [], b""),
-    ("sanitize", [b"By=up"], b""),
-])
+@pytest.mark.parametrize(
+    ("mode", "incoming", "line"),
+    [
+        ("sanitize_set", [b"By=up"], b"x-forwarded-client-cert: OURS\r\n"),
+        ("sanitize_set", [], b"x-forwarded-client-cert: OURS\r\n"),
+        (
+            "append_forward",
+            [b"By=up", b"Hash=1"],
+            b"x-forwarded-client-cert: By=up,Hash=1,OURS\r\n",
+        ),
+        ("append_forward", [], b"x-forwarded-client-cert: OURS\r\n"),
+        ("forward_only", [b"By=up"], b"x-forwarded-client-cert: By=up\r\n"),
+        ("forward_only", [], b""),
+        ("sanitize", [b"By=up"], b""),
+    ],
+)
 def test_xfcc_modes(mode: str, incoming: list[bytes], line: bytes) -> None:
     block = IdentityBlock(b"", b"OURS", mode)  # type: ignore[arg-type]
     assert block.xfcc_line(incoming) == line
@@ -178,11 +251,17 @@ def test_identity_block_for_anonymous_has_no_xfcc() -> None:
 
 
 def test_split_response_headers() -> None:
-    rh = split_response_headers([
-        (b"Connection", b"X-Foo, close"), (b"X-Foo", b"1"), (b"Keep-Alive", b"timeout=1"),
-        (b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3"), (b"X-Ok", b"y"),
-        (b"Proxy-Connection", b"x"),
-    ])
+    rh = split_response_headers(
+        [
+            (b"Connection", b"X-Foo, close"),
+            (b"X-Foo", b"1"),
+            (b"Keep-Alive", b"timeout=1"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Content-Length", b"3"),
+            (b"X-Ok", b"y"),
+            (b"Proxy-Connection", b"x"),
+        ]
+    )
     assert rh.lines == [b"X-Ok: y\r\n"]
     assert rh.close is True and rh.content_length == [b"3"]
     assert rh.transfer_encoding == [b"chunked"]
@@ -190,9 +269,11 @@ def test_split_response_headers() -> None:
 
 def test_purity_of_the_core() -> None:
     """The pure modules never import I/O frameworks (DESIGN.md convention 1)."""
-    code = ("import sys; import mtls_proxy.config, mtls_proxy.identity, mtls_proxy.policy, "
-            "mtls_proxy.headers, mtls_proxy.wildcard, mtls_proxy.errors; "
-            "bad = [m for m in ('aiohttp', 'asyncio', 'ssl', 'httptools', 'mtls_proxy.proxy') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys; import mtls_proxy.config, mtls_proxy.identity, mtls_proxy.policy, "
+        "mtls_proxy.headers, mtls_proxy.wildcard, mtls_proxy.errors; "
+        "bad = [m for m in ('aiohttp', 'asyncio', 'ssl', 'httptools', 'mtls_proxy.proxy') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -17,42 +17,58 @@ def peer(**kw: object) -> PeerIdentity:
     return PeerIdentity(**base)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("pattern", "value", "match"), [
-    ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b", True),
-    ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b/", False),
-    ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b-evil", False),
-    ("spiffe://td/ns/a/sa/b", "SPIFFE://TD/ns/a/sa/b", False),
-    ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/B", False),
-    ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b/../admin", False),
-    ("spiffe://td/ns/*/sa/b", "spiffe://td/ns/x/sa/b", True),
-    ("spiffe://td/ns/*/sa/b", "spiffe://td/ns/x/y/sa/b", False),
-    ("spiffe://td/ns/*/sa/b", "spiffe://td/ns//sa/b", False),
-    ("spiffe://td/ns/**", "spiffe://td/ns/x/y/z", True),
-    ("spiffe://td/ns/**", "spiffe://td/ns", False),
-    ("spiffe://td/ns/**", "spiffe://td/nsx/y", False),
-    ("spiffe://td/a.b", "spiffe://td/aXb", False),  # regex metacharacters are literal
-])
+@pytest.mark.parametrize(
+    ("pattern", "value", "match"),
+    [
+        ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b", True),
+        ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b/", False),
+        ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b-evil", False),
+        ("spiffe://td/ns/a/sa/b", "SPIFFE://TD/ns/a/sa/b", False),
+        ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/B", False),
+        ("spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/b/../admin", False),
+        ("spiffe://td/ns/*/sa/b", "spiffe://td/ns/x/sa/b", True),
+        ("spiffe://td/ns/*/sa/b", "spiffe://td/ns/x/y/sa/b", False),
+        ("spiffe://td/ns/*/sa/b", "spiffe://td/ns//sa/b", False),
+        ("spiffe://td/ns/**", "spiffe://td/ns/x/y/z", True),
+        ("spiffe://td/ns/**", "spiffe://td/ns", False),
+        ("spiffe://td/ns/**", "spiffe://td/nsx/y", False),
+        ("spiffe://td/a.b", "spiffe://td/aXb", False),  # regex metacharacters are literal
+    ],
+)
 def test_uri_patterns(pattern: str, value: str, match: bool) -> None:
     assert compile_uri(pattern).matches(value) is match
 
 
-@pytest.mark.parametrize("pattern", ["not-a-uri", "spiffe://td/**/x", "spiffe://td/a*b",
-                                     "spiffe://*/x", "spi*ffe://td/x", "spiffe://td/ x", "**"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "not-a-uri",
+        "spiffe://td/**/x",
+        "spiffe://td/a*b",
+        "spiffe://*/x",
+        "spi*ffe://td/x",
+        "spiffe://td/ x",
+        "**",
+    ],
+)
 def test_invalid_uri_patterns(pattern: str) -> None:
     with pytest.raises(PatternError):
         compile_uri(pattern)
 
 
-@pytest.mark.parametrize(("pattern", "value", "match"), [
-    ("svc.example.com", "svc.example.com", True),
-    ("svc.example.com", "SVC.Example.COM", True),
-    ("svc.example.com", "svc.example.com.evil", False),
-    ("*.example.com", "a.example.com", True),
-    ("*.example.com", "example.com", False),
-    ("*.example.com", "a.b.example.com", False),
-    ("*.example.com", ".example.com", False),
-    ("allowed.test", "allowed.test\x00.evil.test", False),
-])
+@pytest.mark.parametrize(
+    ("pattern", "value", "match"),
+    [
+        ("svc.example.com", "svc.example.com", True),
+        ("svc.example.com", "SVC.Example.COM", True),
+        ("svc.example.com", "svc.example.com.evil", False),
+        ("*.example.com", "a.example.com", True),
+        ("*.example.com", "example.com", False),
+        ("*.example.com", "a.b.example.com", False),
+        ("*.example.com", ".example.com", False),
+        ("allowed.test", "allowed.test\x00.evil.test", False),
+    ],
+)
 def test_dns_patterns(pattern: str, value: str, match: bool) -> None:
     assert compile_dns(pattern).matches(value) is match
 
@@ -63,41 +79,53 @@ def test_invalid_dns_patterns(pattern: str) -> None:
         compile_dns(pattern)
 
 
-@pytest.mark.parametrize(("rule", "identity", "match"), [
-    ({"cn": "client"}, {"cn": ("client",)}, True),
-    ({"cn": "client"}, {"cn": ("evilclient",)}, False),
-    ({"cn": "client"}, {"cn": ("client ",)}, False),
-    ({"cn": "admin"}, {"cn": ("admin\x00.evil",)}, False),
-    ({"cn": "allowed-client"}, {"cn": ("allowed-client", "admin")}, False),  # ambiguous
-    ({"o": "Example"}, {"o": ("Example",)}, True),
-    ({"o": "Example"}, {"o": ("Example", "Other")}, False),
-    ({"ou": "team"}, {"ou": ("dept", "team")}, True),
-    ({"ou": "team"}, {"ou": ()}, False),
-    ({"cn": "c", "o": "O"}, {"cn": ("c",), "o": ("O",)}, True),
-    ({"cn": "c", "o": "O"}, {"cn": ("c",), "o": ("X",)}, False),  # all fields must match
-    ({"uri": "spiffe://td/a"}, {"uri": ("spiffe://td/b", "spiffe://td/a")}, True),
-    ({"uri": "spiffe://td/a"}, {}, False),  # no URI SAN never matches a URI rule
-    ({"dns": "*.svc"}, {"dns": ("a.svc",)}, True),
-    ({"email": "a@b.c"}, {"email": ("a@b.c",)}, True),
-    ({"email": "a@b.c"}, {"email": ("A@b.c",)}, False),
-    ({"ip": "10.0.0.0/8"}, {"ip": ("10.1.2.3",)}, True),
-    ({"ip": "10.0.0.1"}, {"ip": ("10.0.0.2",)}, False),
-    ({"ip": "::1"}, {"ip": ("::1",)}, True),
-    ({"ip": "10.0.0.0/8"}, {"ip": ("junk",)}, False),
-    ({"sha256": SHA.upper()}, {}, True),
-    ({"sha256": ":".join([SHA[i:i + 2] for i in range(0, 64, 2)])}, {}, True),
-    ({"sha256": "cd" * 32}, {}, False),
-])
+@pytest.mark.parametrize(
+    ("rule", "identity", "match"),
+    [
+        ({"cn": "client"}, {"cn": ("client",)}, True),
+        ({"cn": "client"}, {"cn": ("evilclient",)}, False),
+        ({"cn": "client"}, {"cn": ("client ",)}, False),
+        ({"cn": "admin"}, {"cn": ("admin\x00.evil",)}, False),
+        ({"cn": "allowed-client"}, {"cn": ("allowed-client", "admin")}, False),  # ambiguous
+        ({"o": "Example"}, {"o": ("Example",)}, True),
+        ({"o": "Example"}, {"o": ("Example", "Other")}, False),
+        ({"ou": "team"}, {"ou": ("dept", "team")}, True),
+        ({"ou": "team"}, {"ou": ()}, False),
+        ({"cn": "c", "o": "O"}, {"cn": ("c",), "o": ("O",)}, True),
+        ({"cn": "c", "o": "O"}, {"cn": ("c",), "o": ("X",)}, False),  # all fields must match
+        ({"uri": "spiffe://td/a"}, {"uri": ("spiffe://td/b", "spiffe://td/a")}, True),
+        ({"uri": "spiffe://td/a"}, {}, False),  # no URI SAN never matches a URI rule
+        ({"dns": "*.svc"}, {"dns": ("a.svc",)}, True),
+        ({"email": "a@b.c"}, {"email": ("a@b.c",)}, True),
+        ({"email": "a@b.c"}, {"email": ("A@b.c",)}, False),
+        ({"ip": "10.0.0.0/8"}, {"ip": ("10.1.2.3",)}, True),
+        ({"ip": "10.0.0.1"}, {"ip": ("10.0.0.2",)}, False),
+        ({"ip": "::1"}, {"ip": ("::1",)}, True),
+        ({"ip": "10.0.0.0/8"}, {"ip": ("junk",)}, False),
+        ({"sha256": SHA.upper()}, {}, True),
+        ({"sha256": ":".join([SHA[i : i + 2] for i in range(0, 64, 2)])}, {}, True),
+        ({"sha256": "cd" * 32}, {}, False),
+    ],
+)
 def test_rule_matching(rule: dict[str, object], identity: dict[str, object], match: bool) -> None:
     assert compile_rule(rule).matches(peer(**identity)) is match
 
 
-@pytest.mark.parametrize(("rule", "error"), [
-    ({}, "empty rule"), ({"cname": "x"}, "unknown rule field"), ({"cn": ""}, "non-empty"),
-    ({"cn": 5}, "non-empty string"), ({"ip": "10.0.0.1/8"}, "ip:"), ({"sha256": "abc"}, "SHA-256"),
-    ({"anonymous": False}, "must be true"), ({"anonymous": True, "cn": "x"}, "other fields"),
-    ({"uri": "x"}, "uri:"), ({"dns": "*"}, "dns:"),
-])
+@pytest.mark.parametrize(
+    ("rule", "error"),
+    [
+        ({}, "empty rule"),
+        ({"cname": "x"}, "unknown rule field"),
+        ({"cn": ""}, "non-empty"),
+        ({"cn": 5}, "non-empty string"),
+        ({"ip": "10.0.0.1/8"}, "ip:"),
+        ({"sha256": "abc"}, "SHA-256"),
+        ({"anonymous": False}, "must be true"),
+        ({"anonymous": True, "cn": "x"}, "other fields"),
+        ({"uri": "x"}, "uri:"),
+        ({"dns": "*"}, "dns:"),
+    ],
+)
 def test_invalid_rules(rule: dict[str, object], error: str) -> None:
     with pytest.raises(RuleError, match=error):
         compile_rule(rule)

@@ -1,0 +1,187 @@
+"""Config validation: precedence, conversions and error messages that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtls_proxy.config import Address, load_config, parse_address, parse_upstream
+from mtls_proxy.errors import ConfigError
+
+BASE = {
+    "upstream": "http://127.0.0.1:8080",
+    "cert": "s.crt",
+    "key": "s.key",
+    "cacert": "ca.crt",
+    "allow-cn": ["x"],
+}
+
+
+def problems(**kw: object) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        load_config(**kw)  # type: ignore[arg-type]
+    return exc.value.problems
+
+
+def test_defaults() -> None:
+    c = load_config(flags=BASE)
+    assert c.listen == Address("0.0.0.0", 8443) and c.admin == Address("127.0.0.1", 9901)
+    assert c.tls.client_auth == "require" and c.tls.min_tls_version == "1.2"
+    assert c.identity_headers == ("xfcc", "simple") and c.xfcc_mode == "sanitize_set"
+    assert (c.handshake_timeout, c.upstream_timeout, c.idle_timeout) == (10.0, 30.0, 60.0)
+    assert (c.max_connections, c.max_header_bytes, c.shutdown_grace) == (10000, 65536, 15.0)
+    assert c.log_format == "json" and c.workers == 1
+
+
+def test_precedence_flag_over_env_over_file() -> None:
+    text = "listen: 127.0.0.1:1000\nidle_timeout: 5\nadmin: off\ntls:\n  client_auth: want\n"
+    env = {"MTLS_PROXY_LISTEN": "127.0.0.1:2000", "MTLS_PROXY_IDLE_TIMEOUT": "7"}
+    c = load_config(
+        text=text, filename="f.yaml", env=env, flags={**BASE, "listen": "127.0.0.1:3000"}
+    )
+    assert c.listen.port == 3000  # flag
+    assert c.idle_timeout == 7.0  # env
+    assert c.admin is None  # file
+    assert c.tls.client_auth == "optional"  # file, alias normalised
+    assert c.source("idle-timeout") == "MTLS_PROXY_IDLE_TIMEOUT"
+    assert c.source("admin") == "f.yaml: admin"
+
+
+def test_file_only_config_with_policy_rules() -> None:
+    text = """
+upstream: unix:/run/app.sock
+tls: {cert: a, key: b, cacert: c, min_tls_version: "1.3"}
+policy:
+  audit: true
+  allow:
+    - uri: spiffe://td/ns/*/sa/web
+    - {cn: batch, o: Example}
+"""
+    c = load_config(text=text, filename="f.yaml")
+    assert c.upstream.scheme == "unix" and c.upstream.path == "/run/app.sock"
+    assert c.tls.min_tls_version == "1.3"
+    assert [r.name for r in c.policy.rules] == ["uri=spiffe://td/ns/*/sa/web", "cn=batch,o=Example"]
+    assert c.policy.audit is True
+
+
+def test_env_allow_lists_and_secrets() -> None:
+    env = {"MTLS_PROXY_ALLOW_CN": "a, b", "MTLS_PROXY_KEY_PASSWORD": "${PW}", "PW": "s3cret"}
+    c = load_config(env=env, flags={k: v for k, v in BASE.items() if k != "allow-cn"})
+    assert [r.name for r in c.policy.rules] == ["cn=a", "cn=b"]
+    assert c.tls.key_password == "s3cret"
+    assert (
+        "environment variable NOPE is not set"
+        in problems(flags={**BASE, "key-password": "${NOPE}"})[0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"text": "listen: [1", "filename": "f.yaml"}, "f.yaml: not valid YAML"),
+        ({"text": "- a", "filename": "f.yaml"}, "f.yaml: the top level must be a mapping"),
+        (
+            {"text": "upstrem: x", "filename": "f.yaml"},
+            "f.yaml: unknown key 'upstrem' (did you mean 'upstream'?)",
+        ),
+        (
+            {"text": "tls: {cacrt: x}", "filename": "f.yaml"},
+            "unknown key tls.'cacrt' (did you mean 'cacert'?)",
+        ),
+        ({"text": "tls: x", "filename": "f.yaml"}, "f.yaml: tls must be a mapping"),
+        ({"text": "policy: {allow: x}", "filename": "f.yaml"}, "policy.allow: must be a list"),
+        (
+            {"text": "policy: {allow: [x]}", "filename": "f.yaml"},
+            "policy.allow[0]: a rule must be a mapping",
+        ),
+        (
+            {"text": "policy: {allow: [{cn: ''}]}", "filename": "f.yaml"},
+            "policy.allow[0]: cn must be",
+        ),
+        (
+            {"text": "policy: {audit: 3}", "filename": "f.yaml"},
+            "policy.audit must be true or false",
+        ),
+        ({"text": "policy: {routes: []}", "filename": "f.yaml"}, "policy.routes is not supported"),
+        ({"flags": {"listen": "x"}}, "--listen: expected HOST:PORT"),
+        ({"flags": {"listen": "h:99999"}}, "port out of range"),
+        ({"flags": {"upstream": "ftp://x"}}, "--upstream: expected http://"),
+        ({"flags": {"upstream": "unix:rel.sock"}}, "must be absolute"),
+        ({"flags": {"upstream": "http://h:0"}}, "port out of range"),
+        ({"flags": {"client-auth": "maybe"}}, "--client-auth: must be one of"),
+        ({"flags": {"idle-timeout": "0"}}, "--idle-timeout: must be > 0"),
+        ({"flags": {"idle-timeout": "abc"}}, "--idle-timeout: must be a number"),
+        ({"flags": {"max-connections": "1.5"}}, "--max-connections: must be a number"),
+        ({"flags": {"access-log": "maybe"}}, "--access-log: must be true or false"),
+        (
+            {"text": "access_log: [1]", "filename": "f.yaml"},
+            "f.yaml: access_log: must be true or false",
+        ),
+        ({"text": "workers: true", "filename": "f.yaml"}, "f.yaml: workers: must be a number"),
+        ({"text": "listen: {a: 1}", "filename": "f.yaml"}, "f.yaml: listen: must be a string"),
+        ({"text": "identity_headers: 5", "filename": "f.yaml"}, "identity_headers: must be a list"),
+        ({"flags": {"identity-headers": "xfcc,nope"}}, "unknown dialect 'nope'"),
+        ({"flags": {"identity-headers": "tomcat"}}, "dialect 'tomcat' is not supported"),
+        ({"flags": {"workers": "2"}}, "only 1 worker"),
+        ({"flags": {"keystore": "k.p12"}}, "keystore is not supported"),
+        ({"flags": {"cert": ""}}, "--cert: must not be empty"),
+        ({"flags": {"allow-all": True}}, "--allow-all cannot be combined"),
+        ({"flags": {"allow-anonymous": True}}, "--allow-anonymous needs --client-auth optional"),
+        ({"flags": {"client-auth": "none"}}, "--client-auth none requests no certificate"),
+    ],
+)
+def test_invalid_values_name_the_source(kw: dict[str, object], needle: str) -> None:
+    flags = {**BASE, **kw.pop("flags", {})}  # type: ignore[dict-item]
+    if "policy" in str(kw.get("text")):
+        del flags["allow-cn"]  # flag rules would replace the file's
+    found = problems(flags=flags, **kw)
+    assert any(needle in p for p in found), found
+
+
+def test_required_options_and_no_rules() -> None:
+    found = problems(flags={})
+    assert any("--upstream is required" in p for p in found)
+    assert any("--cert and --key are required" in p for p in found)
+    assert any("--cacert is required" in p for p in found)
+    assert any("no access rules" in p for p in found)
+
+
+def test_client_auth_none_with_anonymous_needs_no_cacert() -> None:
+    c = load_config(
+        flags={
+            "upstream": "http://h:1",
+            "cert": "a",
+            "key": "b",
+            "client-auth": "none",
+            "allow-anonymous": True,
+        }
+    )
+    assert c.tls.cacert is None and c.policy.has_anonymous
+
+
+@pytest.mark.parametrize(
+    ("text", "addr"),
+    [
+        ("127.0.0.1:80", Address("127.0.0.1", 80)),
+        (":8443", Address("0.0.0.0", 8443)),
+        ("[::1]:9901", Address("::1", 9901)),
+        ("localhost:0", Address("localhost", 0)),
+    ],
+)
+def test_parse_address(text: str, addr: Address) -> None:
+    assert parse_address(text) == addr
+    assert str(parse_address("[::1]:1")) == "[::1]:1"
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "scheme"),
+    [
+        ("http://127.0.0.1:8080", "127.0.0.1", 8080, "http"),
+        ("http://app", "app", 80, "http"),
+        ("https://app/", "app", 443, "https"),
+        ("http://[::1]:81", "::1", 81, "http"),
+    ],
+)
+def test_parse_upstream(text: str, host: str, port: int, scheme: str) -> None:
+    u = parse_upstream(text)
+    assert (u.host, u.port, u.scheme) == (host, port, scheme)
+    assert u.host_header == f"{host}:{port}"
