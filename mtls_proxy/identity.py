@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import ipaddress
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final
@@ -37,6 +36,7 @@ _SHORT_NAMES: Final[dict[str, str]] = {
     "2.5.4.42": "GN",
     "2.5.4.43": "initials",
     "2.5.4.44": "generationQualifier",
+    "2.5.4.45": "x500UniqueIdentifier",
     "2.5.4.46": "dnQualifier",
     "2.5.4.65": "pseudonym",
     "2.5.4.72": "role",
@@ -162,7 +162,3 @@ def identity_from_der(der: bytes) -> PeerIdentity:
         not_after=cert.not_valid_after_utc,
     )
 
-
-def normalize_ip(value: str) -> str:
-    """Canonical text of an IP address (so '::1' and '0:0::1' compare equal)."""
-    return str(ipaddress.ip_address(value))

@@ -61,8 +61,6 @@ def compile_uri(pattern: str) -> UriPattern:
     if any(c in pattern for c in "\x00\r\n \t"):
         raise PatternError(f"{pattern!r} contains whitespace or control characters")
     prefix, path = pattern[: m.end()], pattern[m.end() :]
-    if "*" in prefix:
-        raise PatternError(f"{pattern!r}: wildcards are not allowed in the scheme")
     segments = path.split("/")
     parts = [re.escape(prefix)]
     for i, seg in enumerate(segments):

@@ -137,6 +137,18 @@ def test_invalid_values_name_the_source(kw: dict[str, object], needle: str) -> N
     assert any(needle in p for p in found), found
 
 
+def test_small_conversions() -> None:
+    c = load_config(
+        text="",
+        filename="empty.yaml",
+        flags={**BASE, "access-log": "off", "admin": "off", "key-password": "pw"},
+    )
+    assert c.access_log is False and c.admin is None and c.tls.key_password == "pw"
+    assert c.config_file == "empty.yaml"
+    found = problems(flags={**BASE, "allow-cn": None, "allow-uri": ["nope"]})
+    assert any(p.startswith("--allow-uri: uri:") for p in found)
+
+
 def test_required_options_and_no_rules() -> None:
     found = problems(flags={})
     assert any("--upstream is required" in p for p in found)
@@ -185,3 +197,18 @@ def test_parse_upstream(text: str, host: str, port: int, scheme: str) -> None:
     u = parse_upstream(text)
     assert (u.host, u.port, u.scheme) == (host, port, scheme)
     assert u.host_header == f"{host}:{port}"
+
+
+def test_example_config_is_valid() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "config" / "example.yaml"
+    c = load_config(text=path.read_text(), filename=str(path))
+    assert len(c.policy.rules) == 3 and c.upstream.port == 8080
+    # Every option appears in the example, at least as a comment.
+    from mtls_proxy.config import OPTIONS
+
+    text = path.read_text()
+    for opt in OPTIONS:
+        if opt.kind != "allow":
+            assert opt.path[-1] in text, opt.path

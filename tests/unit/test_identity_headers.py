@@ -65,6 +65,10 @@ NAMES = [
         A(NameOID.STREET_ADDRESS, "st"),
     ],
     [A(x509.ObjectIdentifier("1.2.3.4.5"), "weird")],
+    [
+        A(NameOID.COMMON_NAME, "u"),
+        A(NameOID.X500_UNIQUE_IDENTIFIER, b"\x00\x01", _ASN1Type.BitString),
+    ],
     [A(NameOID.COMMON_NAME, "admin"), A(NameOID.COMMON_NAME, "allowed-client")],
 ]
 
@@ -176,6 +180,7 @@ def test_split_request_headers_strips_and_collects() -> None:
         ]
     )
     assert rh.forwarded_lines() == b"X-Keep: 1\r\n"
+    assert split_request_headers([(b"X-A", b"1")]).forwarded_lines() == b"X-A: 1\r\n"
     assert rh.hosts == [b"a"] and rh.content_length == b"3"
     assert rh.transfer_encoding == [b"chunked"] and rh.expect == [b"100-continue"]
     assert rh.xfcc == [b"By=x"] and rh.upgrade is True
@@ -220,6 +225,12 @@ def test_simple_headers() -> None:
         "X-Client-Verified": "SUCCESS",
     }
     assert simple_headers(None) == [("X-Client-Verified", "NONE")]
+    plain = PeerIdentity(subject="CN=c", sha256="cd" * 32, uri=("https://e/x",))
+    assert [k for k, _ in simple_headers(plain)] == [
+        "X-Client-Subject",
+        "X-Client-Cert-Sha256",
+        "X-Client-Verified",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -248,12 +259,13 @@ def test_identity_block_for_anonymous_has_no_xfcc() -> None:
     assert block.xfcc_line([b"By=spoof"]) == b""
     assert block.lines == b"X-Client-Verified: NONE\r\n"
     assert identity_block(PEER, ("simple",), "sanitize_set", None).xfcc is None
+    assert identity_block(PEER, ("xfcc",), "sanitize_set", None).lines == b""
 
 
 def test_split_response_headers() -> None:
     rh = split_response_headers(
         [
-            (b"Connection", b"X-Foo, close"),
+            (b"Connection", b"X-Foo, , close"),
             (b"X-Foo", b"1"),
             (b"Keep-Alive", b"timeout=1"),
             (b"Transfer-Encoding", b"chunked"),

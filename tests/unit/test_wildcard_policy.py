@@ -96,6 +96,7 @@ def test_invalid_dns_patterns(pattern: str) -> None:
         ({"uri": "spiffe://td/a"}, {"uri": ("spiffe://td/b", "spiffe://td/a")}, True),
         ({"uri": "spiffe://td/a"}, {}, False),  # no URI SAN never matches a URI rule
         ({"dns": "*.svc"}, {"dns": ("a.svc",)}, True),
+        ({"dns": "*.svc"}, {"dns": ("a.b.svc", "svc")}, False),
         ({"email": "a@b.c"}, {"email": ("a@b.c",)}, True),
         ({"email": "a@b.c"}, {"email": ("A@b.c",)}, False),
         ({"ip": "10.0.0.0/8"}, {"ip": ("10.1.2.3",)}, True),
@@ -129,6 +130,10 @@ def test_rule_matching(rule: dict[str, object], identity: dict[str, object], mat
 def test_invalid_rules(rule: dict[str, object], error: str) -> None:
     with pytest.raises(RuleError, match=error):
         compile_rule(rule)
+
+
+def test_anonymous_rule_compiles() -> None:
+    assert compile_rule({"anonymous": True}) == Rule(anonymous=True, name="anonymous=True")
 
 
 def test_normalize_sha256() -> None:
