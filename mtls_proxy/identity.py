@@ -161,4 +161,3 @@ def identity_from_der(der: bytes) -> PeerIdentity:
         der=der,
         not_after=cert.not_valid_after_utc,
     )
-

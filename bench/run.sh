@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Measure mtls-proxy beside nginx (and any other peer) on this machine with the shared harness
+# (../shared/bench: wrk + client-cert shim, openssl s_time), then write bench/RESULTS.md.
+#
+#   bench/run.sh                         # nginx + mtls-proxy, 3 rounds (~8 min)
+#   bench/run.sh --runs 1 --duration 5   # quick look
+#   BENCH_TARGETS="nginx haproxy caddy" bench/run.sh
+#
+# mtls-proxy runs in its default configuration: policy (--allow-cn), XFCC + simple identity
+# headers, JSON access log and the admin/metrics listener all ON.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+HARNESS=${BENCH_HARNESS:-$ROOT/../shared/bench}
+STATE=${BENCH_STATE:-${TMPDIR:-/tmp}/mtls-proxy-bench}
+export BENCH_STATE=$STATE
+
+if [[ ! -x "$ROOT/.venv/bin/mtls-proxy" ]]; then
+  python3 -m venv "$ROOT/.venv"
+  "$ROOT/.venv/bin/pip" install -q -e "$ROOT"
+fi
+bash "$HARNESS/setup.sh" >/dev/null
+
+PROXY="$ROOT/.venv/bin/mtls-proxy"
+TARGET="mtls-proxy=exec $PROXY serve --listen \"\$BENCH_HOST:\$BENCH_PORT\" \
+ --upstream \"\$BENCH_UPSTREAM_URL\" --cert \"\$BENCH_SERVER_CERT\" --key \"\$BENCH_SERVER_KEY\" \
+ --cacert \"\$BENCH_CLIENT_CA\" --allow-cn \"\$BENCH_ALLOWED_CN\" --admin 127.0.0.1:0"
+
+before=$(ls -1d "$STATE"/results/*/ 2>/dev/null | wc -l || true)
+set +e
+bash "$HARNESS/run.sh" "$@" ${BENCH_TARGETS:-nginx} "$TARGET"
+rc=$?
+set -e
+latest=$(ls -1dt "$STATE"/results/*/ | head -1)
+after=$(ls -1d "$STATE"/results/*/ | wc -l)
+if [[ "$after" -le "$before" || ! -f "$latest/table.md" ]]; then
+  echo "bench/run.sh: the harness produced no results (exit $rc)" >&2
+  exit 1
+fi
+
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
+{
+  echo "# mtls-proxy bench results"
+  echo
+  echo "Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) x ${cpu}, $(free -g | awk '/Mem:/{print $2}') GiB,"
+  echo "$(uname -sr), $(python3 --version), $(openssl version | cut -d' ' -f1,2),"
+  echo "mtls-proxy $("$PROXY" --version | cut -d' ' -f2) on uvloop, 1 worker, pinned as the harness pins peers."
+  echo
+  echo "Command: \`bench/run.sh $*\` (targets: ${BENCH_TARGETS:-nginx} + mtls-proxy), harness"
+  echo "\`../shared/bench\` (see its README for the phases). Raw data: \`$latest\`."
+  echo
+  cat "$latest/table.md"
+  if [[ -f "$ROOT/bench/NOTES.md" ]]; then
+    echo
+    cat "$ROOT/bench/NOTES.md"
+  fi
+} > "$ROOT/bench/RESULTS.md"
+echo "bench/run.sh: wrote bench/RESULTS.md (harness exit $rc)"
+exit "$rc"
