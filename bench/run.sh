@@ -16,23 +16,24 @@ export BENCH_STATE=$STATE
 
 if [[ ! -x "$ROOT/.venv/bin/mtls-proxy" ]]; then
   python3 -m venv "$ROOT/.venv"
-  "$ROOT/.venv/bin/pip" install -q -e "$ROOT"
+  "$ROOT/.venv/bin/pip" install -q -e "$ROOT" 2>&1 | grep -v '^WARNING: Location' || true
 fi
-bash "$HARNESS/setup.sh" >/dev/null
+bash "$HARNESS/setup.sh" 2>&1 | grep -v "^WARNING: Location" | tail -2
 
 PROXY="$ROOT/.venv/bin/mtls-proxy"
 TARGET="mtls-proxy=exec $PROXY serve --listen \"\$BENCH_HOST:\$BENCH_PORT\" \
  --upstream \"\$BENCH_UPSTREAM_URL\" --cert \"\$BENCH_SERVER_CERT\" --key \"\$BENCH_SERVER_KEY\" \
  --cacert \"\$BENCH_CLIENT_CA\" --allow-cn \"\$BENCH_ALLOWED_CN\" --admin 127.0.0.1:0"
 
-before=$(ls -1d "$STATE"/results/*/ 2>/dev/null | wc -l || true)
+log=$(mktemp)
 set +e
-bash "$HARNESS/run.sh" "$@" ${BENCH_TARGETS:-nginx} "$TARGET"
-rc=$?
+bash "$HARNESS/run.sh" "$@" ${BENCH_TARGETS:-nginx} "$TARGET" 2>&1 | grep -v '^WARNING: Location' | tee "$log"
+rc=${PIPESTATUS[0]}
 set -e
-latest=$(ls -1dt "$STATE"/results/*/ | head -1)
-after=$(ls -1d "$STATE"/results/*/ | wc -l)
-if [[ "$after" -le "$before" || ! -f "$latest/table.md" ]]; then
+# The harness prints where it wrote (its own folder, or a writable copy when that is read-only).
+latest=$(sed -n 's/^\[bench\] results -> //p' "$log" | tail -1)
+rm -f "$log"
+if [[ -z "$latest" || ! -f "$latest/table.md" ]]; then
   echo "bench/run.sh: the harness produced no results (exit $rc)" >&2
   exit 1
 fi
