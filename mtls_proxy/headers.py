@@ -199,37 +199,3 @@ def identity_block(
         lines.extend(f"{k}: {v}\r\n" for k, v in simple_headers(peer))
     xfcc = xfcc_element(peer, by) if peer is not None and "xfcc" in dialects else None
     return IdentityBlock("".join(lines).encode("ascii"), xfcc, mode)
-
-
-@dataclass(slots=True)
-class ResponseHeaders:
-    """A filtered upstream response header block."""
-
-    lines: list[bytes] = field(default_factory=list)
-    content_length: list[bytes] = field(default_factory=list)
-    transfer_encoding: list[bytes] = field(default_factory=list)
-    close: bool = False
-
-
-def split_response_headers(raw: list[tuple[bytes, bytes]]) -> ResponseHeaders:
-    """Drop hop-by-hop and Connection-nominated fields from an upstream response."""
-    out = ResponseHeaders()
-    nominated: set[bytes] = set()
-    kept: list[tuple[bytes, bytes]] = []
-    for name, value in raw:
-        lname = normalize_name(name)
-        if lname == b"content-length":
-            out.content_length.append(value)
-        elif lname == b"transfer-encoding":
-            out.transfer_encoding.append(value)
-        elif lname == b"connection":
-            for token in value.split(b","):
-                token = normalize_name(token.strip())
-                if token == b"close":
-                    out.close = True
-                elif token:
-                    nominated.add(token)
-        elif lname not in HOP_BY_HOP:
-            kept.append((lname, b"%s: %s\r\n" % (name, value)))
-    out.lines = [line for lname, line in kept if lname not in nominated]
-    return out

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import sys
-from typing import Final
+import time
+from typing import Final, TextIO
 
 _STD: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
@@ -42,3 +44,50 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class AccessLog:
+    """One record per request, written in batches: the access log is on the hot path.
+
+    Records are formatted like JsonFormatter's (or the text format) but skip the logging
+    machinery, and the lines produced in one event-loop iteration leave in one write.
+    """
+
+    def __init__(self, fmt: str = "json", stream: TextIO | None = None) -> None:
+        self._json = fmt == "json"
+        self._stream = stream or sys.stderr
+        self._lines: list[str] = []
+        self._second = -1
+        self._prefix = ""
+
+    def _time(self, now: float) -> str:
+        sec = int(now)
+        if sec != self._second:
+            self._second = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{int((now - sec) * 1000):03d}Z"
+
+    def record(self, fields: dict[str, object]) -> None:
+        """Queue one access record; it is written at the end of this loop iteration."""
+        ts = self._time(time.time())
+        if self._json:
+            body = json.dumps(fields, ensure_ascii=True, separators=(", ", ": "))
+            line = f'{{"time": "{ts}", "level": "info", "logger": "mtls_proxy.access", ' \
+                   f'"msg": "access", {body[1:]}\n'
+        else:
+            line = f"{ts} INFO mtls_proxy.access: " + " ".join(
+                f"{k}={v}" for k, v in fields.items()) + "\n"
+        if not self._lines:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._lines.append(line)
+
+    def flush(self) -> None:
+        """Write the queued records."""
+        if self._lines:
+            data = "".join(self._lines)
+            self._lines.clear()
+            try:
+                self._stream.write(data)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr gone (closed pipe): never let logging break the data plane

@@ -1,73 +1,44 @@
 """The data plane: one asyncio.Protocol per client connection.
 
-Request bytes are parsed by llhttp (httptools) in strict mode; the head is validated, authorized
-and re-serialized with the proxy's own framing and identity headers; bodies stream both ways with
-back-pressure. Identity and its header block are computed once per connection.
+Request bytes are parsed by llhttp (httptools) in strict mode; request.prepare() validates the head
+and builds the upstream's; the policy decides; bodies stream both ways with back-pressure. The
+identity and its header block are computed once per connection.
 
 Rules:
-1. Reject ambiguity at the edge and re-serialize everything (SECURITY.md §8): client framing
-   headers are never copied; an invalid request is answered and the connection closed, and no
-   byte of it reaches the upstream.
+1. Reject ambiguity at the edge and re-serialize everything (SECURITY.md §8): an invalid request
+   is answered and the connection closed, and no byte of it reaches the upstream.
 2. Requests on one connection are answered strictly in order; pipelined requests wait (bounded:
    reading pauses while one is queued).
 3. A response that cannot be completed closes the client connection; it never hangs.
+4. Timeouts are deadlines checked by the listener's sweeper (Shared.sweep), not one timer per
+   request: re-arming a timer per request costs more than the whole policy decision.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Final
 
 import httptools
 
-from mtls_proxy.errors import (
-    BadRequest,
-    ExpectationFailed,
-    HeaderTooLarge,
-    MethodNotAllowed,
-    NotImplementedCoding,
-    ProxyError,
-    RequestTimeout,
-    UpstreamTimeout,
-    VersionNotSupported,
-)
-from mtls_proxy.headers import IdentityBlock, ResponseHeaders, split_request_headers
+from mtls_proxy.errors import BadRequest, HeaderTooLarge, ProxyError, RequestTimeout, UpstreamTimeout
 from mtls_proxy.identity import PeerIdentity, identity_from_der
 from mtls_proxy.policy import Decision, decide
-from mtls_proxy.upstream import LENGTH, NONE, UpstreamConnection
+from mtls_proxy.request import prepare
+from mtls_proxy.response import ResponseHead, client_head, error_response
 
 if TYPE_CHECKING:
+    from mtls_proxy.headers import IdentityBlock
     from mtls_proxy.shared import Shared
+    from mtls_proxy.upstream import UpstreamConnection
 
-access_log = logging.getLogger("mtls_proxy.access")
 logger = logging.getLogger(__name__)
 
 _BUFFER_LIMIT: Final = 256 * 1024
-
-
-class NotImplementedUpgrade(NotImplementedCoding):
-    """An Upgrade request with a body: upgrades are never tunnelled."""
-
-    public_message = "protocol upgrades are not supported"
-
-
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_REASONS: Final = {
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    403: b"Forbidden",
-    405: b"Method Not Allowed",
-    408: b"Request Timeout",
-    417: b"Expectation Failed",
-    431: b"Request Header Fields Too Large",
-    501: b"Not Implemented",
-    502: b"Bad Gateway",
-    504: b"Gateway Timeout",
-    505: b"HTTP Version Not Supported",
-}
+_IDLE, _HEADER = 1, 2
 
 
 class _Stop(Exception):
@@ -80,30 +51,10 @@ class _Stop(Exception):
 class Exchange:
     """One request/response pair on a client connection."""
 
-    __slots__ = (
-        "body",
-        "body_done",
-        "buffered",
-        "chunked",
-        "client_chunked",
-        "close",
-        "decision",
-        "expect",
-        "has_body",
-        "head",
-        "http10",
-        "is_head",
-        "method",
-        "path",
-        "response_started",
-        "rule",
-        "sent",
-        "start",
-        "started",
-        "status",
-        "upstream",
-        "upstream_status",
-    )
+    __slots__ = ("body", "body_done", "buffered", "chunked", "client_chunked", "close", "decision",
+                 "expect", "has_body", "head", "http10", "is_head", "method", "path",
+                 "response_started", "rule", "sent", "start", "started", "status", "upstream",
+                 "upstream_status")
 
     def __init__(self, method: bytes, path: bytes, http10: bool) -> None:
         self.method, self.path, self.http10 = method, path, http10
@@ -111,29 +62,28 @@ class Exchange:
         self.head = b""
         self.body: list[bytes] = []
         self.buffered = 0
-        self.body_done = False
-        self.has_body = False
-        self.chunked = False
-        self.expect = False
+        self.body_done = self.has_body = self.chunked = self.expect = False
         self.close = http10
         self.upstream: UpstreamConnection | None = None
-        self.sent = False
-        self.started = False
-        self.response_started = False
-        self.client_chunked = False
-        self.status = 0
-        self.upstream_status = 0
+        self.sent = self.started = self.response_started = self.client_chunked = False
+        self.status = self.upstream_status = 0
         self.decision = "deny"
         self.rule: str | None = None
         self.start = time.monotonic()
+
+    def fail(self, err: ProxyError) -> None:
+        """Turn this exchange into a final error response (sent when it is first in line)."""
+        self.status = err.status
+        self.close = True
+        self.body = [error_response(err.status, err.error, err.public_message, self.is_head, True)]
 
 
 class ClientConnection(asyncio.Protocol):
     """A downstream mTLS connection (after the handshake)."""
 
-    def __init__(self, shared: Shared, on_close: asyncio.Semaphore) -> None:
+    def __init__(self, shared: Shared, slots: asyncio.Semaphore) -> None:
         self.shared = shared
-        self._slot = on_close
+        self._slots = slots
         self.transport: asyncio.Transport | None = None
         self.peer: PeerIdentity | None = None
         self.client_ip = b"-"
@@ -148,9 +98,10 @@ class ClientConnection(asyncio.Protocol):
         self._paused: set[str] = set()
         self._upstream_paused = False
         self._out: list[bytes] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._up_timer: asyncio.TimerHandle | None = None
         self._decision: tuple[object, Decision] | None = None
+        self.deadline = 0.0  # idle or header deadline (loop time); 0 = none
+        self._waiting = _IDLE
+        self.up_deadline = 0.0  # first upstream byte expected by then
         self.draining = False
         self.closed = False
 
@@ -167,12 +118,13 @@ class ClientConnection(asyncio.Protocol):
         self.block = shared.identity_block(self.peer)
         shared.connections.add(self)
         shared.metrics.connections_open.inc()
-        self._arm(shared.cfg.idle_timeout, self._on_idle_timeout)
+        self._wait(_IDLE)
+        if shared.draining:
+            self.drain()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Release everything the connection holds."""
         self.closed = True
-        self._cancel_timers()
         for ex in self._queue:
             if ex.upstream is not None:
                 ex.upstream.close()  # a response in flight can't be reused
@@ -180,28 +132,48 @@ class ClientConnection(asyncio.Protocol):
         self._queue.clear()
         self.shared.connections.discard(self)
         self.shared.metrics.connections_open.dec()
-        self._slot.release()
+        self._slots.release()
 
     def pause_writing(self) -> None:
         """The client reads slowly: stop reading the upstream."""
-        ex = self._queue[0] if self._queue else None
-        if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-            ex.upstream.transport.pause_reading()
+        conn = self._queue[0].upstream if self._queue else None
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
             self._upstream_paused = True
 
     def resume_writing(self) -> None:
         """The client caught up."""
         if self._upstream_paused:
             self._upstream_paused = False
-            ex = self._queue[0] if self._queue else None
-            if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
-                ex.upstream.transport.resume_reading()
+            conn = self._queue[0].upstream if self._queue else None
+            if conn is not None and conn.transport is not None:
+                conn.transport.resume_reading()
 
     def drain(self) -> None:
         """Shutdown: close now if idle, else after the response in flight."""
         self.draining = True
         if not self._queue and not self._in_head and self.transport is not None:
             self.transport.close()
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the sweeper: enforce the idle, header and upstream timeouts."""
+        if self.up_deadline and now >= self.up_deadline:
+            self.up_deadline = 0.0
+            self._on_upstream_timeout()
+        if self.deadline and now >= self.deadline:
+            self.deadline = 0.0
+            if self._queue or self.transport is None:
+                return
+            if self._waiting == _HEADER and self._in_head:
+                self._reject(RequestTimeout())
+            else:
+                self.transport.close()
+
+    def _wait(self, what: int) -> None:
+        cfg = self.shared.cfg
+        self._waiting = what
+        self.deadline = self.shared.clock() + (cfg.idle_timeout if what == _IDLE else
+                                               cfg.header_timeout)
 
     # -- reading ---------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -211,7 +183,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            # Upgrades are not tunnelled: the request went upstream as a plain request (Upgrade
+            # Upgrades are never tunnelled: the request went upstream as a plain one (Upgrade
             # stripped); the bytes after it are parsed as HTTP by a fresh parser (SMG-058).
             self._parser = httptools.HttpRequestParser(self)
             rest = data[exc.args[0] :]
@@ -220,9 +192,9 @@ class ClientConnection(asyncio.Protocol):
             return
         except httptools.HttpParserCallbackError as exc:
             ctx = exc.__context__
-            self._reject(ctx.error if isinstance(ctx, _Stop) else BadRequest())
             if not isinstance(ctx, _Stop):
-                logger.exception("parser callback failed")
+                logger.error("parser callback failed", exc_info=ctx)
+            self._reject(ctx.error if isinstance(ctx, _Stop) else BadRequest())
             return
         except httptools.HttpParserError:
             self._reject(BadRequest())
@@ -236,7 +208,7 @@ class ClientConnection(asyncio.Protocol):
         """A new request starts: the header timeout replaces the idle timeout."""
         self._url, self._raw, self._in_head, self._head_bytes = b"", [], True, 0
         if not self._queue:
-            self._arm(self.shared.cfg.header_timeout, self._on_header_timeout)
+            self._wait(_HEADER)
 
     def on_url(self, url: bytes) -> None:
         """Collect the request target."""
@@ -254,11 +226,26 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         """Validate and queue the request; start it when it is first in line."""
         self._in_head = False
-        ex = self._build()
+        p = self._parser
+        method = p.get_method()
+        ex = Exchange(method, self._url, False)
+        block = self.block
+        assert block is not None  # noqa: S101 -- set in connection_made, before any data
+        try:
+            req = prepare(method, self._url, p.get_http_version(), self._raw,
+                          upgrade=p.should_upgrade(), client_ip=self.client_ip, block=block,
+                          default_host=self.shared.upstream_host)
+        except ProxyError as err:
+            ex.fail(err)
+        else:
+            ex.path, ex.head, ex.chunked = req.path, req.head, req.chunked
+            ex.has_body, ex.expect = req.has_body, req.expect
+            ex.http10 = p.get_http_version() == "1.0"
+            ex.close = not p.should_keep_alive()
         self._queue.append(ex)
         self._last = ex
         if len(self._queue) == 1:
-            self._cancel_timer()
+            self.deadline = 0.0
             self._start(ex)
 
     def on_body(self, body: bytes) -> None:
@@ -289,96 +276,6 @@ class ClientConnection(asyncio.Protocol):
         if len(self._queue) > 1 and self._queue[-1] is ex:
             self._pause("queue")  # pipelined: wait until the earlier response is done (rule 2)
 
-    # -- request validation ----------------------------------------------------------------
-    def _build(self) -> Exchange:
-        p = self._parser
-        version = p.get_http_version()
-        method = p.get_method()
-        ex = Exchange(method, self._url, version == "1.0")
-        rh = split_request_headers(self._raw)
-        try:
-            if version not in ("1.0", "1.1"):
-                raise _Stop(VersionNotSupported())
-            if method == b"CONNECT":
-                raise _Stop(MethodNotAllowed())
-            target = self._url
-            if target[:1] != b"/":
-                if target == b"*" and method == b"OPTIONS":
-                    pass
-                elif target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
-                    # Absolute-form: forward origin-form only; the scheme is never trusted.
-                    slash = target.find(b"/", target.find(b"//") + 2)
-                    target = target[slash:] if slash > 0 else b"/"
-                else:
-                    raise _Stop(BadRequest())
-            hash_at = target.find(b"#")
-            if hash_at >= 0:
-                target = target[:hash_at]  # a fragment is not part of the request-target
-            ex.path = target
-            if len(rh.hosts) > 1 or (not rh.hosts and not ex.http10):
-                raise _Stop(BadRequest())
-            host = rh.hosts[0] if rh.hosts else self.shared.upstream_host
-            if not host or b"," in host or b" " in host or b"\t" in host:
-                raise _Stop(BadRequest())
-            framing = b""
-            if rh.transfer_encoding:
-                if ex.http10:
-                    raise _Stop(BadRequest())  # RFC 9112 §6.1: faulty framing in HTTP/1.0
-                if b",".join(rh.transfer_encoding).strip(b" \t").lower() != b"chunked":
-                    raise _Stop(NotImplementedCoding())
-                ex.chunked = ex.has_body = True
-                framing = b"Transfer-Encoding: chunked\r\n"
-            elif rh.content_length is not None:
-                length = int(rh.content_length)
-                ex.has_body = length > 0
-                framing = b"Content-Length: %d\r\n" % length
-            if rh.expect:
-                if b",".join(rh.expect).strip().lower() != b"100-continue":
-                    raise _Stop(ExpectationFailed())
-                ex.expect = not ex.http10
-        except _Stop as stop:
-            ex.status = stop.error.status
-            ex.head = b""
-            ex.decision = "deny"
-            self._error_for(ex, stop.error)
-            return ex
-        if not p.should_keep_alive():
-            ex.close = True
-        if p.should_upgrade() and ex.has_body:
-            # llhttp hands everything after an upgrade request's head to the new protocol, so
-            # its body can't be framed; upgrades without a body are forwarded as plain requests.
-            ex.status = NotImplementedUpgrade.status
-            self._error_for(ex, NotImplementedUpgrade())
-            return ex
-        block = self.block
-        assert block is not None  # noqa: S101 -- set in connection_made before any data
-        ex.head = b"".join(
-            (
-                ex.method,
-                b" ",
-                target,
-                b" HTTP/1.1\r\nHost: ",
-                host,
-                b"\r\n",
-                rh.forwarded_lines(),
-                b"X-Forwarded-For: ",
-                self.client_ip,
-                b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ",
-                host,
-                b"\r\n",
-                block.lines,
-                block.xfcc_line(rh.xfcc),
-                framing,
-                b"\r\n",
-            )
-        )
-        return ex
-
-    def _error_for(self, ex: Exchange, err: ProxyError) -> None:
-        # Stored on the exchange; sent when it is first in line (responses stay in order).
-        ex.body = [self._error_bytes(err.status, err.error, err.public_message, ex.is_head, True)]
-        ex.close = True
-
     # -- dispatch --------------------------------------------------------------------------
     def _decide(self, ex: Exchange) -> Decision:
         policy = self.shared.policy
@@ -404,19 +301,14 @@ class ClientConnection(asyncio.Protocol):
         ex.decision, ex.rule = d.kind, d.rule
         if not d.allowed:
             if d.kind == "deny":
-                logger.info(
-                    "request denied",
-                    extra={
-                        "peer": self.peer.subject if self.peer else None,
-                        "reason": d.reason,
-                        "path": ex.path.decode("latin-1"),
-                    },
-                )
+                logger.info("request denied", extra={
+                    "peer": self.peer.subject if self.peer else None, "reason": d.reason,
+                    "path": ex.path.decode("latin-1")})
             # A body we will not read makes the connection unusable: close after answering.
             ex.close = ex.close or (ex.has_body and not ex.body_done)
             ex.status = d.status
             error = "forbidden" if d.status == 403 else "unauthorized"
-            self._out.append(self._error_bytes(d.status, error, d.reason, ex.is_head, ex.close))
+            self._out.append(error_response(d.status, error, d.reason, ex.is_head, ex.close))
             self._finish(ex)
             return
         if ex.expect and not ex.body_done:
@@ -454,47 +346,21 @@ class ClientConnection(asyncio.Protocol):
         ex.sent = True
         self._resume("buffer")
         self.flush()
-        self._up_timer = asyncio.get_running_loop().call_later(
-            self.shared.cfg.upstream_timeout, self._on_upstream_timeout, ex
-        )
+        self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
 
-    # -- upstream events (ResponseSink) ----------------------------------------------------
+    # -- upstream events (the ResponseSink of upstream.py) ---------------------------------
     def upstream_first_byte(self) -> None:
         """The upstream answered in time."""
-        if self._up_timer is not None:
-            self._up_timer.cancel()
-            self._up_timer = None
+        self.up_deadline = 0.0
 
-    def on_response_head(
-        self, status: int, reason: bytes, headers: ResponseHeaders, mode: int, length: int
-    ) -> None:
-        """Write the re-framed response head."""
+    def on_response_head(self, head: ResponseHead, mode: int, length: int) -> None:
+        """Queue the re-framed response head."""
         ex = self._queue[0]
-        ex.status = ex.upstream_status = status
+        ex.status = ex.upstream_status = head.status
         ex.response_started = True
-        if self.draining:
-            ex.close = True
-        if mode == NONE:
-            # HEAD and 304 keep the upstream's Content-Length (it describes the GET body).
-            framing = (
-                b"Content-Length: %s\r\n" % headers.content_length[0]
-                if headers.content_length and status != 204 and status >= 200
-                else b""
-            )
-        elif mode == LENGTH:
-            framing = b"Content-Length: %d\r\n" % length
-        elif ex.http10:
-            framing, ex.close = b"", True  # close-delimited for HTTP/1.0 clients
-        else:
-            framing, ex.client_chunked = b"Transfer-Encoding: chunked\r\n", True
-        if ex.close:
-            conn = b"Connection: close\r\n"
-        else:
-            conn = b"Connection: keep-alive\r\n" if ex.http10 else b""
-        self._out.append(
-            b"HTTP/1.1 %d %s\r\n%s%s%s\r\n"
-            % (status, reason, b"".join(headers.lines), framing, conn)
-        )
+        data, ex.client_chunked, ex.close = client_head(head, mode, length, ex.http10,
+                                                        ex.close or self.draining)
+        self._out.append(data)
 
     def on_response_body(self, data: bytes) -> None:
         """Queue a body piece for the client."""
@@ -535,26 +401,28 @@ class ClientConnection(asyncio.Protocol):
         if conn.reused and kind == "reset" and not ex.has_body:
             # A pooled connection the upstream closed as we reused it: retry once, fresh.
             ex.sent = False
-            conn.reused = False
-            self._cancel_up_timer()
+            self.up_deadline = 0.0
             asyncio.get_running_loop().create_task(self._connect(ex))
             return
         self._upstream_failed(ex, exc, kind)
 
     def _upstream_failed(self, ex: Exchange, exc: ProxyError, kind: str) -> None:
         self.shared.metrics.upstream_errors.labels(kind=kind).inc()
-        logger.warning(
-            "upstream %s: %s",
-            kind,
-            exc.public_message,
-            extra={"upstream": self.shared.cfg.upstream.url},
-        )
+        logger.warning("upstream %s: %s", kind, exc.public_message,
+                       extra={"upstream": self.shared.cfg.upstream.url})
         ex.status = exc.status
         ex.close = ex.close or not ex.body_done
-        self._out.append(
-            self._error_bytes(exc.status, exc.error, exc.public_message, ex.is_head, ex.close)
-        )
+        self._out.append(error_response(exc.status, exc.error, exc.public_message, ex.is_head,
+                                        ex.close))
         self._finish(ex)
+
+    def _on_upstream_timeout(self) -> None:
+        ex = self._queue[0] if self._queue else None
+        if ex is None or ex.upstream is None or ex.response_started:
+            return
+        conn, ex.upstream = ex.upstream, None
+        conn.close()
+        self._upstream_failed(ex, UpstreamTimeout(), "timeout")
 
     def flush(self) -> None:
         """Write what the upstream side produced, in one TLS write."""
@@ -572,28 +440,22 @@ class ClientConnection(asyncio.Protocol):
 
     # -- completion ------------------------------------------------------------------------
     def _finish(self, ex: Exchange, aborted: bool = False) -> None:
-        self._cancel_up_timer()
+        self.up_deadline = 0.0
         self.flush()
         shared = self.shared
         shared.metrics.request(ex.decision, ex.status)
         duration = time.monotonic() - ex.start
         shared.metrics.observe(duration)
-        if shared.cfg.access_log:
-            access_log.info(
-                "access",
-                extra={
-                    "peer": self.peer.subject if self.peer else None,
-                    "client": self.client_ip.decode(),
-                    "method": ex.method.decode("latin-1"),
-                    "path": ex.path.split(b"?", 1)[0].decode("latin-1"),
-                    "status": ex.status,
-                    "upstream_status": ex.upstream_status or None,
-                    "decision": ex.decision,
-                    "rule": ex.rule,
-                    "duration_ms": round(duration * 1000, 3),
-                    **({"aborted": True} if aborted else {}),
-                },
-            )
+        if shared.access_log is not None:
+            record: dict[str, object] = {
+                "peer": self.peer.subject if self.peer else None,
+                "client": self.client_ip.decode(), "method": ex.method.decode("latin-1"),
+                "path": ex.path.split(b"?", 1)[0].decode("latin-1"), "status": ex.status,
+                "upstream_status": ex.upstream_status or None, "decision": ex.decision,
+                "rule": ex.rule, "duration_ms": round(duration * 1000, 3)}
+            if aborted:
+                record["aborted"] = True
+            shared.access_log.record(record)
         if self._queue and self._queue[0] is ex:
             self._queue.pop(0)
         t = self.transport
@@ -606,21 +468,18 @@ class ClientConnection(asyncio.Protocol):
         if self._queue:
             # Next pipelined request: from the loop, not recursively (thousands may be queued).
             asyncio.get_running_loop().call_soon(self._start_next)
-        elif self._in_head:
-            self._arm(shared.cfg.header_timeout, self._on_header_timeout)
         else:
-            self._arm(shared.cfg.idle_timeout, self._on_idle_timeout)
+            self._wait(_HEADER if self._in_head else _IDLE)
 
     def _reject(self, err: ProxyError) -> None:
-        """A request that cannot even be queued: answer it after what is in flight, then close."""
+        """A request that cannot be parsed: answer in order, then close (rule 1)."""
         self._in_head = False
         last = self._last
         if last is not None and not last.body_done and not last.status and last in self._queue:
-            # The body of an accepted request is malformed: abort that exchange (rule 1).
+            # The body of an accepted request is malformed: abort that exchange.
             last.body_done = True
             if last is not self._queue[0]:
-                last.status = err.status
-                self._error_for(last, err)
+                last.fail(err)
                 self._pause("error")
                 return
             if last.upstream is not None:
@@ -630,44 +489,25 @@ class ClientConnection(asyncio.Protocol):
             if last.response_started:
                 self._finish(last, aborted=True)
                 return
-            last.status = err.status
-            self._out.append(
-                self._error_bytes(err.status, err.error, err.public_message, last.is_head, True)
-            )
+            last.fail(err)
+            self._out.extend(last.body)
             self._finish(last)
             return
         if self._queue:
             ex = Exchange(b"-", self._url or b"-", False)
-            ex.status, ex.body_done = err.status, True
-            self._error_for(ex, err)
+            ex.body_done = True
+            ex.fail(err)
             self._queue.append(ex)
             self._pause("error")
             return
-        logger.info(
-            "bad request: %s", err.public_message, extra={"client": self.client_ip.decode()}
-        )
+        logger.info("bad request: %s", err.public_message, extra={"client": self.client_ip.decode()})
         self.shared.metrics.request("deny", err.status)
         if self.transport is not None:
-            self.transport.write(
-                self._error_bytes(err.status, err.error, err.public_message, False, True)
-            )
+            self.transport.write(error_response(err.status, err.error, err.public_message, False,
+                                                True))
             self.transport.close()
 
-    @staticmethod
-    def _error_bytes(status: int, error: str, reason: str, is_head: bool, close: bool) -> bytes:
-        body = json.dumps({"error": error, "reason": reason}).encode()
-        return (
-            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
-            % (
-                status,
-                _REASONS.get(status, b"Error"),
-                len(body),
-                b"Connection: close\r\n" if close else b"",
-                b"" if is_head else body,
-            )
-        )
-
-    # -- flow control and timers -----------------------------------------------------------
+    # -- flow control ----------------------------------------------------------------------
     def _pause(self, reason: str) -> None:
         if not self._paused and self.transport is not None:
             self.transport.pause_reading()
@@ -678,41 +518,3 @@ class ClientConnection(asyncio.Protocol):
             self._paused.discard(reason)
             if not self._paused and self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
-
-    def _arm(self, delay: float, callback: object) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)  # type: ignore[arg-type]  # a bound method
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _cancel_up_timer(self) -> None:
-        if self._up_timer is not None:
-            self._up_timer.cancel()
-            self._up_timer = None
-
-    def _cancel_timers(self) -> None:
-        self._cancel_timer()
-        self._cancel_up_timer()
-
-    def _on_idle_timeout(self) -> None:
-        if not self._queue and self.transport is not None:
-            self.transport.close()
-
-    def _on_header_timeout(self) -> None:
-        if self._in_head and not self._queue:
-            self._reject(RequestTimeout())
-        elif not self._queue and self.transport is not None:
-            self.transport.close()
-
-    def _on_upstream_timeout(self, ex: Exchange) -> None:
-        self._up_timer = None
-        conn = ex.upstream
-        if conn is None or ex.response_started or not self._queue or self._queue[0] is not ex:
-            return
-        ex.upstream = None
-        conn.close()
-        self._upstream_failed(ex, UpstreamTimeout(), "timeout")

@@ -9,12 +9,13 @@ import signal
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
 from mtls_proxy import __version__
 from mtls_proxy.admin import admin_app
+from mtls_proxy.logs import AccessLog
 from mtls_proxy.metrics import Metrics
 from mtls_proxy.proxy import ClientConnection
 from mtls_proxy.shared import Shared
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from mtls_proxy.config import Address, Config
 
 logger = logging.getLogger(__name__)
+SWEEP_INTERVAL: Final = 0.25
 
 
 def bind(addr: Address, backlog: int = 1024) -> socket.socket:
@@ -58,7 +60,10 @@ class ProxyServer:
             cfg.upstream_timeout,
             ssl_context=upstream_context() if cfg.upstream.scheme == "https" else None,
         )
-        self.shared = Shared(cfg, self.metrics, pool, material.server_uri)
+        loop = asyncio.get_running_loop()
+        access = AccessLog(cfg.log_format) if cfg.access_log else None
+        self.shared = Shared(cfg, self.metrics, pool, material.server_uri, loop.time, access)
+        self._sweeper: asyncio.TimerHandle | None = None
         self.last_reload: dict[str, object] | None = None
         self.listening = False
         self.sock: socket.socket | None = None
@@ -100,6 +105,7 @@ class ProxyServer:
         self.sock = bind(self.cfg.listen)
         self.listening = True
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._sweep()
         self.started.set()
         host, port = self.address
         logger.info(
@@ -112,6 +118,11 @@ class ProxyServer:
                 "server_cert_sha256": self.material.server_sha256,
             },
         )
+
+    def _sweep(self) -> None:
+        # Timeouts are deadlines checked here, 4 times a second (see proxy.py rule 4).
+        self.shared.sweep()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -205,6 +216,10 @@ class ProxyServer:
         for task in list(self._handshakes):
             task.cancel()
         shared.pool.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if shared.access_log is not None:
+            shared.access_log.flush()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         logger.info("stopped")

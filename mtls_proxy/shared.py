@@ -8,8 +8,11 @@ from typing import TYPE_CHECKING
 from mtls_proxy.headers import IdentityBlock, identity_block
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mtls_proxy.config import Config
     from mtls_proxy.identity import PeerIdentity
+    from mtls_proxy.logs import AccessLog
     from mtls_proxy.metrics import Metrics
     from mtls_proxy.policy import Policy
     from mtls_proxy.proxy import ClientConnection
@@ -19,8 +22,11 @@ if TYPE_CHECKING:
 class Shared:
     """What connections read on the hot path; `policy` is swapped whole on reload."""
 
-    def __init__(self, cfg: Config, metrics: Metrics, pool: UpstreamPool, by: str | None) -> None:
+    def __init__(self, cfg: Config, metrics: Metrics, pool: UpstreamPool, by: str | None,
+                 clock: Callable[[], float], access_log: AccessLog | None) -> None:
         self.cfg = cfg
+        self.clock = clock  # the event loop's time(): deadlines are compared against it
+        self.access_log = access_log
         self.policy: Policy = cfg.policy
         self.metrics = metrics
         self.pool = pool
@@ -36,3 +42,10 @@ class Shared:
             return identity_block(peer, dialects, mode, by)
 
         self.identity_block = _block
+
+    def sweep(self) -> None:
+        """Enforce every connection's deadlines (idle, header, upstream first byte)."""
+        now = self.clock()
+        for conn in list(self.connections):
+            if conn.deadline or conn.up_deadline:
+                conn.check_deadlines(now)

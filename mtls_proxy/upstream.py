@@ -18,23 +18,22 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from mtls_proxy.config import Upstream
 from mtls_proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from mtls_proxy.headers import ResponseHeaders, split_response_headers
+from mtls_proxy.response import (
+    CHUNKED,
+    LENGTH,
+    NONE,
+    MalformedResponse,
+    ResponseHead,
+    body_mode,
+    parse_head,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 MAX_RESPONSE_HEAD: Final = 65536
 _MAX_LINE: Final = 8192
-_STATUS: Final = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
-_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_SIZE: Final = re.compile(rb"([0-9A-Fa-f]{1,15})(;[^\x00-\x08\x0a-\x1f\x7f]*)?")
-
-# Body modes.
-NONE: Final = 0
-LENGTH: Final = 1
-CHUNKED: Final = 2
-UNTIL_CLOSE: Final = 3
 # Parser states.
 _HEAD, _CL, _SIZE, _DATA, _CRLF, _TRAILER, _CLOSE, _DONE = range(8)
 
@@ -42,60 +41,13 @@ _HEAD, _CL, _SIZE, _DATA, _CRLF, _TRAILER, _CLOSE, _DONE = range(8)
 class ResponseSink(Protocol):
     """What the client side implements to receive one upstream response."""
 
-    def on_response_head(
-        self, status: int, reason: bytes, headers: ResponseHeaders, mode: int, length: int
-    ) -> None: ...
+    def on_response_head(self, head: ResponseHead, mode: int, length: int) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self, conn: UpstreamConnection, reusable: bool) -> None: ...
     def on_upstream_error(self, conn: UpstreamConnection, exc: ProxyError, kind: str) -> None: ...
     def flush(self) -> None: ...
     def upstream_first_byte(self) -> None: ...
     def pause_client_reading(self, paused: bool) -> None: ...
-
-
-class _Malformed(Exception):
-    """The upstream broke HTTP/1.1 framing or syntax."""
-
-
-def parse_head(head: bytes) -> tuple[int, bytes, bool, list[tuple[bytes, bytes]]]:
-    """Parse a response head (without the final CRLFCRLF): status, reason, is-1.0, headers."""
-    lines = head.split(b"\r\n")
-    m = _STATUS.fullmatch(lines[0])
-    if m is None:
-        raise _Malformed("invalid status line")
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines[1:]:
-        colon = line.find(b":")
-        name = line[:colon]
-        if colon <= 0 or len(line) > _MAX_LINE or _TOKEN.fullmatch(name) is None:
-            raise _Malformed("invalid header line")
-        value = line[colon + 1 :].strip(b" \t")
-        if _BAD_VALUE.search(value):
-            raise _Malformed("control character in a header value")
-        headers.append((name, value))
-    return int(m.group(2)), m.group(3) or b"", m.group(1) == b"0", headers
-
-
-def body_mode(status: int, is_head: bool, h: ResponseHeaders) -> tuple[int, int]:
-    """Decide the response body framing (RFC 9112 §6.3); raise _Malformed when ambiguous."""
-    if is_head or status in (204, 304):
-        return NONE, 0
-    if h.transfer_encoding:
-        if h.content_length:
-            raise _Malformed("both Content-Length and Transfer-Encoding")
-        codings = [c.strip().lower() for v in h.transfer_encoding for c in v.split(b",")]
-        if codings != [b"chunked"]:
-            raise _Malformed("unsupported transfer-encoding")
-        return CHUNKED, 0
-    if h.content_length:
-        values = {v.strip() for cl in h.content_length for v in cl.split(b",")}
-        if len(values) != 1:
-            raise _Malformed("conflicting Content-Length")
-        value = values.pop()
-        if not value.isdigit() or len(value) > 18:
-            raise _Malformed("invalid Content-Length")
-        return LENGTH, int(value)
-    return UNTIL_CLOSE, 0
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -149,7 +101,7 @@ class UpstreamConnection(asyncio.Protocol):
             sink.upstream_first_byte()
         try:
             self._feed(data, sink)
-        except _Malformed:
+        except MalformedResponse:
             self._fail(UpstreamUnavailable(), "protocol")
         sink.flush()
 
@@ -209,19 +161,18 @@ class UpstreamConnection(asyncio.Protocol):
                 end = data.find(b"\r\n\r\n")
                 if end < 0:
                     if len(data) > MAX_RESPONSE_HEAD:
-                        raise _Malformed("response head too large")
+                        raise MalformedResponse("response head too large")
                     self._buf = data
                     return
-                status, reason, http10, raw = parse_head(data[:end])
+                head = parse_head(data[:end])
                 data = data[end + 4 :]
-                if status < 200:
-                    if status == 101:
-                        raise _Malformed("101 without an upgrade request")
+                if head.status < 200:
+                    if head.status == 101:
+                        raise MalformedResponse("101 without an upgrade request")
                     continue  # interim responses are not relayed (we sent no Expect)
-                headers = split_response_headers(raw)
-                self._http10, self._close_after = http10, headers.close
-                mode, length = body_mode(status, self._is_head, headers)
-                sink.on_response_head(status, reason, headers, mode, length)
+                self._http10, self._close_after = head.http10, head.close
+                mode, length = body_mode(head, self._is_head)
+                sink.on_response_head(head, mode, length)
                 if mode == NONE or (mode == LENGTH and length == 0):
                     self._finish(sink, not data)
                     return
@@ -247,14 +198,14 @@ class UpstreamConnection(asyncio.Protocol):
                     self._buf = data
                     return
                 if data[:2] != b"\r\n":
-                    raise _Malformed("chunk data not followed by CRLF")
+                    raise MalformedResponse("chunk data not followed by CRLF")
                 data = data[2:]
                 self._state = _SIZE
             elif state in (_SIZE, _TRAILER):
                 end = data.find(b"\r\n")
                 if end < 0:
                     if len(data) > _MAX_LINE:
-                        raise _Malformed("chunk line too long")
+                        raise MalformedResponse("chunk line too long")
                     self._buf = data
                     return
                 line, data = data[:end], data[end + 2 :]
@@ -265,7 +216,7 @@ class UpstreamConnection(asyncio.Protocol):
                     continue
                 m = _CHUNK_SIZE.fullmatch(line)
                 if m is None:
-                    raise _Malformed("invalid chunk size line")
+                    raise MalformedResponse("invalid chunk size line")
                 size = int(m.group(1), 16)
                 self._state, self._remaining = (_TRAILER, 0) if size == 0 else (_DATA, size)
             else:  # _DONE: a complete response was followed by more bytes

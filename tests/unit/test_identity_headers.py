@@ -23,7 +23,6 @@ from mtls_proxy.headers import (
     normalize_name,
     simple_headers,
     split_request_headers,
-    split_response_headers,
     xfcc_element,
 )
 from mtls_proxy.identity import PeerIdentity, escape_value, identity_from_der, rfc2253
@@ -260,23 +259,6 @@ def test_identity_block_for_anonymous_has_no_xfcc() -> None:
     assert block.lines == b"X-Client-Verified: NONE\r\n"
     assert identity_block(PEER, ("simple",), "sanitize_set", None).xfcc is None
     assert identity_block(PEER, ("xfcc",), "sanitize_set", None).lines == b""
-
-
-def test_split_response_headers() -> None:
-    rh = split_response_headers(
-        [
-            (b"Connection", b"X-Foo, , close"),
-            (b"X-Foo", b"1"),
-            (b"Keep-Alive", b"timeout=1"),
-            (b"Transfer-Encoding", b"chunked"),
-            (b"Content-Length", b"3"),
-            (b"X-Ok", b"y"),
-            (b"Proxy-Connection", b"x"),
-        ]
-    )
-    assert rh.lines == [b"X-Ok: y\r\n"]
-    assert rh.close is True and rh.content_length == [b"3"]
-    assert rh.transfer_encoding == [b"chunked"]
 
 
 def test_purity_of_the_core() -> None:

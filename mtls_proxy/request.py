@@ -1,0 +1,101 @@
+"""PURE. Validate a parsed request head and serialize the one the upstream gets.
+
+Rules:
+1. Reject ambiguity at the edge (SECURITY.md §8): only HTTP/1.0 and 1.1; exactly one valid Host
+   on HTTP/1.1; ``Transfer-Encoding`` must be exactly ``chunked`` (and never on HTTP/1.0);
+   ``Expect`` only ``100-continue``; no CONNECT; origin-form, ``*`` for OPTIONS, or absolute-form
+   (reduced to origin-form, its scheme never trusted).
+2. Re-serialize, never splice: the upstream head is built from validated parts, with the proxy's
+   own framing, forwarding headers and the connection's identity block appended last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mtls_proxy.errors import (
+    BadRequest,
+    ExpectationFailed,
+    MethodNotAllowed,
+    NotImplementedCoding,
+    VersionNotSupported,
+)
+from mtls_proxy.headers import IdentityBlock, split_request_headers
+
+
+class UpgradeWithBody(NotImplementedCoding):
+    """An Upgrade request with a body: upgrades are never tunnelled."""
+
+    public_message = "protocol upgrades are not supported"
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated request: what the proxy needs to route it, and the upstream head."""
+
+    path: bytes
+    head: bytes
+    chunked: bool = False
+    has_body: bool = False
+    expect: bool = False
+
+
+def origin_form(method: bytes, url: bytes) -> bytes:
+    """The request-target to forward (rule 1); raise BadRequest for other forms."""
+    target = url
+    if target[:1] != b"/":
+        if target == b"*" and method == b"OPTIONS":
+            return target
+        lower = target[:8].lower()
+        if not (lower.startswith((b"http://", b"https://"))):
+            raise BadRequest
+        slash = target.find(b"/", target.find(b"//") + 2)
+        target = target[slash:] if slash > 0 else b"/"
+    hash_at = target.find(b"#")
+    return target[:hash_at] if hash_at >= 0 else target  # a fragment is not part of the target
+
+
+def prepare(  # noqa: PLR0913 -- the parser's outputs plus the connection's facts, all needed
+    method: bytes, url: bytes, version: str, raw: list[tuple[bytes, bytes]], *, upgrade: bool,
+    client_ip: bytes, block: IdentityBlock, default_host: bytes,
+) -> Prepared:
+    """Validate one request head and build the upstream head; raise a ProxyError to refuse."""
+    if version not in ("1.0", "1.1"):
+        raise VersionNotSupported
+    if method == b"CONNECT":
+        raise MethodNotAllowed
+    http10 = version == "1.0"
+    target = origin_form(method, url)
+    rh = split_request_headers(raw)
+    if len(rh.hosts) > 1 or (not rh.hosts and not http10):
+        raise BadRequest
+    host = rh.hosts[0] if rh.hosts else default_host
+    if not host or b"," in host or b" " in host or b"\t" in host:
+        raise BadRequest
+    out = Prepared(target, b"")
+    framing = b""
+    if rh.transfer_encoding:
+        if http10:
+            raise BadRequest  # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
+        if b",".join(rh.transfer_encoding).strip(b" \t").lower() != b"chunked":
+            raise NotImplementedCoding
+        out.chunked = out.has_body = True
+        framing = b"Transfer-Encoding: chunked\r\n"
+    elif rh.content_length is not None:
+        length = int(rh.content_length)  # llhttp has validated the digits and duplicates
+        out.has_body = length > 0
+        framing = b"Content-Length: %d\r\n" % length
+    if rh.expect:
+        if b",".join(rh.expect).strip(b" \t").lower() != b"100-continue":
+            raise ExpectationFailed
+        out.expect = not http10
+    if upgrade and out.has_body:
+        # llhttp hands everything after an upgrade request's head to the new protocol, so its
+        # body can't be framed; upgrades without a body go upstream as plain requests.
+        raise UpgradeWithBody
+    out.head = b"".join((
+        method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n", rh.forwarded_lines(),
+        b"X-Forwarded-For: ", client_ip, b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ",
+        host, b"\r\n", block.lines, block.xfcc_line(rh.xfcc), framing, b"\r\n",
+    ))
+    return out
