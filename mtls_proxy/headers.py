@@ -92,10 +92,18 @@ class RequestHeaders:
         return b"".join(b"%s: %s\r\n" % (name, value) for _, name, value in self.kept)
 
 
+NAME_CACHE: dict[bytes, bytes] = {}
+NAME_CACHE_MAX: Final = 4096
+
+
 def normalize_name(name: bytes) -> bytes:
-    """Lower case with '_' mapped to '-' (rule 2)."""
-    lname = name.lower()
-    return lname.replace(b"_", b"-") if b"_" in lname else lname
+    """Lower case with '_' mapped to '-' (rule 2); memoised, as the same few names recur."""
+    lname = NAME_CACHE.get(name)
+    if lname is None:
+        lname = name.lower().replace(b"_", b"-")
+        if len(NAME_CACHE) < NAME_CACHE_MAX:  # bounded: a client can't grow it without limit
+            NAME_CACHE[name] = lname
+    return lname
 
 
 def split_request_headers(raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
@@ -103,8 +111,9 @@ def split_request_headers(raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
     out = RequestHeaders()
     nominated: set[bytes] = set()
     kept = out.kept
+    names = NAME_CACHE
     for name, value in raw:
-        lname = normalize_name(name)
+        lname = names.get(name) or normalize_name(name)
         if lname not in _REQUEST_DROP:
             kept.append((lname, name, value))
         elif lname == b"host":

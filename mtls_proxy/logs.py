@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from json.encoder import encode_basestring_ascii  # the C-accelerated string encoder
 from typing import Final, TextIO
 
 _STD: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
@@ -46,6 +47,19 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
+_ABORTED: Final = ', "aborted": true'
+
+
+def _json_value(v: object) -> str:
+    if isinstance(v, str):
+        return encode_basestring_ascii(v)
+    if v is None:
+        return "null"
+    if v is True or v is False:
+        return "true" if v else "false"
+    return str(v) if isinstance(v, int | float) else encode_basestring_ascii(str(v))
+
+
 class AccessLog:
     """One record per request, written in batches: the access log is on the hot path.
 
@@ -71,12 +85,58 @@ class AccessLog:
         """Queue one access record; it is written at the end of this loop iteration."""
         ts = self._time(time.time())
         if self._json:
-            body = json.dumps(fields, ensure_ascii=True, separators=(", ", ": "))
-            line = f'{{"time": "{ts}", "level": "info", "logger": "mtls_proxy.access", ' \
-                   f'"msg": "access", {body[1:]}\n'
+            # The keys are fixed and the values are str/int/float/bool/None: encoding them
+            # directly is several times cheaper than json.dumps on the dict.
+            body = ", ".join(f'"{k}": {_json_value(v)}' for k, v in fields.items())
+            line = (
+                f'{{"time": "{ts}", "level": "info", "logger": "mtls_proxy.access", '
+                f'"msg": "access", {body}}}\n'
+            )
         else:
-            line = f"{ts} INFO mtls_proxy.access: " + " ".join(
-                f"{k}={v}" for k, v in fields.items()) + "\n"
+            line = (
+                f"{ts} INFO mtls_proxy.access: "
+                + " ".join(f"{k}={v}" for k, v in fields.items())
+                + "\n"
+            )
+        if not self._lines:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._lines.append(line)
+
+    def connection_fields(self, peer: str | None, client: str) -> str:
+        """The part of every record that is fixed for one connection, encoded once."""
+        if self._json:
+            return f'"peer": {_json_value(peer)}, "client": {_json_value(client)}'
+        return f"peer={peer} client={client}"
+
+    def request(
+        self,
+        conn: str,
+        method: str,
+        path: str,
+        status: int,
+        upstream_status: int,
+        decision: str,
+        rule: str | None,
+        duration_ms: float,
+        aborted: bool,
+    ) -> None:
+        """Queue the access record of one request (the hot-path form of record())."""
+        ts = self._time(time.time())
+        if self._json:
+            line = (
+                f'{{"time": "{ts}", "level": "info", "logger": "mtls_proxy.access", '
+                f'"msg": "access", {conn}, "method": {_json_value(method)}, '
+                f'"path": {_json_value(path)}, "status": {status}, "upstream_status": '
+                f'{upstream_status or "null"}, "decision": "{decision}", "rule": '
+                f'{_json_value(rule)}, "duration_ms": {duration_ms}'
+                f"{_ABORTED if aborted else ''}}}\n"
+            )
+        else:
+            line = (
+                f"{ts} INFO mtls_proxy.access: {conn} method={method} path={path} "
+                f"status={status} upstream_status={upstream_status} decision={decision} "
+                f"rule={rule} duration_ms={duration_ms}{' aborted' if aborted else ''}\n"
+            )
         if not self._lines:
             asyncio.get_running_loop().call_soon(self.flush)
         self._lines.append(line)

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Final
 
 import httptools
 
-from mtls_proxy.errors import BadRequest, HeaderTooLarge, ProxyError, RequestTimeout, UpstreamTimeout
+from mtls_proxy.errors import (
+    BadRequest,
+    HeaderTooLarge,
+    ProxyError,
+    RequestTimeout,
+    UpstreamTimeout,
+)
 from mtls_proxy.identity import PeerIdentity, identity_from_der
 from mtls_proxy.policy import Decision, decide
 from mtls_proxy.request import prepare
@@ -51,10 +57,30 @@ class _Stop(Exception):
 class Exchange:
     """One request/response pair on a client connection."""
 
-    __slots__ = ("body", "body_done", "buffered", "chunked", "client_chunked", "close", "decision",
-                 "expect", "has_body", "head", "http10", "is_head", "method", "path",
-                 "response_started", "rule", "sent", "start", "started", "status", "upstream",
-                 "upstream_status")
+    __slots__ = (
+        "body",
+        "body_done",
+        "buffered",
+        "chunked",
+        "client_chunked",
+        "close",
+        "decision",
+        "expect",
+        "has_body",
+        "head",
+        "http10",
+        "is_head",
+        "method",
+        "path",
+        "response_started",
+        "rule",
+        "sent",
+        "start",
+        "started",
+        "status",
+        "upstream",
+        "upstream_status",
+    )
 
     def __init__(self, method: bytes, path: bytes, http10: bool) -> None:
         self.method, self.path, self.http10 = method, path, http10
@@ -102,6 +128,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0  # idle or header deadline (loop time); 0 = none
         self._waiting = _IDLE
         self.up_deadline = 0.0  # first upstream byte expected by then
+        self._log_fields: str | None = None
         self.draining = False
         self.closed = False
 
@@ -172,8 +199,9 @@ class ClientConnection(asyncio.Protocol):
     def _wait(self, what: int) -> None:
         cfg = self.shared.cfg
         self._waiting = what
-        self.deadline = self.shared.clock() + (cfg.idle_timeout if what == _IDLE else
-                                               cfg.header_timeout)
+        self.deadline = self.shared.clock() + (
+            cfg.idle_timeout if what == _IDLE else cfg.header_timeout
+        )
 
     # -- reading ---------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -232,9 +260,16 @@ class ClientConnection(asyncio.Protocol):
         block = self.block
         assert block is not None  # noqa: S101 -- set in connection_made, before any data
         try:
-            req = prepare(method, self._url, p.get_http_version(), self._raw,
-                          upgrade=p.should_upgrade(), client_ip=self.client_ip, block=block,
-                          default_host=self.shared.upstream_host)
+            req = prepare(
+                method,
+                self._url,
+                p.get_http_version(),
+                self._raw,
+                upgrade=p.should_upgrade(),
+                client_ip=self.client_ip,
+                block=block,
+                default_host=self.shared.upstream_host,
+            )
         except ProxyError as err:
             ex.fail(err)
         else:
@@ -301,9 +336,14 @@ class ClientConnection(asyncio.Protocol):
         ex.decision, ex.rule = d.kind, d.rule
         if not d.allowed:
             if d.kind == "deny":
-                logger.info("request denied", extra={
-                    "peer": self.peer.subject if self.peer else None, "reason": d.reason,
-                    "path": ex.path.decode("latin-1")})
+                logger.info(
+                    "request denied",
+                    extra={
+                        "peer": self.peer.subject if self.peer else None,
+                        "reason": d.reason,
+                        "path": ex.path.decode("latin-1"),
+                    },
+                )
             # A body we will not read makes the connection unusable: close after answering.
             ex.close = ex.close or (ex.has_body and not ex.body_done)
             ex.status = d.status
@@ -358,8 +398,9 @@ class ClientConnection(asyncio.Protocol):
         ex = self._queue[0]
         ex.status = ex.upstream_status = head.status
         ex.response_started = True
-        data, ex.client_chunked, ex.close = client_head(head, mode, length, ex.http10,
-                                                        ex.close or self.draining)
+        data, ex.client_chunked, ex.close = client_head(
+            head, mode, length, ex.http10, ex.close or self.draining
+        )
         self._out.append(data)
 
     def on_response_body(self, data: bytes) -> None:
@@ -408,12 +449,17 @@ class ClientConnection(asyncio.Protocol):
 
     def _upstream_failed(self, ex: Exchange, exc: ProxyError, kind: str) -> None:
         self.shared.metrics.upstream_errors.labels(kind=kind).inc()
-        logger.warning("upstream %s: %s", kind, exc.public_message,
-                       extra={"upstream": self.shared.cfg.upstream.url})
+        logger.warning(
+            "upstream %s: %s",
+            kind,
+            exc.public_message,
+            extra={"upstream": self.shared.cfg.upstream.url},
+        )
         ex.status = exc.status
         ex.close = ex.close or not ex.body_done
-        self._out.append(error_response(exc.status, exc.error, exc.public_message, ex.is_head,
-                                        ex.close))
+        self._out.append(
+            error_response(exc.status, exc.error, exc.public_message, ex.is_head, ex.close)
+        )
         self._finish(ex)
 
     def _on_upstream_timeout(self) -> None:
@@ -447,15 +493,22 @@ class ClientConnection(asyncio.Protocol):
         duration = time.monotonic() - ex.start
         shared.metrics.observe(duration)
         if shared.access_log is not None:
-            record: dict[str, object] = {
-                "peer": self.peer.subject if self.peer else None,
-                "client": self.client_ip.decode(), "method": ex.method.decode("latin-1"),
-                "path": ex.path.split(b"?", 1)[0].decode("latin-1"), "status": ex.status,
-                "upstream_status": ex.upstream_status or None, "decision": ex.decision,
-                "rule": ex.rule, "duration_ms": round(duration * 1000, 3)}
-            if aborted:
-                record["aborted"] = True
-            shared.access_log.record(record)
+            if self._log_fields is None:
+                self._log_fields = shared.access_log.connection_fields(
+                    self.peer.subject if self.peer else None, self.client_ip.decode()
+                )
+            q = ex.path.find(b"?")  # the query string is not logged: it may carry secrets
+            shared.access_log.request(
+                self._log_fields,
+                ex.method.decode("latin-1"),
+                (ex.path if q < 0 else ex.path[:q]).decode("latin-1"),
+                ex.status,
+                ex.upstream_status,
+                ex.decision,
+                ex.rule,
+                round(duration * 1000, 3),
+                aborted,
+            )
         if self._queue and self._queue[0] is ex:
             self._queue.pop(0)
         t = self.transport
@@ -500,11 +553,14 @@ class ClientConnection(asyncio.Protocol):
             self._queue.append(ex)
             self._pause("error")
             return
-        logger.info("bad request: %s", err.public_message, extra={"client": self.client_ip.decode()})
+        logger.info(
+            "bad request: %s", err.public_message, extra={"client": self.client_ip.decode()}
+        )
         self.shared.metrics.request("deny", err.status)
         if self.transport is not None:
-            self.transport.write(error_response(err.status, err.error, err.public_message, False,
-                                                True))
+            self.transport.write(
+                error_response(err.status, err.error, err.public_message, False, True)
+            )
             self.transport.close()
 
     # -- flow control ----------------------------------------------------------------------

@@ -55,9 +55,16 @@ def origin_form(method: bytes, url: bytes) -> bytes:
     return target[:hash_at] if hash_at >= 0 else target  # a fragment is not part of the target
 
 
-def prepare(  # noqa: PLR0913 -- the parser's outputs plus the connection's facts, all needed
-    method: bytes, url: bytes, version: str, raw: list[tuple[bytes, bytes]], *, upgrade: bool,
-    client_ip: bytes, block: IdentityBlock, default_host: bytes,
+def prepare(
+    method: bytes,
+    url: bytes,
+    version: str,
+    raw: list[tuple[bytes, bytes]],
+    *,
+    upgrade: bool,
+    client_ip: bytes,
+    block: IdentityBlock,
+    default_host: bytes,
 ) -> Prepared:
     """Validate one request head and build the upstream head; raise a ProxyError to refuse."""
     if version not in ("1.0", "1.1"):
@@ -93,9 +100,24 @@ def prepare(  # noqa: PLR0913 -- the parser's outputs plus the connection's fact
         # llhttp hands everything after an upgrade request's head to the new protocol, so its
         # body can't be framed; upgrades without a body go upstream as plain requests.
         raise UpgradeWithBody
-    out.head = b"".join((
-        method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n", rh.forwarded_lines(),
-        b"X-Forwarded-For: ", client_ip, b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ",
-        host, b"\r\n", block.lines, block.xfcc_line(rh.xfcc), framing, b"\r\n",
-    ))
+    out.head = b"".join(
+        (
+            method,
+            b" ",
+            target,
+            b" HTTP/1.1\r\nHost: ",
+            host,
+            b"\r\n",
+            rh.forwarded_lines(),
+            b"X-Forwarded-For: ",
+            client_ip,
+            b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ",
+            host,
+            b"\r\n",
+            block.lines,
+            block.xfcc_line(rh.xfcc),
+            framing,
+            b"\r\n",
+        )
+    )
     return out

@@ -15,22 +15,25 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
-from mtls_proxy.headers import HOP_BY_HOP, normalize_name
-
 NONE: Final = 0  # no body: HEAD, 1xx, 204, 304
 LENGTH: Final = 1
 CHUNKED: Final = 2
 UNTIL_CLOSE: Final = 3
 
-_STATUS: Final = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: (.*))?", re.DOTALL)
 _CTL: Final = bytes([*range(0, 9), *range(10, 32), 127])
 _NOT_CTL: Final = bytes(b for b in range(256) if b not in _CTL or b in (10, 13))
-_TOKEN: Final = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _MAX_LINE: Final = 8192
 REASONS: Final = {
-    400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 405: b"Method Not Allowed",
-    408: b"Request Timeout", 417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
-    501: b"Not Implemented", 502: b"Bad Gateway", 504: b"Gateway Timeout",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
 
@@ -52,41 +55,114 @@ class ResponseHead:
     close: bool = False
 
 
+_FIELD_LINES: Final = re.compile(rb"(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*+)*+")
+# Fields the proxy handles itself or drops (RFC 9110 §7.6.1). Each is looked for with one
+# bytes.find on the lower-cased head: cheaper than any per-line Python loop.
+_SPECIAL: Final = tuple(
+    b"\r\n" + n + b":"
+    for n in (
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"http2-settings",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    )
+)
+
+
 def parse_head(head: bytes) -> ResponseHead:
     """Parse and filter a response head (without the final CRLFCRLF); raise MalformedResponse."""
     if head.translate(None, _NOT_CTL):
         raise MalformedResponse("control character in the response head")
-    lines = head.split(b"\r\n")
-    if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+    n = head.count(b"\r\n")
+    if head.count(b"\n") != n or head.count(b"\r") != n:
         raise MalformedResponse("bare CR or LF in the response head")
-    m = _STATUS.fullmatch(lines[0])
-    if m is None:
+    eol = head.find(b"\r\n")
+    first = head if eol < 0 else head[:eol]
+    version, code, sep = first[:9], first[9:12], first[12:13]
+    if (
+        version not in (b"HTTP/1.1 ", b"HTTP/1.0 ")
+        or not code.isdigit()
+        or code[:1] == b"0"
+        or sep not in (b"", b" ")
+    ):
         raise MalformedResponse("invalid status line")
-    out = ResponseHead(int(m.group(2)), m.group(3) or b"", m.group(1) == b"0")
-    kept: list[tuple[bytes, bytes]] = []
-    nominated: set[bytes] = set()
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name.translate(None, _TOKEN) or len(line) > _MAX_LINE:
-            raise MalformedResponse("invalid header line")
-        lname = normalize_name(name)
-        if lname == b"content-length":
-            out.content_length.append(value.strip(b" \t"))
-        elif lname == b"transfer-encoding":
-            out.transfer_encoding.append(value)
-        elif lname == b"connection":
-            for token in value.split(b","):
-                token = normalize_name(token.strip(b" \t"))
-                if token == b"close":
-                    out.close = True
-                elif token:
-                    nominated.add(token)
-        elif lname not in HOP_BY_HOP:
-            kept.append((lname, line + b"\r\n"))
-    out.lines = [line for lname, line in kept if lname not in nominated] if nominated else [
-        line for _, line in kept
-    ]
+    out = ResponseHead(int(code), first[13:], version == b"HTTP/1.0 ")
+    if eol < 0:
+        return out
+    if _FIELD_LINES.fullmatch(head, eol) is None or (
+        len(head) > _MAX_LINE and any(len(line) > _MAX_LINE for line in head.split(b"\r\n"))
+    ):
+        raise MalformedResponse("invalid header line")
+    low = head.lower()
+    cuts: list[tuple[int, int]] = []  # (start, end) of special fields, as CRLF + line
+    nominated: list[bytes] = []
+    for name in _SPECIAL:
+        at = low.find(name, eol)
+        while at >= 0:
+            end = low.find(b"\r\n", at + 2)
+            end = len(head) if end < 0 else end
+            cuts.append((at, end))
+            value = head[at + len(name) : end]
+            if name[2] == 99:  # b"c": content-length or connection
+                if name == b"\r\ncontent-length:":
+                    out.content_length.append(value.strip(b" \t"))
+                else:
+                    for token in value.lower().split(b","):
+                        token = token.strip(b" \t")
+                        if token == b"close":
+                            out.close = True
+                        elif token and token != b"keep-alive":
+                            nominated.append(b"\r\n" + token + b":")
+            elif name == b"\r\ntransfer-encoding:":
+                out.transfer_encoding.append(value)
+            at = low.find(name, end)
+    for name in nominated:  # rare: fields the upstream's Connection header nominates
+        at = low.find(name, eol)
+        while at >= 0:
+            end = low.find(b"\r\n", at + 2)
+            end = len(head) if end < 0 else end
+            cuts.append((at, end))
+            at = low.find(name, end)
+    pieces, pos = [], eol
+    for start, end in sorted(set(cuts)):
+        pieces.append(head[pos:start])
+        pos = end
+    pieces.append(head[pos:])
+    kept = b"".join(pieces)  # CRLF-prefixed lines
+    out.lines = [kept[2:] + b"\r\n"] if kept else []
     return out
+
+
+class HeadCache:
+    """Parsed response heads keyed by their exact bytes (bounded, oldest dropped first).
+
+    An upstream sends the same head again and again (only Date changes, once a second), and
+    parse_head is a pure function of its input, so a hit skips the validation and filtering.
+    Entries are never mutated after parsing.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._heads: dict[bytes, ResponseHead] = {}
+
+    def parse(self, head: bytes) -> ResponseHead:
+        """parse_head(head), memoised."""
+        hit = self._heads.get(head)
+        if hit is not None:
+            return hit
+        parsed = parse_head(head)
+        heads = self._heads
+        if len(heads) >= self._size:
+            del heads[next(iter(heads))]
+        heads[head] = parsed
+        return parsed
 
 
 def body_mode(head: ResponseHead, is_head_request: bool) -> tuple[int, int]:
@@ -109,14 +185,18 @@ def body_mode(head: ResponseHead, is_head_request: bool) -> tuple[int, int]:
     return UNTIL_CLOSE, 0
 
 
-def client_head(head: ResponseHead, mode: int, length: int, http10: bool, close: bool
-                ) -> tuple[bytes, bool, bool]:
+def client_head(
+    head: ResponseHead, mode: int, length: int, http10: bool, close: bool
+) -> tuple[bytes, bool, bool]:
     """The head the client gets: (bytes, body is chunk-encoded, connection closes after)."""
     chunked = False
     if mode == NONE:
         # HEAD and 304 keep the upstream's Content-Length (it describes the GET body).
-        framing = (b"Content-Length: %s\r\n" % head.content_length[0]
-                   if head.content_length and head.status != 204 else b"")
+        framing = (
+            b"Content-Length: %s\r\n" % head.content_length[0]
+            if head.content_length and head.status != 204
+            else b""
+        )
     elif mode == LENGTH:
         framing = b"Content-Length: %d\r\n" % length
     elif http10:
@@ -132,5 +212,9 @@ def error_response(status: int, error: str, reason: str, is_head: bool, close: b
     """A complete short JSON error response."""
     body = json.dumps({"error": error, "reason": reason}).encode()
     return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
-        status, REASONS.get(status, b"Error"), len(body),
-        b"Connection: close\r\n" if close else b"", b"" if is_head else body)
+        status,
+        REASONS.get(status, b"Error"),
+        len(body),
+        b"Connection: close\r\n" if close else b"",
+        b"" if is_head else body,
+    )

@@ -22,8 +22,15 @@ if TYPE_CHECKING:
 class Shared:
     """What connections read on the hot path; `policy` is swapped whole on reload."""
 
-    def __init__(self, cfg: Config, metrics: Metrics, pool: UpstreamPool, by: str | None,
-                 clock: Callable[[], float], access_log: AccessLog | None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        metrics: Metrics,
+        pool: UpstreamPool,
+        by: str | None,
+        clock: Callable[[], float],
+        access_log: AccessLog | None,
+    ) -> None:
         self.cfg = cfg
         self.clock = clock  # the event loop's time(): deadlines are compared against it
         self.access_log = access_log

@@ -22,10 +22,10 @@ from mtls_proxy.response import (
     CHUNKED,
     LENGTH,
     NONE,
+    HeadCache,
     MalformedResponse,
     ResponseHead,
     body_mode,
-    parse_head,
 )
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ class UpstreamConnection(asyncio.Protocol):
                         raise MalformedResponse("response head too large")
                     self._buf = data
                     return
-                head = parse_head(data[:end])
+                head = self.pool.heads.parse(data[:end])
                 data = data[end + 4 :]
                 if head.status < 200:
                     if head.status == 101:
@@ -240,6 +240,7 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.ssl_context = ssl_context
         self.idle: list[UpstreamConnection] = []
+        self.heads = HeadCache()
 
     def take_idle(self) -> UpstreamConnection | None:
         """An idle connection that is still open, or None."""

@@ -271,3 +271,39 @@ def test_purity_of_the_core() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_access_log_lines_are_valid_json() -> None:
+    import asyncio
+    import io
+    import json as _json
+
+    from mtls_proxy.logs import AccessLog
+
+    async def run() -> str:
+        out = io.StringIO()
+        log = AccessLog("json", out)
+        log.record(
+            {
+                "peer": 'CN=a\\"b',
+                "path": "/\u202e\x00",
+                "status": 200,
+                "rule": None,
+                "aborted": True,
+                "duration_ms": 1.5,
+                "other": b"x",
+            }
+        )
+        await asyncio.sleep(0)
+        text = AccessLog("text", out)
+        text.record({"status": 200})
+        await asyncio.sleep(0)
+        return out.getvalue()
+
+    lines = asyncio.run(run()).splitlines()
+    rec = _json.loads(lines[0])
+    assert rec["msg"] == "access" and rec["peer"] == 'CN=a\\"b' and rec["path"] == "/\u202e\x00"
+    assert rec["status"] == 200 and rec["rule"] is None and rec["aborted"] is True
+    assert rec["duration_ms"] == 1.5 and rec["time"].endswith("Z") and rec["other"] == "b'x'"
+    assert lines[0].isascii()
+    assert lines[1].endswith("INFO mtls_proxy.access: status=200")

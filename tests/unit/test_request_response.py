@@ -31,21 +31,44 @@ from mtls_proxy.response import (
 BLOCK = IdentityBlock(b"X-Client-Subject: CN=c\r\n", b"Hash=1", "sanitize_set")
 
 
-def prep(headers: list[tuple[bytes, bytes]], method: bytes = b"GET", url: bytes = b"/",
-         version: str = "1.1", upgrade: bool = False):  # type: ignore[no-untyped-def]
-    return prepare(method, url, version, headers, upgrade=upgrade, client_ip=b"10.0.0.9",
-                   block=BLOCK, default_host=b"up:80")
+def prep(
+    headers: list[tuple[bytes, bytes]],
+    method: bytes = b"GET",
+    url: bytes = b"/",
+    version: str = "1.1",
+    upgrade: bool = False,
+):  # type: ignore[no-untyped-def]
+    return prepare(
+        method,
+        url,
+        version,
+        headers,
+        upgrade=upgrade,
+        client_ip=b"10.0.0.9",
+        block=BLOCK,
+        default_host=b"up:80",
+    )
 
 
 def test_prepare_builds_the_upstream_head() -> None:
-    p = prep([(b"Host", b"svc"), (b"X-A", b"1"), (b"Content-Length", b"3"),
-              (b"X-Client-Subject", b"spoof"), (b"X-Forwarded-Client-Cert", b"By=evil")],
-             method=b"POST", url=b"/p?q=1#frag")
+    p = prep(
+        [
+            (b"Host", b"svc"),
+            (b"X-A", b"1"),
+            (b"Content-Length", b"3"),
+            (b"X-Client-Subject", b"spoof"),
+            (b"X-Forwarded-Client-Cert", b"By=evil"),
+        ],
+        method=b"POST",
+        url=b"/p?q=1#frag",
+    )
     assert p.path == b"/p?q=1" and p.has_body and not p.chunked and not p.expect
-    assert p.head == (b"POST /p?q=1 HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\nX-Forwarded-For: 10.0.0.9\r\n"
-                      b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: svc\r\n"
-                      b"X-Client-Subject: CN=c\r\nx-forwarded-client-cert: Hash=1\r\n"
-                      b"Content-Length: 3\r\n\r\n")
+    assert p.head == (
+        b"POST /p?q=1 HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\nX-Forwarded-For: 10.0.0.9\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: svc\r\n"
+        b"X-Client-Subject: CN=c\r\nx-forwarded-client-cert: Hash=1\r\n"
+        b"Content-Length: 3\r\n\r\n"
+    )
 
 
 def test_prepare_chunked_expect_and_http10_default_host() -> None:
@@ -59,72 +82,105 @@ def test_prepare_chunked_expect_and_http10_default_host() -> None:
     assert prep([(b"Host", b"a")], upgrade=True).path == b"/"
 
 
-@pytest.mark.parametrize(("kw", "err"), [
-    ({"headers": [(b"Host", b"a")], "version": "2.0"}, VersionNotSupported),
-    ({"headers": [(b"Host", b"a")], "method": b"CONNECT"}, MethodNotAllowed),
-    ({"headers": []}, BadRequest),
-    ({"headers": [(b"Host", b"a"), (b"Host", b"b")]}, BadRequest),
-    ({"headers": [(b"Host", b"a, b")]}, BadRequest),
-    ({"headers": [(b"Host", b"")]}, BadRequest),
-    ({"headers": [(b"Host", b"a")], "url": b"a:80"}, BadRequest),
-    ({"headers": [(b"Host", b"a")], "url": b"*"}, BadRequest),
-    ({"headers": [(b"Transfer-Encoding", b"chunked")], "version": "1.0"}, BadRequest),
-    ({"headers": [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip, chunked")]}, NotImplementedCoding),
-    ({"headers": [(b"Host", b"a"), (b"Expect", b"y")]}, ExpectationFailed),
-    ({"headers": [(b"Host", b"a"), (b"Content-Length", b"2")], "upgrade": True}, UpgradeWithBody),
-])
+@pytest.mark.parametrize(
+    ("kw", "err"),
+    [
+        ({"headers": [(b"Host", b"a")], "version": "2.0"}, VersionNotSupported),
+        ({"headers": [(b"Host", b"a")], "method": b"CONNECT"}, MethodNotAllowed),
+        ({"headers": []}, BadRequest),
+        ({"headers": [(b"Host", b"a"), (b"Host", b"b")]}, BadRequest),
+        ({"headers": [(b"Host", b"a, b")]}, BadRequest),
+        ({"headers": [(b"Host", b"")]}, BadRequest),
+        ({"headers": [(b"Host", b"a")], "url": b"a:80"}, BadRequest),
+        ({"headers": [(b"Host", b"a")], "url": b"*"}, BadRequest),
+        ({"headers": [(b"Transfer-Encoding", b"chunked")], "version": "1.0"}, BadRequest),
+        (
+            {"headers": [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip, chunked")]},
+            NotImplementedCoding,
+        ),
+        ({"headers": [(b"Host", b"a"), (b"Expect", b"y")]}, ExpectationFailed),
+        (
+            {"headers": [(b"Host", b"a"), (b"Content-Length", b"2")], "upgrade": True},
+            UpgradeWithBody,
+        ),
+    ],
+)
 def test_prepare_refuses(kw: dict[str, object], err: type[ProxyError]) -> None:
     with pytest.raises(err):
         prep(**kw)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("method", "url", "target"), [
-    (b"GET", b"/a?b", b"/a?b"), (b"OPTIONS", b"*", b"*"), (b"GET", b"http://evil/x?y", b"/x?y"),
-    (b"GET", b"HTTPS://evil", b"/"), (b"GET", b"/a#b", b"/a"),
-])
+@pytest.mark.parametrize(
+    ("method", "url", "target"),
+    [
+        (b"GET", b"/a?b", b"/a?b"),
+        (b"OPTIONS", b"*", b"*"),
+        (b"GET", b"http://evil/x?y", b"/x?y"),
+        (b"GET", b"HTTPS://evil", b"/"),
+        (b"GET", b"/a#b", b"/a"),
+    ],
+)
 def test_origin_form(method: bytes, url: bytes, target: bytes) -> None:
     assert origin_form(method, url) == target
 
 
 def test_parse_head_filters_hop_by_hop_and_nominated() -> None:
-    h = parse_head(b"HTTP/1.1 200 OK\r\nConnection: X-Foo, , close\r\nX-Foo: 1\r\n"
-                   b"Keep-Alive: timeout=1\r\nTransfer-Encoding: chunked\r\nX-Ok: y \r\n"
-                   b"Proxy-Connection: x")
+    h = parse_head(
+        b"HTTP/1.1 200 OK\r\nConnection: X-Foo, , close\r\nX-Foo: 1\r\n"
+        b"Keep-Alive: timeout=1\r\nTransfer-Encoding: chunked\r\nX-Ok: y \r\n"
+        b"Proxy-Connection: x"
+    )
     assert (h.status, h.reason, h.http10, h.close) == (200, b"OK", False, True)
     assert h.lines == [b"X-Ok: y \r\n"] and h.transfer_encoding == [b" chunked"]
     h = parse_head(b"HTTP/1.0 204\r\nContent-Length: 0\r\nX-A: b")
     assert (h.status, h.reason, h.http10, h.lines) == (204, b"", True, [b"X-A: b\r\n"])
 
 
-@pytest.mark.parametrize("head", [
-    b"HTTP/1.1 2000 OK", b"ICE/1.0 200 OK", b"HTTP/1.1 200 OK\r\nX: a\x00b",
-    b"HTTP/1.1 200 OK\nX: bare-lf", b"HTTP/1.1 200 OK\r\nX: a\rb", b"HTTP/1.1 200 OK\r\nNo-Colon",
-    b"HTTP/1.1 200 OK\r\nBad Name: v", b"HTTP/1.1 200 OK\r\n: v", b"HTTP/1.1 200 OK\r\n obs-fold",
-    b"HTTP/1.1 200 OK\r\nX: " + b"a" * 9000,
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 2000 OK",
+        b"ICE/1.0 200 OK",
+        b"HTTP/1.1 200 OK\r\nX: a\x00b",
+        b"HTTP/1.1 200 OK\nX: bare-lf",
+        b"HTTP/1.1 200 OK\r\nX: a\rb",
+        b"HTTP/1.1 200 OK\r\nNo-Colon",
+        b"HTTP/1.1 200 OK\r\nBad Name: v",
+        b"HTTP/1.1 200 OK\r\n: v",
+        b"HTTP/1.1 200 OK\r\n obs-fold",
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * 9000,
+    ],
+)
 def test_parse_head_refuses(head: bytes) -> None:
     with pytest.raises(MalformedResponse):
         parse_head(head)
 
 
-@pytest.mark.parametrize(("head", "is_head", "mode"), [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5", False, (LENGTH, 5)),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5", False, (LENGTH, 5)),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5", True, (NONE, 0)),
-    (b"HTTP/1.1 204 No Content", False, (NONE, 0)),
-    (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9", False, (NONE, 0)),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", False, (CHUNKED, 0)),
-    (b"HTTP/1.1 200 OK", False, (UNTIL_CLOSE, 0)),
-])
+@pytest.mark.parametrize(
+    ("head", "is_head", "mode"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5", False, (LENGTH, 5)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5", False, (LENGTH, 5)),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5", True, (NONE, 0)),
+        (b"HTTP/1.1 204 No Content", False, (NONE, 0)),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9", False, (NONE, 0)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", False, (CHUNKED, 0)),
+        (b"HTTP/1.1 200 OK", False, (UNTIL_CLOSE, 0)),
+    ],
+)
 def test_body_mode(head: bytes, is_head: bool, mode: tuple[int, int]) -> None:
     assert body_mode(parse_head(head), is_head) == mode
 
 
-@pytest.mark.parametrize("head", [
-    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked",
-    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2",
-    b"HTTP/1.1 200 OK\r\nContent-Length: -1", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip",
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip",
+    ],
+)
 def test_body_mode_refuses(head: bytes) -> None:
     with pytest.raises(MalformedResponse):
         body_mode(parse_head(head), False)
@@ -133,7 +189,10 @@ def test_body_mode_refuses(head: bytes) -> None:
 def test_client_head_reframes() -> None:
     h = parse_head(b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 5")
     assert client_head(h, LENGTH, 5, False, False) == (
-        b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 5\r\n\r\n", False, False)
+        b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 5\r\n\r\n",
+        False,
+        False,
+    )
     data, chunked, close = client_head(h, CHUNKED, 0, False, False)
     assert chunked and not close and b"Transfer-Encoding: chunked\r\n" in data
     data, chunked, close = client_head(h, UNTIL_CLOSE, 0, True, False)

@@ -1,0 +1,118 @@
+"""Per-request CPU of the data plane's Python code alone, with in-memory transports.
+
+Drives ClientConnection and UpstreamConnection through a keep-alive request/response cycle exactly
+as the event loop would (data_received on both sides) but with no sockets or TLS, so the figure is
+repeatable and isolates what the proxy adds on top of the transport floor.
+
+    python bench/micro.py [N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import pstats
+import sys
+import time
+
+from mtls_proxy.config import load_config
+from mtls_proxy.logs import AccessLog
+from mtls_proxy.metrics import Metrics
+from mtls_proxy.proxy import ClientConnection
+from mtls_proxy.shared import Shared
+from mtls_proxy.upstream import UpstreamConnection, UpstreamPool
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18443\r\n\r\n"
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 08:43:48 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 64\r\nConnection: keep-alive\r\n"
+    b"X-Client-Subject: CN=client-a,O=bench\r\nX-Client-URI: \r\n\r\n" + b"x" * 64
+)
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self, extra: dict[str, object]) -> None:
+        super().__init__()
+        self.extra, self.out = extra, 0
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.extra.get(name, default)
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.out += len(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class FakeSSL:
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        return self.der
+
+
+async def run(n: int, profile: bool) -> None:
+    from mtls_proxy import pki  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    root = pki.make_ca("r")
+    leaf = pki.issue(
+        root, "client", "client-a", o="bench", uris=["spiffe://example.org/ns/default/sa/client-a"]
+    )
+    der = leaf.cert.public_bytes(serialization.Encoding.DER)
+    cfg = load_config(
+        flags={
+            "upstream": "http://127.0.0.1:9",
+            "cert": "x",
+            "key": "y",
+            "cacert": "z",
+            "allow-cn": ["client-a"],
+        }
+    )
+    loop = asyncio.get_running_loop()
+
+    class NullStream:
+        def write(self, s: str) -> int:
+            return len(s)
+
+        def flush(self) -> None: ...
+
+    pool = UpstreamPool(cfg.upstream, 1.0)
+    shared = Shared(cfg, Metrics(), pool, None, loop.time, AccessLog("json", NullStream()))  # type: ignore[arg-type]
+    up = UpstreamConnection(pool)
+    up.connection_made(FakeTransport({}))
+    pool.idle.append(up)
+    client = ClientConnection(shared, asyncio.Semaphore(10))
+    client.connection_made(
+        FakeTransport({"ssl_object": FakeSSL(der), "peername": ("127.0.0.1", 5555)})
+    )
+
+    def cycle() -> None:
+        client.data_received(REQUEST)
+        up.data_received(RESPONSE)
+
+    for _ in range(2000):
+        cycle()
+    prof = cProfile.Profile() if profile else None
+    t0 = time.process_time()
+    if prof:
+        prof.enable()
+    for _ in range(n):
+        cycle()
+    if prof:
+        prof.disable()
+    dt = time.process_time() - t0
+    print(f"{dt / n * 1e6:.1f} us CPU per request (Python data plane only, {n} requests)")
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+if __name__ == "__main__":
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 50000
+    asyncio.run(run(count, "--profile" in sys.argv))
