@@ -228,15 +228,16 @@ class ClientConnection(asyncio.Protocol):
             self._reject(BadRequest())
             return
         if self._in_head:
+            # A head split across reads: bound its size and the time it may take.
             self._head_bytes += len(data)
             if self._head_bytes > self.shared.cfg.max_header_bytes:
                 self._reject(HeaderTooLarge())
+            elif not self._queue and self._waiting != _HEADER:
+                self._wait(_HEADER)
 
     def on_message_begin(self) -> None:
-        """A new request starts: the header timeout replaces the idle timeout."""
+        """A new request starts (its header deadline is set if the head arrives in pieces)."""
         self._url, self._raw, self._in_head, self._head_bytes = b"", [], True, 0
-        if not self._queue:
-            self._wait(_HEADER)
 
     def on_url(self, url: bytes) -> None:
         """Collect the request target."""
@@ -489,9 +490,8 @@ class ClientConnection(asyncio.Protocol):
         self.up_deadline = 0.0
         self.flush()
         shared = self.shared
-        shared.metrics.request(ex.decision, ex.status)
         duration = time.monotonic() - ex.start
-        shared.metrics.observe(duration)
+        shared.metrics.request(ex.decision, ex.status, duration)
         if shared.access_log is not None:
             if self._log_fields is None:
                 self._log_fields = shared.access_log.connection_fields(

@@ -128,3 +128,36 @@ def test_request_head_over_max_header_bytes_is_431(tp: Pki, upstream: Upstream, 
         assert request(p.port, ctx, b"GET / HTTP/1.1\r\nHost: a\r\n" + many + b"\r\n")[0] == 431
         assert request(p.port, ctx, b"GET / HTTP/1.1\r\nHost: a\r\nX-Ok: 1\r\n\r\n")[0] == 200
     assert len(upstream.seen) == 1
+
+
+def test_slow_request_head_gets_408_after_header_timeout(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--header-timeout", "1", loop=loop) as p,
+        connect(p.port, client_ctx(tp, "good")) as s,
+    ):
+        t0 = time.monotonic()
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")  # never finished
+        status, headers, _ = read_response(s, bytearray())
+        took = time.monotonic() - t0
+    assert status == 408 and headers["connection"] == "close"
+    assert 0.7 < took < 3
+    assert upstream.seen == []
+
+
+def test_idle_keepalive_connection_is_closed_after_idle_timeout(
+    tp: Pki, upstream: Upstream
+) -> None:
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--idle-timeout", "1") as p,
+        connect(p.port, client_ctx(tp, "good")) as s,
+    ):
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(s, bytearray())[0] == 200
+        t0 = time.monotonic()
+        try:
+            assert s.recv(100) == b""
+        except (ssl.SSLError, ConnectionError):
+            pass
+        assert 0.7 < time.monotonic() - t0 < 3

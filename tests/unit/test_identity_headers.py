@@ -307,3 +307,23 @@ def test_access_log_lines_are_valid_json() -> None:
     assert rec["duration_ms"] == 1.5 and rec["time"].endswith("Z") and rec["other"] == "b'x'"
     assert lines[0].isascii()
     assert lines[1].endswith("INFO mtls_proxy.access: status=200")
+
+
+def test_request_metrics_exposition() -> None:
+    from prometheus_client import generate_latest
+
+    from mtls_proxy.metrics import Metrics
+
+    m = Metrics()
+    m.request("allow", 200, 0.003)
+    m.request("allow", 204, 100.0)
+    m.request("deny", 403)
+    text = generate_latest(m.registry).decode()
+    assert 'mtls_proxy_requests_total{code="2xx",decision="allow"} 2.0' in text
+    assert 'mtls_proxy_requests_total{code="4xx",decision="deny"} 1.0' in text
+    assert 'mtls_proxy_request_duration_seconds_bucket{le="0.0025"} 0.0' in text
+    assert 'mtls_proxy_request_duration_seconds_bucket{le="0.005"} 1.0' in text
+    assert 'mtls_proxy_request_duration_seconds_bucket{le="30.0"} 1.0' in text
+    assert 'mtls_proxy_request_duration_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "mtls_proxy_request_duration_seconds_count 2.0" in text
+    assert "mtls_proxy_request_duration_seconds_sum 100.003" in text
