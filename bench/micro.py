@@ -58,8 +58,9 @@ class FakeSSL:
 
 
 async def run(n: int, profile: bool) -> None:
-    from mtls_proxy import pki  # noqa: PLC0415
-    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization
+
+    from mtls_proxy import pki
 
     root = pki.make_ca("r")
     leaf = pki.issue(

@@ -2,12 +2,16 @@
 # Profile mtls-proxy under keep-alive load: the shared harness's nginx upstream and wrk (with the
 # client-certificate shim), py-spy sampling the proxy. Prints the top functions by CPU (self and
 # inclusive). Everything on 127.0.0.1; bounded by DURATION seconds.
-#   bench/profile.sh [DURATION]        (needs ../shared/bench/setup.sh to have run; py-spy on PATH)
+#   bench/profile.sh [DURATION] [ka|close]   (needs ../shared/bench/setup.sh; py-spy beside PYTHON)
+# ka: keep-alive requests; close: one full handshake + one request per connection.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HARNESS=${BENCH_HARNESS:-$ROOT/../shared/bench}
 [[ -w "$HARNESS" ]] || HARNESS=${BENCH_STATE:-${TMPDIR:-/tmp}/mtls-proxy-bench}
 DUR=${1:-10}
+MODE=${2:-ka}
+WRK_EXTRA=(); RESUME=1
+if [[ "$MODE" == close ]]; then WRK_EXTRA=(-H "Connection: close"); RESUME=0; fi
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 PYSPY=${PYSPY:-$(dirname "$PY")/py-spy}
 work=$(mktemp -d)
@@ -25,7 +29,8 @@ sleep 1.5
 "$PYSPY" record --pid "$proxy" --rate 1000 --format raw --output "$work/stacks.txt" \
   --duration "$((DUR + 1))" --nonblocking >/dev/null 2>&1 & spy=$!
 LD_PRELOAD=$HARNESS/tools/wrk_clientcert.so WRK_CLIENT_CERT=$PKI/client-a-chain.pem \
-  WRK_CLIENT_KEY=$PKI/client-a.key wrk -t1 -c32 -d"${DUR}s" --latency https://127.0.0.1:18190/ \
+  WRK_CLIENT_KEY=$PKI/client-a.key WRK_TLS_RESUME=$RESUME wrk -t1 -c32 -d"${DUR}s" --latency \
+  "${WRK_EXTRA[@]}" https://127.0.0.1:18190/ \
   | grep -E "Requests/sec|99%|50%"
 wait "$spy" || true
 "$PY" - "$work/stacks.txt" <<'PYEOF'

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Final
+from collections.abc import Sized
+from typing import TYPE_CHECKING, Final, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,9 +12,41 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mtls_proxy import __version__
 
 if TYPE_CHECKING:
-    from mtls_proxy.server import ProxyServer
+    from prometheus_client import CollectorRegistry
 
-SERVER: Final[web.AppKey[ProxyServer]] = web.AppKey("server")
+    from mtls_proxy.config import Config
+    from mtls_proxy.tls import Material
+
+
+class _HasRegistry(Protocol):
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+
+class _Shared(Protocol):
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def connections(self) -> Sized: ...
+
+
+class AdminTarget(Protocol):
+    """What the admin endpoints read: a ProxyServer, or the workers' Master."""
+
+    cfg: Config
+    material: Material
+    last_reload: dict[str, object] | None
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def metrics(self) -> _HasRegistry: ...
+    @property
+    def shared(self) -> _Shared: ...
+    async def refresh(self) -> None: ...
+
+
+SERVER: Final[web.AppKey[AdminTarget]] = web.AppKey("server")
 
 
 def rfc3339(t: dt.datetime | None) -> str | None:
@@ -41,6 +74,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """A JSON summary of what the proxy runs with."""
     server = request.app[SERVER]
+    await server.refresh()
     m = server.material
     return web.json_response(
         {
@@ -62,11 +96,13 @@ async def status(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition."""
-    body = generate_latest(request.app[SERVER].metrics.registry)
+    server = request.app[SERVER]
+    await server.refresh()
+    body = generate_latest(server.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def admin_app(server: ProxyServer) -> web.Application:
+def admin_app(server: AdminTarget) -> web.Application:
     """The admin application bound to *server*."""
     app = web.Application()
     app[SERVER] = server

@@ -115,9 +115,24 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_format, cfg.log_level)
     material = load_material(cfg.tls, dict(cfg.sources))
 
+    from mtls_proxy.workers import WORKER_FD_ENV, run_master, serve_master_channel
+
+    if cfg.workers > 1:
+        return run_async(lambda: run_master(cfg, material, list(sys.argv[1:])), cfg.loop)
+    worker_fd = os.environ.get(WORKER_FD_ENV)
+
     async def main() -> int:
-        server = ProxyServer(cfg, material)
-        await server.run()
+        server = ProxyServer(cfg, material, reuse_port=worker_fd is not None)
+        if worker_fd is None:
+            await server.run()
+            return 0
+        serving = asyncio.get_running_loop().create_task(server.run())
+        await server.started.wait()
+        channel = asyncio.get_running_loop().create_task(
+            serve_master_channel(server, int(worker_fd))
+        )
+        await serving
+        channel.cancel()
         return 0
 
     return run_async(main, cfg.loop)

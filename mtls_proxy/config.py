@@ -494,8 +494,6 @@ def load_config(
                 "by this version yet"
             )
     workers = g("workers")
-    if workers != 1 and workers is not None:
-        c.problems.append(f"{c.sources['workers']}: only 1 worker is supported by this version")
     v = {
         o.name.replace("-", "_"): g(o.name)
         for o in OPTIONS
@@ -508,7 +506,7 @@ def load_config(
         tls=tls,
         policy=Policy(tuple(rules), allow_all, anonymous, audit),
         identity_headers=dialects,
-        workers=1,
+        workers=int(workers) if isinstance(workers, int) else 1,
         config_file=filename if text is not None else None,
         sources=dict(c.sources),
         **v,  # type: ignore[arg-type]  # each value was converted by its option's kind

@@ -103,6 +103,7 @@ class Metrics:
             ["cert"],
             registry=r,
         )
+        self._handshake_ok = self.handshakes.labels(result="ok", reason="")
         build = Gauge("mtls_proxy_build_info", "Build information", ["version"], registry=r)
         build.labels(version=__version__).set(1)
 
@@ -117,4 +118,7 @@ class Metrics:
 
     def handshake(self, result: str, reason: str = "") -> None:
         """Count one handshake outcome."""
-        self.handshakes.labels(result=result, reason=reason).inc()
+        if result == "ok":
+            self._handshake_ok.inc()
+        else:
+            self.handshakes.labels(result=result, reason=reason).inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 import ssl
@@ -29,8 +30,26 @@ logger = logging.getLogger(__name__)
 SWEEP_INTERVAL: Final = 0.25
 
 
-def bind(addr: Address, backlog: int = 1024) -> socket.socket:
-    """A non-blocking listening socket on *addr*."""
+def raise_fd_limit(max_connections: int) -> None:
+    """Lift the soft RLIMIT_NOFILE towards the hard one: each client may cost two descriptors
+    (itself and an upstream connection), and the default soft limit (1024) is far below the
+    default --max-connections (nginx's worker_rlimit_nofile does the same)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections * 2 + 256
+    if soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            logger.warning(
+                "open-file limit %d is below what --max-connections %d may need (%d)",
+                new,
+                max_connections,
+                want,
+            )
+
+
+def bind(addr: Address, backlog: int = 1024, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket on *addr* (SO_REUSEPORT for --workers)."""
     infos = socket.getaddrinfo(
         addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
@@ -38,6 +57,8 @@ def bind(addr: Address, backlog: int = 1024) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
@@ -50,8 +71,15 @@ def bind(addr: Address, backlog: int = 1024) -> socket.socket:
 class ProxyServer:
     """One proxy process: the mTLS listener, the admin listener and their shared state."""
 
-    def __init__(self, cfg: Config, material: Material, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        material: Material,
+        metrics: Metrics | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.cfg = cfg
+        self.reuse_port = reuse_port
         self.material = material
         self.metrics = metrics or Metrics()
         self.ctx = server_context(cfg, material)
@@ -79,6 +107,9 @@ class ProxyServer:
         if material.ca_not_after is not None:
             m.labels(cert="ca").set(material.ca_not_after.timestamp())
 
+    async def refresh(self) -> None:
+        """Nothing to gather: one process holds all its state (see workers.Master)."""
+
     @property
     def ready(self) -> bool:
         """Listening with valid material and not draining."""
@@ -102,14 +133,16 @@ class ProxyServer:
             await web.SockSite(self.admin_runner, admin_sock).start()
             h, p = admin_sock.getsockname()[:2]
             self.admin_address = f"{h}:{p}"
-        self.sock = bind(self.cfg.listen)
+        raise_fd_limit(self.cfg.max_connections)
+        self.sock = bind(self.cfg.listen, reuse_port=self.reuse_port)
         self.listening = True
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         self._sweep()
         self.started.set()
         host, port = self.address
+        # One "ready" line per proxy (SPEC section 1): a worker's says "worker ready".
         logger.info(
-            "ready",
+            "worker ready" if self.reuse_port else "ready",
             extra={
                 "listen": f"{host}:{port}",
                 "admin": self.admin_address,
@@ -141,9 +174,21 @@ class ProxyServer:
             except BaseException:
                 self._slots.release()
                 raise
-            task = loop.create_task(self._handshake(conn))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            self._spawn(loop, conn)
+            # Under load several connections are waiting: take them without another wakeup.
+            while not self._slots.locked():
+                try:
+                    conn, _ = sock.accept()
+                except OSError:  # BlockingIOError when the backlog is empty; retried above
+                    break
+                await self._slots.acquire()  # not locked: returns at once
+                self._spawn(loop, conn)
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        task = loop.create_task(self._handshake(conn))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
