@@ -77,7 +77,8 @@ class MergedCollector(Collector):
             fam = str(name)
             if fam not in families:
                 families[fam] = Metric(fam, str(doc), str(typ))
-            assert isinstance(labels, dict) and isinstance(value, int | float)  # noqa: S101 -- JSON shapes we wrote
+            if not isinstance(labels, dict) or not isinstance(value, int | float):
+                continue  # not a row a worker wrote
             key = (fam, str(sname), tuple(sorted(labels.items())))
             if typ == "gauge" and fam not in _SUMMED_GAUGES:
                 merged[key] = max(merged.get(key, value), value)
@@ -156,7 +157,8 @@ class Master:
             f"{self.cfg.listen.host}:{self.port}",
         ]
         env = {**os.environ, WORKER_FD_ENV: str(child_end.fileno())}
-        w.proc = subprocess.Popen(cmd, env=env, pass_fds=(child_end.fileno(),))
+        # fork+exec returns at once; the wait for readiness below is asynchronous.
+        w.proc = subprocess.Popen(cmd, env=env, pass_fds=(child_end.fileno(),))  # noqa: ASYNC220
         child_end.close()
         w.streams = await asyncio.open_connection(sock=parent_end)
         try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from pathlib import Path
 import signal
 import time
 
@@ -13,10 +15,8 @@ from tests.helpers import Pki, Upstream, client_ctx, connect, read_response, run
 def sockets(pid: int) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(OSError):
             n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-        except OSError:
-            pass
     return n
 
 
@@ -51,7 +51,8 @@ def test_two_workers_share_the_port_and_report_together(
         assert p.proc.wait(15) == 0
         assert time.monotonic() - t0 < 10
     for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+        status = Path(f"/proc/{pid}/status")
+        assert not status.exists() or "zombie" in status.read_text()
 
 
 def test_a_dead_worker_is_restarted(tp: Pki, upstream: Upstream) -> None:
