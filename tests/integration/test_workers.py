@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from pathlib import Path
 import signal
 import time
+from pathlib import Path
 
 from tests.helpers import Pki, Upstream, client_ctx, connect, read_response, run_proxy
 
