@@ -30,6 +30,7 @@ def test_defaults() -> None:
     assert (c.handshake_timeout, c.upstream_timeout, c.idle_timeout) == (10.0, 30.0, 60.0)
     assert (c.max_connections, c.max_header_bytes, c.shutdown_grace) == (10000, 65536, 15.0)
     assert c.log_format == "json" and c.workers == 1
+    assert load_config(flags={**BASE, "workers": "3"}).workers == 3
 
 
 def test_precedence_flag_over_env_over_file() -> None:
@@ -121,7 +122,7 @@ def test_env_allow_lists_and_secrets() -> None:
         ({"text": "identity_headers: 5", "filename": "f.yaml"}, "identity_headers: must be a list"),
         ({"flags": {"identity-headers": "xfcc,nope"}}, "unknown dialect 'nope'"),
         ({"flags": {"identity-headers": "tomcat"}}, "dialect 'tomcat' is not supported"),
-        ({"flags": {"workers": "2"}}, "only 1 worker"),
+        ({"flags": {"workers": "0"}}, "--workers: must be > 0"),
         ({"flags": {"keystore": "k.p12"}}, "keystore is not supported"),
         ({"flags": {"cert": ""}}, "--cert: must not be empty"),
         ({"flags": {"allow-all": True}}, "--allow-all cannot be combined"),
