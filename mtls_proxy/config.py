@@ -118,6 +118,13 @@ OPTIONS: Final[tuple[Opt, ...]] = (
     Opt("idle-timeout", ("idle_timeout",), "float", 60.0, "keep-alive idle seconds"),
     Opt("max-connections", ("max_connections",), "int", 10000, "open downstream connections"),
     Opt("max-header-bytes", ("max_header_bytes",), "int", 65536, "request head size limit"),
+    Opt(
+        "max-identity-header-bytes",
+        ("max_identity_header_bytes",),
+        "int",
+        16384,
+        "fail closed (431) when the injected identity headers would be larger",
+    ),
     Opt("shutdown-grace", ("shutdown_grace",), "float", 15.0, "drain seconds on SIGTERM"),
     Opt("reload-interval", ("reload_interval",), "float0", 0.0, "poll interval (0 = watch only)"),
     Opt("log-format", ("log_format",), "enum", "json", "json or text", ("json", "text")),
@@ -203,6 +210,7 @@ class Config:
     idle_timeout: float = 60.0
     max_connections: int = 10000
     max_header_bytes: int = 65536
+    max_identity_header_bytes: int = 16384
     shutdown_grace: float = 15.0
     reload_interval: float = 0.0
     log_format: Literal["json", "text"] = "json"

@@ -37,6 +37,14 @@ class HeaderTooLarge(ProxyError):
     public_message = "request head too large"
 
 
+class IdentityTooLarge(ProxyError):
+    """The identity headers would exceed --max-identity-header-bytes: fail closed."""
+
+    status = 431
+    error = "identity_headers_too_large"
+    public_message = "client certificate identity too large to forward"
+
+
 class NotImplementedCoding(ProxyError):
     """A transfer coding other than chunked (RFC 9112 §6.1: 501)."""
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from mtls_proxy import dialects as dialects_mod
 from mtls_proxy.identity import PeerIdentity
 
 Dialect = Literal["xfcc", "simple", "rfc9440", "tomcat", "traefik"]
 XfccMode = Literal["sanitize_set", "append_forward", "forward_only", "sanitize"]
 DIALECTS: Final[tuple[str, ...]] = ("xfcc", "simple", "rfc9440", "tomcat", "traefik")
-IMPLEMENTED_DIALECTS: Final[tuple[str, ...]] = ("xfcc", "simple")
+IMPLEMENTED_DIALECTS: Final[tuple[str, ...]] = DIALECTS
 XFCC_MODES: Final[tuple[str, ...]] = ("sanitize_set", "append_forward", "forward_only", "sanitize")
 
 XFCC: Final = b"x-forwarded-client-cert"
@@ -206,5 +207,13 @@ def identity_block(
     lines: list[str] = []
     if "simple" in dialects:
         lines.extend(f"{k}: {v}\r\n" for k, v in simple_headers(peer))
+    if peer is not None:
+        for name, encode in (
+            ("rfc9440", dialects_mod.rfc9440),
+            ("tomcat", dialects_mod.tomcat),
+            ("traefik", dialects_mod.traefik),
+        ):
+            if name in dialects:
+                lines.extend(f"{k}: {v}\r\n" for k, v in encode(peer))
     xfcc = xfcc_element(peer, by) if peer is not None and "xfcc" in dialects else None
     return IdentityBlock("".join(lines).encode("ascii"), xfcc, mode)

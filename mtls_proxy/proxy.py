@@ -17,15 +17,18 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Final
 
 import httptools
 
+from mtls_proxy.dialects import rfc9440_chain, tomcat_tls
 from mtls_proxy.errors import (
     BadRequest,
     HeaderTooLarge,
+    IdentityTooLarge,
     ProxyError,
     RequestTimeout,
     UpstreamTimeout,
@@ -36,15 +39,38 @@ from mtls_proxy.request import prepare
 from mtls_proxy.response import ResponseHead, client_head, error_response
 
 if TYPE_CHECKING:
+    import ssl
+
     from mtls_proxy.headers import IdentityBlock
     from mtls_proxy.shared import Shared
     from mtls_proxy.upstream import UpstreamConnection
 
 logger = logging.getLogger(__name__)
+SSL_DER: Final = 2  # _ssl.ENCODING_DER, for Certificate.public_bytes (Python 3.13+)
 
 _BUFFER_LIMIT: Final = 256 * 1024
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _IDLE, _HEADER = 1, 2
+
+
+def connection_identity(dialects: tuple[str, ...], sslobj: ssl.SSLObject) -> bytes:
+    """The identity lines that depend on the connection: RFC 9440's chain, Tomcat's TLS info."""
+    pairs: list[tuple[str, str]] = []
+    if "rfc9440" in dialects:
+        # The certificates the client sent after its leaf; Python exposes them from 3.13 on.
+        get_chain = getattr(sslobj, "get_unverified_chain", None)
+        if get_chain is not None:
+            chain = get_chain() or []
+            pairs += rfc9440_chain(tuple(c.public_bytes(SSL_DER) for c in chain[1:]))
+    if "tomcat" in dialects:
+        cipher = sslobj.cipher()
+        session = sslobj.session
+        pairs += tomcat_tls(
+            cipher[0] if cipher else None,
+            session.id if session else None,
+            cipher[2] if cipher else None,
+        )
+    return "".join(f"{k}: {v}\r\n" for k, v in pairs).encode("ascii")
 
 
 class _Stop(Exception):
@@ -109,10 +135,32 @@ class ClientConnection(asyncio.Protocol):
 
     # Slots: thousands of idle connections are the normal case for a sidecar (issue: 10,000
     # held open under 400 MB), and a per-instance __dict__ would cost a kilobyte each.
-    __slots__ = ("_decision", "_head_bytes", "_in_head", "_last", "_log_fields", "_out",
-                 "_parser", "_paused", "_queue", "_raw", "_slots", "_upstream_paused", "_url",
-                 "_waiting", "block", "client_ip", "closed", "deadline", "draining", "peer",
-                 "shared", "transport", "up_deadline")
+    __slots__ = (
+        "_decision",
+        "_head_bytes",
+        "_identity_too_large",
+        "_in_head",
+        "_last",
+        "_log_fields",
+        "_out",
+        "_parser",
+        "_paused",
+        "_queue",
+        "_raw",
+        "_slots",
+        "_upstream_paused",
+        "_url",
+        "_waiting",
+        "block",
+        "client_ip",
+        "closed",
+        "deadline",
+        "draining",
+        "peer",
+        "shared",
+        "transport",
+        "up_deadline",
+    )
 
     def __init__(self, shared: Shared, slots: asyncio.Semaphore) -> None:
         self.shared = shared
@@ -136,6 +184,7 @@ class ClientConnection(asyncio.Protocol):
         self._waiting = _IDLE
         self.up_deadline = 0.0  # first upstream byte expected by then
         self._log_fields: str | None = None
+        self._identity_too_large = False
         self.draining = False
         self.closed = False
 
@@ -149,7 +198,24 @@ class ClientConnection(asyncio.Protocol):
         self.peer = identity_from_der(der) if der else None
         peername = t.get_extra_info("peername")
         self.client_ip = str(peername[0]).encode() if isinstance(peername, tuple) else b"unix"
-        self.block = shared.identity_block(self.peer)
+        block = shared.identity_block(self.peer)
+        if self.peer is not None and sslobj is not None:
+            extra = connection_identity(shared.cfg.identity_headers, sslobj)
+            if extra:
+                block = dataclasses.replace(block, lines=block.lines + extra)
+        self.block = block
+        size = len(block.lines) + len(block.xfcc or b"")
+        self._identity_too_large = size > shared.cfg.max_identity_header_bytes
+        if self._identity_too_large:
+            logger.warning(
+                "identity headers exceed --max-identity-header-bytes; requests on "
+                "this connection get 431",
+                extra={
+                    "bytes": size,
+                    "limit": shared.cfg.max_identity_header_bytes,
+                    "peer_sha256": self.peer.sha256 if self.peer else None,
+                },
+            )
         shared.connections.add(self)
         shared.metrics.connections_open.inc()
         self._wait(_IDLE)
@@ -337,6 +403,12 @@ class ClientConnection(asyncio.Protocol):
         """Answer or forward the exchange at the head of the queue."""
         ex.started = True
         if ex.status:  # invalid request: its error response is prepared (rule 1)
+            self._out.extend(ex.body)
+            self._finish(ex)
+            return
+        if self._identity_too_large:
+            # Fail closed: never forward a request whose identity would be cut or rejected.
+            ex.fail(IdentityTooLarge())
             self._out.extend(ex.body)
             self._finish(ex)
             return
