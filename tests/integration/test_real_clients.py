@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 from tests.helpers import Pki, Upstream, run_proxy
 
@@ -121,3 +122,54 @@ def test_openssl_s_client(tp: Pki, upstream: Upstream) -> None:
     assert b'"target": "/s_client"' in out.stdout
     assert b"HTTP/1.1" not in bad.stdout
     assert tls11.returncode != 0  # TLS 1.1 is never accepted
+
+
+def test_min_tls_version_13_refuses_tls12(tp: Pki, upstream: Upstream) -> None:
+    from tests.helpers import client_ctx, get, handshake_rejected
+
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--min-tls-version", "1.3") as p:
+        assert get(p.port, client_ctx(tp, "good", tls13=True))[0] == 200
+        handshake_rejected(p.port, client_ctx(tp, "good", tls13=False))
+    assert len(upstream.seen) == 1
+
+
+def test_text_log_format(tp: Pki, upstream: Upstream) -> None:
+    from tests.helpers import client_ctx, get
+
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--log-format", "json") as p:
+        assert get(p.port, client_ctx(tp, "good"))[0] == 200
+    access = [r for r in p.records() if r.get("msg") == "access"]
+    assert access and access[0]["status"] == 200 and access[0]["decision"] == "allow"
+    assert access[0]["peer"] == "CN=client-good,O=Example Corp" and access[0]["path"] == "/"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mtls_proxy",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+            "--upstream",
+            f"http://127.0.0.1:{upstream.port}",
+            "--cert",
+            tp.crt("server"),
+            "--key",
+            tp.key("server"),
+            "--cacert",
+            tp.ca,
+            "--allow-all",
+            "--log-format",
+            "text",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert " INFO mtls_proxy.server: ready" in line and not line.startswith("{")
