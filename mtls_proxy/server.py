@@ -39,7 +39,7 @@ def raise_fd_limit(max_connections: int) -> None:
     if soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        if new < want:
+        if new < max_connections + 256:  # not even one descriptor per client
             logger.warning(
                 "open-file limit %d is below what --max-connections %d may need (%d)",
                 new,

@@ -168,7 +168,7 @@ def test_text_log_format(tp: Pki, upstream: Upstream) -> None:
     )
     try:
         assert proc.stderr is not None
-        line = proc.stderr.readline()
+        line = next(x for x in proc.stderr if "ready" in x)
     finally:
         proc.terminate()
         proc.wait(10)
