@@ -88,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--o")
     issue.add_argument("--days", type=int, default=825)
     issue.add_argument("--key-type", choices=["ec", "rsa", "ed25519"], default="ec")
+    revoke = pki_sub.add_parser("revoke", help="add NAME to DIR/crl.pem")
+    revoke.add_argument("name")
+    revoke.add_argument("--dir", required=True)
+    export = pki_sub.add_parser("export", help="keystore/truststore for Spring Boot or PEM")
+    export.add_argument("name")
+    export.add_argument("--dir", required=True)
+    export.add_argument("--format", choices=["p12", "jks", "pem"], default="p12")
+    export.add_argument("--password", help="store password (literal, ${ENV} or file:/path)")
+    export.add_argument("--out", help="output directory (default DIR/NAME-export)")
     return parser
 
 
@@ -160,6 +169,7 @@ def _check(args: argparse.Namespace) -> int:
         f"  trusted CAs:       {len(material.ca_certs)}"
         + (f" ({material.cacert_file})" if material.cacert_file else ""),
         f"  client auth:       {cfg.tls.client_auth}",
+        *([f"  cert-dir:          found {', '.join(material.found)}"] if material.found else []),
         f"  rules:             {len(rules)}" + "".join(f"\n    - {r}" for r in rules),
         f"  identity headers:  {','.join(cfg.identity_headers)} (xfcc mode {cfg.xfcc_mode})",
         f"  admin:             {cfg.admin or 'off'}",
@@ -177,6 +187,8 @@ def _pki(args: argparse.Namespace) -> int:
         print(f"wrote {directory}/root.crt, root.key, intermediate.crt, intermediate.key, ca.crt")
         return 0
     directory = Path(args.dir)
+    if args.pki_command in ("revoke", "export"):
+        return _pki_store(args, directory)
     try:
         issuer = pki.load_issuer(directory)
     except (OSError, ValueError) as exc:
@@ -202,6 +214,33 @@ def _pki(args: argparse.Namespace) -> int:
         raise ConfigError(f"pki issue {args.name}: {exc}") from None
     pki.write_pair(directory, args.name, item)
     print(f"wrote {directory}/{args.name}.crt (leaf + intermediate) and {args.name}.key")
+    return 0
+
+
+def _pki_store(args: argparse.Namespace, directory: Path) -> int:
+    from mtls_proxy import pki
+    from mtls_proxy.config import resolve_env_secret
+    from mtls_proxy.tls import resolve_password
+
+    name = args.name
+    if not (directory / f"{name}.crt").is_file():
+        raise ConfigError(f"{directory / (name + '.crt')}: not found (issue it first)")
+    if args.pki_command == "revoke":
+        crl = pki.revoke(directory, name)
+        print(f"revoked {name}; wrote {crl}")
+        return 0
+    if args.format != "pem" and not args.password:
+        raise ConfigError("--password is required for p12 and jks stores")
+    secret = ""
+    if args.password:
+        try:
+            literal = resolve_env_secret(args.password, dict(os.environ))
+        except ValueError as exc:
+            raise ConfigError(f"--password: {exc}") from None
+        secret = (resolve_password(literal, "--password") or b"").decode()
+    out = pki.export(directory, name, args.format, secret, Path(args.out) if args.out else None)
+    print(f"wrote {out}")
+    print(pki.spring_properties(out.resolve(), args.format, secret, name))
     return 0
 
 

@@ -23,7 +23,6 @@ from mtls_proxy.identity import PeerIdentity
 Dialect = Literal["xfcc", "simple", "rfc9440", "tomcat", "traefik"]
 XfccMode = Literal["sanitize_set", "append_forward", "forward_only", "sanitize"]
 DIALECTS: Final[tuple[str, ...]] = ("xfcc", "simple", "rfc9440", "tomcat", "traefik")
-IMPLEMENTED_DIALECTS: Final[tuple[str, ...]] = DIALECTS
 XFCC_MODES: Final[tuple[str, ...]] = ("sanitize_set", "append_forward", "forward_only", "sanitize")
 
 XFCC: Final = b"x-forwarded-client-cert"

@@ -209,3 +209,110 @@ def init_pki(directory: Path, key_type: KeyType = "ec") -> tuple[Issued, Issued]
     write_pair(directory, "intermediate", inter)
     (directory / "ca.crt").write_bytes(root.cert_pem(with_chain=False))
     return root, inter
+
+
+def load_issued(directory: Path, name: str) -> Issued:
+    """DIR/NAME.crt (leaf + chain) and DIR/NAME.key."""
+    certs = x509.load_pem_x509_certificates((directory / f"{name}.crt").read_bytes())
+    key = serialization.load_pem_private_key((directory / f"{name}.key").read_bytes(), None)
+    if not isinstance(
+        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise ValueError(f"{directory / (name + '.key')}: unsupported key type")
+    return Issued(certs[0], key, tuple(certs[1:]))
+
+
+def revoke(directory: Path, name: str, now: dt.datetime | None = None) -> Path:
+    """Add DIR/NAME.crt's serial to DIR/crl.pem (signed by the intermediate; kept entries stay)."""
+    issuer = load_issuer(directory)
+    leaf = x509.load_pem_x509_certificates((directory / f"{name}.crt").read_bytes())[0]
+    now = now or dt.datetime.now(dt.UTC)
+    crl_path = directory / "crl.pem"
+    revoked: dict[int, x509.RevokedCertificate] = {}
+    if crl_path.exists():
+        for r in x509.load_pem_x509_crl(crl_path.read_bytes()):
+            revoked[r.serial_number] = r
+    revoked.setdefault(
+        leaf.serial_number,
+        x509.RevokedCertificateBuilder()
+        .serial_number(leaf.serial_number)
+        .revocation_date(now)
+        .build(),
+    )
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(issuer.cert.subject)
+        .last_update(now)
+        .next_update(now + 7 * _DAY)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
+            critical=False,
+        )
+    )
+    for r in revoked.values():
+        b = b.add_revoked_certificate(r)
+    crl = b.sign(issuer.key, _hash_for(issuer.key))
+    crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return crl_path
+
+
+def spring_properties(out: Path, fmt: str, password: str, alias: str) -> str:
+    """The Spring Boot properties that use what export() wrote."""
+    if fmt == "pem":
+        return "\n".join(
+            [
+                "# Spring Boot 3.1+ (SSL bundles)",
+                f"spring.ssl.bundle.pem.mtls.keystore.certificate=file:{out}/tls.crt",
+                f"spring.ssl.bundle.pem.mtls.keystore.private-key=file:{out}/tls.key",
+                f"spring.ssl.bundle.pem.mtls.truststore.certificate=file:{out}/ca.crt",
+                "server.ssl.bundle=mtls",
+                "server.ssl.client-auth=need",
+            ]
+        )
+    ext, typ = ("p12", "PKCS12") if fmt == "p12" else ("jks", "JKS")
+    return "\n".join(
+        [
+            "# Spring Boot (any version)",
+            f"server.ssl.key-store=file:{out}/keystore.{ext}",
+            f"server.ssl.key-store-password={password}",
+            f"server.ssl.key-store-type={typ}",
+            f"server.ssl.key-alias={alias}",
+            f"server.ssl.trust-store=file:{out}/truststore.{ext}",
+            f"server.ssl.trust-store-password={password}",
+            f"server.ssl.trust-store-type={typ}",
+            "server.ssl.client-auth=need",
+            "# or Spring Boot 3.1+ SSL bundles",
+            f"spring.ssl.bundle.jks.mtls.keystore.location=file:{out}/keystore.{ext}",
+            f"spring.ssl.bundle.jks.mtls.keystore.password={password}",
+            f"spring.ssl.bundle.jks.mtls.keystore.type={typ}",
+            f"spring.ssl.bundle.jks.mtls.truststore.location=file:{out}/truststore.{ext}",
+            f"spring.ssl.bundle.jks.mtls.truststore.password={password}",
+            f"spring.ssl.bundle.jks.mtls.truststore.type={typ}",
+            "server.ssl.bundle=mtls",
+        ]
+    )
+
+
+def export(directory: Path, name: str, fmt: str, password: str, out: Path | None = None) -> Path:
+    """Write NAME's key + chain and the trust bundle as keystore.*/truststore.* (or PEM)."""
+    from mtls_proxy import keystores
+
+    item = load_issued(directory, name)
+    ca = x509.load_pem_x509_certificates((directory / "ca.crt").read_bytes())
+    out = out or directory / f"{name}-export"
+    out.mkdir(parents=True, exist_ok=True)
+    material = keystores.KeyMaterial(item.key, (item.cert, *item.chain))
+    pw = password.encode()
+    if fmt == "p12":
+        write_private(out / "keystore.p12", keystores.export_pkcs12(material, pw, name.encode()))
+        write_private(out / "truststore.p12", keystores.export_pkcs12_truststore(ca, pw))
+    elif fmt == "jks":
+        write_private(out / "keystore.jks", keystores.export_jks(material, [], pw, name))
+        write_private(out / "truststore.jks", keystores.export_jks(None, ca, pw, name))
+    else:
+        (out / "tls.crt").write_bytes(item.cert_pem())
+        write_private(out / "tls.key", item.key_pem())
+        (out / "ca.crt").write_bytes(
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in ca)
+        )
+    return out

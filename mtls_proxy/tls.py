@@ -11,8 +11,10 @@ Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +22,12 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mtls_proxy.config import Config, TLSConfig
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.identity import rfc2253
+from mtls_proxy.keystores import PrivateKey, load_keystore, load_truststore
 
 TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -32,13 +36,22 @@ TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
 class Material:
     """Validated certificate material, ready to build contexts from."""
 
-    cert_file: str
-    key_file: str
-    key_password: bytes | None
+    cert_file: str  # where the certificate came from (a PEM file or a keystore), for messages
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...]  # leaf first
     cacert_file: str | None
-    leaf: x509.Certificate
-    chain_len: int
     ca_certs: tuple[x509.Certificate, ...]
+    found: tuple[str, ...] = ()  # what --cert-dir supplied
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        """Our own certificate."""
+        return self.chain[0]
+
+    @property
+    def chain_len(self) -> int:
+        """Certificates we present (leaf + intermediates)."""
+        return len(self.chain)
 
     @property
     def server_subject(self) -> str:
@@ -108,44 +121,138 @@ def resolve_password(secret: str | None, key: str) -> bytes | None:
     return secret.encode()
 
 
+# cert-manager / Kubernetes secret keys, in the order they are preferred.
+CERT_DIR_NAMES = (
+    "tls.crt",
+    "tls.key",
+    "ca.crt",
+    "keystore.p12",
+    "keystore.jks",
+    "truststore.p12",
+    "truststore.jks",
+)
+
+
+def _from_cert_dir(tls: TLSConfig, src: dict[str, str]) -> tuple[TLSConfig, tuple[str, ...]]:
+    """Fill unset file options from a secret mount by the well-known names."""
+    where = src.get("cert-dir", "--cert-dir")
+    d = Path(str(tls.cert_dir))
+    if not d.is_dir():
+        raise ConfigError(f"{where}: {d}: not a directory")
+    present = {n: str(d / n) for n in CERT_DIR_NAMES if (d / n).is_file()}
+    changes: dict[str, str] = {}
+    if tls.cert is None and tls.keystore is None:
+        if "tls.crt" in present and "tls.key" in present:
+            changes |= {"cert": present["tls.crt"], "key": present["tls.key"]}
+        elif "keystore.p12" in present or "keystore.jks" in present:
+            changes["keystore"] = present.get("keystore.p12") or present["keystore.jks"]
+        else:
+            raise ConfigError(f"{where}: {d}: no tls.crt + tls.key and no keystore.p12/.jks")
+    if tls.cacert is None and tls.truststore is None:
+        if "ca.crt" in present:
+            changes["cacert"] = present["ca.crt"]
+        elif "truststore.p12" in present or "truststore.jks" in present:
+            changes["truststore"] = present.get("truststore.p12") or present["truststore.jks"]
+        elif tls.client_auth != "none":
+            raise ConfigError(
+                f"{where}: {d}: no ca.crt and no truststore.p12/.jks to verify clients with"
+            )
+    for opt in changes:
+        src.setdefault(opt.replace("_", "-"), f"{where} ({Path(changes[opt]).name})")
+    return dataclasses.replace(tls, **changes), tuple(sorted(present))  # type: ignore[arg-type]  # only the path fields change
+
+
 def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Material:
-    """Read and validate cert, key and CA bundle (rule 1). Blocking: run off the event loop."""
-    src = sources or {}
+    """Read and validate key, chain and trusted CAs (rule 1). Blocking: run off the event loop."""
+    src = dict(sources or {})
+    found: tuple[str, ...] = ()
+    if tls.cert_dir is not None:
+        tls, found = _from_cert_dir(tls, src)
+    if tls.keystore is not None:
+        where = f"{src.get('keystore', '--keystore')}: {tls.keystore}"
+        password = resolve_password(
+            tls.keystore_password, src.get("keystore-password", "--keystore-password")
+        )
+        km = load_keystore(
+            _read(tls.keystore, src.get("keystore", "--keystore"), "keystore"),
+            password,
+            tls.keystore_alias,
+            where,
+        )
+        key, chain, cert_file = km.key, km.chain, str(tls.keystore)
+    else:
+        key, chain = _pem_pair(tls, src)
+        cert_file = str(tls.cert)
+    ca_certs: tuple[x509.Certificate, ...] = ()
+    ca_file = None
+    if tls.truststore is not None:
+        ts_key = src.get("truststore", "--truststore")
+        password = resolve_password(
+            tls.truststore_password, src.get("truststore-password", "--truststore-password")
+        )
+        ca_certs = tuple(
+            load_truststore(
+                _read(tls.truststore, ts_key, "truststore"), password, f"{ts_key}: {tls.truststore}"
+            )
+        )
+        ca_file = tls.truststore
+    elif tls.cacert is not None:
+        ca_key = src.get("cacert", "--cacert")
+        ca_certs = tuple(_certs(_read(tls.cacert, ca_key, "CA bundle"), tls.cacert, ca_key))
+        ca_file = tls.cacert
+    return Material(cert_file, key, chain, ca_file, ca_certs, found)
+
+
+def _pem_pair(
+    tls: TLSConfig, src: dict[str, str]
+) -> tuple[PrivateKey, tuple[x509.Certificate, ...]]:
     cert_key, key_key = src.get("cert", "--cert"), src.get("key", "--key")
     certs = _certs(_read(tls.cert, cert_key, "certificate"), str(tls.cert), cert_key)
     key_data = _read(tls.key, key_key, "private key")
     password = resolve_password(tls.key_password, src.get("key-password", "--key-password"))
     try:
-        key = serialization.load_pem_private_key(key_data, password)
+        loaded = serialization.load_pem_private_key(key_data, password)
     except TypeError:
         hint = (
             "the key is encrypted: give --key-password"
             if password is None
-            else ("the key is not encrypted: drop --key-password")
+            else "the key is not encrypted: drop --key-password"
         )
         raise ConfigError(f"{key_key}: {tls.key}: {hint}") from None
     except ValueError as exc:
         reason = (
             "wrong --key-password"
             if password and "password" in str(exc).lower()
-            else ("not a PEM private key (or wrong password)")
+            else "not a PEM private key (or wrong password)"
         )
         raise ConfigError(f"{key_key}: {tls.key}: {reason}") from None
-    leaf = certs[0]
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if not isinstance(
+        loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     ):
+        raise ConfigError(f"{key_key}: {tls.key}: unsupported key type")
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if loaded.public_key().public_bytes(der, spki) != certs[0].public_key().public_bytes(der, spki):
         raise ConfigError(
             f"{key_key}: {tls.key}: the private key does not match the certificate "
-            f"in {tls.cert} (subject {rfc2253(leaf.subject)})"
+            f"in {tls.cert} (subject {rfc2253(certs[0].subject)})"
         )
-    ca_certs: tuple[x509.Certificate, ...] = ()
-    if tls.cacert is not None:
-        ca_key = src.get("cacert", "--cacert")
-        ca_certs = tuple(_certs(_read(tls.cacert, ca_key, "CA bundle"), tls.cacert, ca_key))
-    return Material(str(tls.cert), str(tls.key), password, tls.cacert, leaf, len(certs), ca_certs)
+    return loaded, tuple(certs)
+
+
+def _load_chain_from_memory(ctx: ssl.SSLContext, material: Material) -> None:
+    """load_cert_chain only takes paths: hand it an anonymous in-memory file (memfd), so the
+    decrypted key never touches a disk."""
+    pem = material.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in material.chain)
+    fd = os.memfd_create("mtls-proxy-material", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
@@ -158,7 +265,7 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.set_alpn_protocols(["http/1.1"])  # we speak HTTP/1.1 only; h2-capable clients fall back
     try:
-        ctx.load_cert_chain(material.cert_file, material.key_file, password=material.key_password)
+        _load_chain_from_memory(ctx, material)
     except ssl.SSLError as exc:
         raise ConfigError(
             f"{cfg.source('cert')}: {material.cert_file}: OpenSSL refused the "

@@ -364,7 +364,9 @@ def run_proxy(
     loop: str = "auto",
     default_policy: bool = True,
     env: dict[str, str] | None = None,
+    extra_cert_args: bool = True,
 ) -> Iterator[Proxy]:
+    material = ["--cert", tp.crt("server"), "--key", tp.key("server"), "--cacert", tp.ca]
     args = [
         "serve",
         "--listen",
@@ -373,12 +375,7 @@ def run_proxy(
         "127.0.0.1:0",
         "--upstream",
         upstream,
-        "--cert",
-        tp.crt("server"),
-        "--key",
-        tp.key("server"),
-        "--cacert",
-        tp.ca,
+        *(material if extra_cert_args else []),
         "--loop",
         loop,
         "--log-format",

@@ -122,7 +122,9 @@ def test_env_allow_lists_and_secrets() -> None:
         ({"text": "identity_headers: 5", "filename": "f.yaml"}, "identity_headers: must be a list"),
         ({"flags": {"identity-headers": "xfcc,nope"}}, "unknown dialect 'nope'"),
         ({"flags": {"workers": "0"}}, "--workers: must be > 0"),
-        ({"flags": {"keystore": "k.p12"}}, "keystore is not supported"),
+        ({"flags": {"keystore": "k.p12"}}, "give either --keystore or --cert/--key"),
+        ({"flags": {"truststore": "t.p12"}}, "give either --truststore or --cacert"),
+        ({"flags": {"crl": "c.pem"}}, "crl is not supported"),
         ({"flags": {"cert": ""}}, "--cert: must not be empty"),
         ({"flags": {"allow-all": True}}, "--allow-all cannot be combined"),
         ({"flags": {"allow-anonymous": True}}, "--allow-anonymous needs --client-auth optional"),
@@ -152,8 +154,8 @@ def test_small_conversions() -> None:
 def test_required_options_and_no_rules() -> None:
     found = problems(flags={})
     assert any("--upstream is required" in p for p in found)
-    assert any("--cert and --key are required" in p for p in found)
-    assert any("--cacert is required" in p for p in found)
+    assert any("--cert and --key (or --keystore, or --cert-dir) are required" in p for p in found)
+    assert any("--cacert (or --truststore, or --cert-dir) is required" in p for p in found)
     assert any("no access rules" in p for p in found)
 
 
@@ -212,3 +214,20 @@ def test_example_config_is_valid() -> None:
     for opt in OPTIONS:
         if opt.kind != "allow":
             assert opt.path[-1] in text, opt.path
+
+
+def test_cert_dir_and_stores_need_no_pem_paths() -> None:
+    c = load_config(flags={"upstream": "http://h:1", "cert-dir": "/etc/mtls", "allow-cn": ["x"]})
+    assert c.tls.cert_dir == "/etc/mtls" and c.tls.cert is None and c.tls.cacert is None
+    c = load_config(
+        flags={
+            "upstream": "http://h:1",
+            "keystore": "k.p12",
+            "truststore": "t.jks",
+            "keystore-password": "a",
+            "truststore-password": "b",
+            "keystore-alias": "app",
+            "allow-cn": ["x"],
+        }
+    )
+    assert (c.tls.keystore, c.tls.truststore, c.tls.keystore_alias) == ("k.p12", "t.jks", "app")

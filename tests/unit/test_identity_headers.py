@@ -327,3 +327,12 @@ def test_request_metrics_exposition() -> None:
     assert 'mtls_proxy_request_duration_seconds_bucket{le="+Inf"} 2.0' in text
     assert "mtls_proxy_request_duration_seconds_count 2.0" in text
     assert "mtls_proxy_request_duration_seconds_sum 100.003" in text
+
+
+def test_normalize_name_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtls_proxy import headers
+
+    assert normalize_name(b"X_Cached") == normalize_name(b"X_Cached") == b"x-cached"
+    monkeypatch.setattr(headers, "NAME_CACHE_MAX", 0)
+    assert normalize_name(b"X-Never-Cached-Name") == b"x-never-cached-name"
+    assert b"X-Never-Cached-Name" not in headers.NAME_CACHE

@@ -207,3 +207,14 @@ def test_error_response() -> None:
     assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"Connection: close" in head
     assert json.loads(body) == {"error": "forbidden", "reason": 'no "rule"'}
     assert error_response(418, "x", "y", True, False).endswith(b"\r\n\r\n")
+
+
+def test_head_cache_memoises_and_stays_bounded() -> None:
+    from mtls_proxy.response import HeadCache
+
+    cache = HeadCache(size=2)
+    a = cache.parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1")
+    assert cache.parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1") is a
+    cache.parse(b"HTTP/1.1 204 No Content")
+    cache.parse(b"HTTP/1.1 304 Not Modified")  # evicts the oldest
+    assert cache.parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1") is not a
