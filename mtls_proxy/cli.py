@@ -19,11 +19,13 @@ from mtls_proxy.logs import setup_logging
 logger = logging.getLogger("mtls_proxy")
 
 
-def _add_options(p: argparse.ArgumentParser) -> None:
+def _add_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     p.add_argument(
         "--config", "-c", metavar="FILE", help="YAML config file (env MTLS_PROXY_CONFIG)"
     )
     for opt in OPTIONS:
+        if opt.name in skip:
+            continue
         flag = f"--{opt.name}"
         dest = opt.name
         if opt.kind == "allow":
@@ -67,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_options(serve)
     check = sub.add_parser("check", help="validate config and certificate material, then exit")
     _add_options(check)
+    explain = sub.add_parser("explain", help="would this client certificate be allowed, and why")
+    explain.add_argument(
+        "--cert",
+        dest="client_cert",
+        metavar="FILE",
+        required=True,
+        help="the client certificate (PEM, leaf first, intermediates after)",
+    )
+    explain.add_argument("--path", default="/", help="request path to decide for (default /)")
+    explain.add_argument("--method", default="GET", help="request method (default GET)")
+    _add_options(explain, skip=("cert",))
     demo = sub.add_parser("demo", help="throwaway PKI + echo upstream + proxy on loopback")
     demo.add_argument(
         "--self-test",
@@ -178,6 +191,20 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from mtls_proxy.explain import explain
+
+    # explain needs the trust and the policy, not our own certificate: stand-ins keep the
+    # config valid (a --config file's tls.cert/key, if any, are not read either).
+    setattr(args, "cert", "-")  # noqa: B010 -- the option table's dest names
+    if not any(getattr(args, n, None) for n in ("key", "keystore", "cert-dir")):
+        setattr(args, "key", "-")  # noqa: B010
+    cfg = build_config(args)
+    code, report = explain(cfg, args.client_cert, args.method, args.path)
+    print(report)
+    return code
+
+
 def _pki(args: argparse.Namespace) -> int:
     from mtls_proxy import pki
 
@@ -254,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "pki":
             return _pki(args)
+        if args.command == "explain":
+            return _explain(args)
         from mtls_proxy.demo import run_demo
 
         return run_demo(self_test=args.self_test)

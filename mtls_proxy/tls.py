@@ -183,6 +183,14 @@ def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Mate
     else:
         key, chain = _pem_pair(tls, src)
         cert_file = str(tls.cert)
+    ca_file, ca_certs = load_trust(tls, src)
+    return Material(cert_file, key, chain, ca_file, ca_certs, found)
+
+
+def load_trust(
+    tls: TLSConfig, src: dict[str, str]
+) -> tuple[str | None, tuple[x509.Certificate, ...]]:
+    """The CAs trusted for client certificates (truststore or PEM bundle) and where from."""
     ca_certs: tuple[x509.Certificate, ...] = ()
     ca_file = None
     if tls.truststore is not None:
@@ -200,7 +208,7 @@ def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Mate
         ca_key = src.get("cacert", "--cacert")
         ca_certs = tuple(_certs(_read(tls.cacert, ca_key, "CA bundle"), tls.cacert, ca_key))
         ca_file = tls.cacert
-    return Material(cert_file, key, chain, ca_file, ca_certs, found)
+    return ca_file, ca_certs
 
 
 def _pem_pair(

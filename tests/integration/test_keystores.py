@@ -359,3 +359,197 @@ def test_export_prints_spring_properties_and_revoke_writes_a_crl(tp: Pki, tmp_pa
         text=True,
     )
     assert v.returncode != 0 and "revoked" in (v.stdout + v.stderr)
+
+
+@pytest.mark.parametrize(
+    ("client", "extra", "code", "needle"),
+    [
+        ("good", ["--allow-uri", ALLOWED_URI], 0, "ALLOWED"),
+        ("other", ["--allow-uri", ALLOWED_URI], 3, "DENIED 403"),
+        ("rogue", ["--allow-all"], 3, "UNTRUSTED"),
+        ("expired", ["--allow-all"], 3, "not valid at validation time"),
+        ("server_eku", ["--allow-all"], 3, "required EKU not found"),
+        ("good_leaf_only", ["--allow-all"], 3, "UNTRUSTED"),
+    ],
+)
+def test_explain(tp: Pki, client: str, extra: list[str], code: int, needle: str) -> None:
+    r = mtls(
+        "explain",
+        "--cert",
+        tp.crt(client),
+        "--cacert",
+        tp.ca,
+        "--upstream",
+        "http://127.0.0.1:9",
+        *extra,
+    )
+    assert r.returncode == code, r.stdout + r.stderr
+    assert needle in r.stdout
+    if client == "good":
+        assert "subject:      CN=client-good,O=Example Corp" in r.stdout
+        assert "spki pin:     sha256/" in r.stdout and ALLOWED_URI in r.stdout
+
+
+def test_explain_with_a_truststore_and_bad_input(tp: Pki, stores: dict[str, Path]) -> None:
+    r = mtls(
+        "explain",
+        "--cert",
+        tp.crt("good"),
+        "--truststore",
+        str(stores["jks"] / "truststore.jks"),
+        "--truststore-password",
+        "changeit",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--allow-uri",
+        ALLOWED_URI,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = mtls(
+        "explain",
+        "--cert",
+        tp.key("good"),
+        "--cacert",
+        tp.ca,
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--allow-all",
+    )
+    assert r.returncode == 2 and "not a PEM or DER certificate" in r.stderr
+
+
+def test_openssl_reads_our_pkcs12(stores: dict[str, Path]) -> None:
+    r = subprocess.run(
+        [
+            "openssl",
+            "pkcs12",
+            "-in",
+            str(stores["p12"] / "keystore.p12"),
+            "-passin",
+            "pass:changeit",
+            "-nodes",
+            "-info",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "BEGIN PRIVATE KEY" in r.stdout and r.stdout.count("BEGIN CERTIFICATE") == 2
+
+
+JAVA_CLIENT = """
+import java.io.FileInputStream;
+import java.net.URI;
+import java.net.http.*;
+import java.security.KeyStore;
+import javax.net.ssl.*;
+
+public class Call {
+    public static void main(String[] a) throws Exception {
+        char[] pw = "changeit".toCharArray();
+        KeyStore ks = KeyStore.getInstance("PKCS12");
+        ks.load(new FileInputStream(a[1]), pw);
+        KeyStore ts = KeyStore.getInstance("JKS");
+        ts.load(new FileInputStream(a[2]), pw);
+        KeyManagerFactory kmf =
+            KeyManagerFactory.getInstance(KeyManagerFactory.getDefaultAlgorithm());
+        kmf.init(ks, pw);
+        TrustManagerFactory tmf =
+            TrustManagerFactory.getInstance(TrustManagerFactory.getDefaultAlgorithm());
+        tmf.init(ts);
+        SSLContext ctx = SSLContext.getInstance("TLS");
+        ctx.init(kmf.getKeyManagers(), tmf.getTrustManagers(), null);
+        HttpClient c = HttpClient.newBuilder().sslContext(ctx)
+            .version(HttpClient.Version.HTTP_1_1).build();
+        HttpResponse<String> r = c.send(HttpRequest.newBuilder(URI.create(a[0])).build(),
+                                        HttpResponse.BodyHandlers.ofString());
+        System.out.println(r.statusCode());
+        System.out.println(r.body());
+    }
+}
+"""
+
+
+@needs_keytool
+def test_java_httpclient_with_exported_stores_calls_through_the_proxy(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    d = tmp_path / "pki"
+    assert mtls("pki", "init", str(d)).returncode == 0
+    assert (
+        mtls(
+            "pki",
+            "issue",
+            "server",
+            "proxy",
+            "--dir",
+            str(d),
+            "--dns",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+        ).returncode
+        == 0
+    )
+    assert (
+        mtls(
+            "pki",
+            "issue",
+            "client",
+            "javaapp",
+            "--dir",
+            str(d),
+            "--uri",
+            "spiffe://test.local/ns/java/sa/app",
+        ).returncode
+        == 0
+    )
+    for fmt in ("p12", "jks"):
+        assert (
+            mtls(
+                "pki",
+                "export",
+                "javaapp",
+                "--dir",
+                str(d),
+                "--format",
+                fmt,
+                "--password",
+                "changeit",
+                "--out",
+                str(d / fmt),
+            ).returncode
+            == 0
+        )
+    src = tmp_path / "Call.java"
+    src.write_text(JAVA_CLIENT)
+    with run_proxy(
+        tp,
+        f"http://127.0.0.1:{upstream.port}",
+        "--cert",
+        str(d / "proxy.crt"),
+        "--key",
+        str(d / "proxy.key"),
+        "--cacert",
+        str(d / "ca.crt"),
+        "--allow-uri",
+        "spiffe://test.local/ns/java/sa/*",
+        extra_cert_args=False,
+    ) as p:
+        r = subprocess.run(
+            [
+                "java",
+                str(src),
+                f"https://localhost:{p.port}/from-java",
+                str(d / "p12" / "keystore.p12"),
+                str(d / "jks" / "truststore.jks"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert r.returncode == 0, r.stderr
+    status, body = r.stdout.split("\n", 1)
+    assert status == "200"
+    assert '"target": "/from-java"' in body
+    assert upstream.seen[0].one("x-client-spiffe-id") == "spiffe://test.local/ns/java/sa/app"

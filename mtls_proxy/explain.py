@@ -1,0 +1,95 @@
+"""``mtls-proxy explain --cert FILE``: would this client certificate be let in, and why (not)?
+
+Exit 0 allowed, 3 denied (an untrusted chain included), 2 bad input. The chain is verified with
+the configured trust using cryptography's X.509 client verifier (RFC 5280 path validation with
+EKU clientAuth, the rules the listener's OpenSSL applies; cryptography is the stricter of the
+two on malformed certificates), then the policy decides as it would for a request.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from mtls_proxy.config import Config
+from mtls_proxy.errors import ConfigError
+from mtls_proxy.identity import identity_from_der, rfc2253
+from mtls_proxy.policy import decide
+from mtls_proxy.tls import _from_cert_dir, load_trust
+
+
+def explain(cfg: Config, cert_file: str, method: str, path: str) -> tuple[int, str]:
+    """The report and the exit code for *cert_file* under *cfg*."""
+    try:
+        data = Path(cert_file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--cert: {cert_file}: cannot read ({exc.strerror})") from None
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        try:
+            certs = [x509.load_der_x509_certificate(data)]
+        except ValueError:
+            raise ConfigError(f"--cert: {cert_file}: not a PEM or DER certificate") from None
+    leaf, intermediates = certs[0], certs[1:]
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    peer = identity_from_der(der)
+    spki = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    lines = [
+        f"subject:      {peer.subject}",
+        f"issuer:       {rfc2253(leaf.issuer)}",
+        f"validity:     {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} .. "
+        f"{leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+        f"sha256:       {peer.sha256}",
+        f"spki pin:     sha256/{base64.b64encode(hashlib.sha256(spki).digest()).decode()}",
+        *(
+            f"{label:<13} {', '.join(values)}"
+            for label, values in (
+                ("SAN dns:", peer.dns),
+                ("SAN uri:", peer.uri),
+                ("SAN email:", peer.email),
+                ("SAN ip:", peer.ip),
+            )
+            if values
+        ),
+        f"chain sent:   {len(intermediates)} intermediate(s) after the leaf",
+    ]
+    tls = cfg.tls
+    src = dict(cfg.sources)
+    if tls.cert_dir is not None:
+        tls, _ = _from_cert_dir(tls, src)
+    _, cas = load_trust(tls, src)
+    if tls.client_auth != "none":
+        if not cas:
+            raise ConfigError("no trusted CAs configured (--cacert, --truststore or --cert-dir)")
+        verifier = (
+            PolicyBuilder()
+            .store(Store(list(cas)))
+            .time(dt.datetime.now(dt.UTC))
+            .build_client_verifier()
+        )
+        try:
+            verified = verifier.verify(leaf, intermediates)
+        except VerificationError as exc:
+            lines.append(f"trust:        UNTRUSTED: {exc}")
+            lines.append("decision:     denied at the TLS handshake (nothing reaches HTTP)")
+            return 3, "\n".join(lines)
+        path_names = " -> ".join(rfc2253(c.subject) for c in verified.chain)
+        lines.append(f"trust:        trusted: {path_names}")
+    d = decide(cfg.policy, peer if tls.client_auth != "none" else None, method, path)
+    if d.allowed:
+        lines.append(f"decision:     ALLOWED ({d.kind}; rule {d.rule}) for {method} {path}")
+        return 0, "\n".join(lines)
+    rules = ", ".join(r.name for r in cfg.policy.rules) or "none"
+    lines.append(
+        f"decision:     DENIED {d.status} for {method} {path}: {d.reason} (rules: {rules})"
+    )
+    return 3, "\n".join(lines)
