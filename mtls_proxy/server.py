@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import logging
 import resource
@@ -11,17 +12,26 @@ import signal
 import socket
 import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
 from mtls_proxy import __version__
-from mtls_proxy.admin import admin_app
+from mtls_proxy.admin import admin_app, rfc3339
+from mtls_proxy.errors import ConfigError
 from mtls_proxy.logs import AccessLog
 from mtls_proxy.metrics import Metrics
 from mtls_proxy.proxy import ClientConnection
 from mtls_proxy.shared import Shared
-from mtls_proxy.tls import Material, classify_handshake_error, server_context, upstream_context
+from mtls_proxy.tls import (
+    CERT_DIR_NAMES,
+    Material,
+    classify_handshake_error,
+    load_material,
+    server_context,
+    upstream_context,
+)
 from mtls_proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
@@ -93,6 +103,12 @@ class ProxyServer:
         access = AccessLog(cfg.log_format) if cfg.access_log else None
         self.shared = Shared(cfg, self.metrics, pool, material.server_uri, loop.time, access)
         self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeps = 0
+        # --reload-interval: compare the files' stamps every so many sweeps.
+        self._poll_every = (
+            max(1, round(cfg.reload_interval / SWEEP_INTERVAL)) if (cfg.reload_interval > 0) else 0
+        )
+        self._stamp = self._material_stamp()
         self.last_reload: dict[str, object] | None = None
         self.listening = False
         self.sock: socket.socket | None = None
@@ -103,10 +119,54 @@ class ProxyServer:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
+        self._expiry_metrics(material)
+        self._reloading = False
+
+    def _expiry_metrics(self, material: Material) -> None:
         m = self.metrics.not_after
         m.labels(cert="server").set(material.not_after.timestamp())
         if material.ca_not_after is not None:
             m.labels(cert="ca").set(material.ca_not_after.timestamp())
+
+    async def reload(self) -> bool:
+        """SIGHUP: load and validate everything again, then swap; keep the old on any error.
+
+        Each accepted connection is wrapped with the context current at accept time, so new
+        handshakes use the new certificate and trust at once, while established connections
+        keep theirs. A new context also brings new session-ticket keys: sessions issued under
+        the old trust cannot be resumed (DESIGN.md section 3, TLS-037/038).
+        """
+        if self._reloading:
+            return False
+        self._reloading = True
+        now = dt.datetime.now(dt.UTC)
+        try:
+            material = await asyncio.to_thread(load_material, self.cfg.tls, dict(self.cfg.sources))
+            ctx = server_context(self.cfg, material)
+        except (ConfigError, OSError, ValueError) as exc:
+            error = "; ".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
+            self.last_reload = {"at": rfc3339(now), "ok": False, "error": error}
+            self.metrics.reloads.labels(result="failure").inc()
+            logger.error(
+                "reload failed; still serving the previous material", extra={"error": error}
+            )
+            return False
+        finally:
+            self._reloading = False
+        self.material, self.ctx = material, ctx
+        self.shared.set_by(material.server_uri)
+        self._expiry_metrics(material)
+        self.last_reload = {"at": rfc3339(now), "ok": True, "error": None}
+        self.metrics.reloads.labels(result="success").inc()
+        self.metrics.last_reload.set(now.timestamp())
+        logger.info(
+            "reloaded",
+            extra={
+                "server_cert_sha256": material.server_sha256,
+                "trusted_cas": len(material.ca_certs),
+            },
+        )
+        return True
 
     async def refresh(self) -> None:
         """Nothing to gather: one process holds all its state (see workers.Master)."""
@@ -157,9 +217,35 @@ class ProxyServer:
             },
         )
 
+    def _material_stamp(self) -> tuple[tuple[str, int, int, int], ...]:
+        """(path, inode, mtime, size) of every material file, following symlinks (Kubernetes
+        swaps a secret mount's ``..data`` link, so the files' identity changes)."""
+        t = self.cfg.tls
+        paths = [Path(p) for p in (t.cert, t.key, t.cacert, t.keystore, t.truststore) if p]
+        if t.cert_dir:
+            paths += [Path(t.cert_dir) / n for n in CERT_DIR_NAMES]
+        stamp = []
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            stamp.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
+
+    def _poll_material(self) -> None:
+        stamp = self._material_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            logger.info("material files changed; reloading")
+            asyncio.get_running_loop().create_task(self.reload())
+
     def _sweep(self) -> None:
         # Timeouts are deadlines checked here, 4 times a second (see proxy.py rule 4).
         self.shared.sweep()
+        self._sweeps += 1
+        if self._poll_every and self._sweeps % self._poll_every == 0:
+            self._poll_material()
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
     async def _accept_loop(self) -> None:
@@ -226,12 +312,7 @@ class ProxyServer:
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(
-            signal.SIGHUP,
-            lambda: logger.warning(
-                "SIGHUP: reload is not supported by this version yet; nothing changed"
-            ),
-        )
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         try:
             await self._stop.wait()
         finally:

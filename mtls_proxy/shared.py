@@ -42,7 +42,12 @@ class Shared:
         self.draining = False
         u = cfg.upstream
         self.upstream_host = (u.host_header if u.scheme != "unix" else "localhost").encode()
-        dialects, mode = cfg.identity_headers, cfg.xfcc_mode
+        self.set_by(by)
+
+    def set_by(self, by: str | None) -> None:
+        """(Re)build the identity-header cache for our URI SAN (XFCC ``By``), e.g. on reload."""
+        dialects, mode = self.cfg.identity_headers, self.cfg.xfcc_mode
+        self.by = by
 
         @lru_cache(maxsize=4096)
         def _block(peer: PeerIdentity | None) -> IdentityBlock:

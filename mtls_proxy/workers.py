@@ -189,6 +189,12 @@ class Master:
         self.merged.rows = rows
         self.connections = [None] * open_conns
 
+    def forward_hup(self) -> None:
+        """SIGHUP: every worker reloads (each validates and swaps on its own)."""
+        for w in self.workers:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGHUP)
+
     async def supervise(self) -> None:
         """Restart workers that exit while the proxy is not stopping."""
         while not self.stopping.is_set():
@@ -217,12 +223,7 @@ async def run_master(cfg: Config, material: Material, argv: list[str]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, master.stopping.set)
-    loop.add_signal_handler(
-        signal.SIGHUP,
-        lambda: logger.warning(
-            "SIGHUP: reload is not supported by this version yet; nothing changed"
-        ),
-    )
+    loop.add_signal_handler(signal.SIGHUP, master.forward_hup)
     await asyncio.gather(*(master.start_worker(w) for w in master.workers))
     runner, admin_address = None, None
     if cfg.admin is not None:

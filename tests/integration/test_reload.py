@@ -1,0 +1,189 @@
+"""SIGHUP reload: new material takes effect for new handshakes, broken material is refused and
+the old keeps serving, and sessions issued before a reload are not resumed after it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import ssl
+import time
+from pathlib import Path
+
+from mtls_proxy import pki
+from tests.helpers import Pki, Proxy, Upstream, client_ctx, connect, get, read_response, run_proxy
+
+
+def served_subject(port: int, ctx: ssl.SSLContext) -> str:
+    with connect(port, ctx) as s:
+        cert = s.getpeercert()
+        return dict(x[0] for x in cert["subject"])["commonName"]
+
+
+def wait_reload(p: Proxy, count: int) -> dict[str, object]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        metrics = p.admin_get("/metrics")[1]
+        status = json.loads(p.admin_get("/status")[1])
+        done = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("mtls_proxy_reloads_total{")
+        )
+        if done >= count:
+            return status
+        time.sleep(0.1)
+    raise AssertionError("no reload happened")
+
+
+def material_dir(tp: Pki, tmp_path: Path) -> Path:
+    d = tmp_path / "m"
+    d.mkdir()
+    for name in ("server.crt", "server.key", "ca.crt"):
+        shutil.copy(tp.dir / name, d / name)
+    return d
+
+
+def test_sighup_swaps_the_certificate_and_refuses_broken_material(
+    tp: Pki, upstream: Upstream, tmp_path: Path, loop: str
+) -> None:
+    d = material_dir(tp, tmp_path)
+    inter = pki.load_issuer(tp.dir)
+    with run_proxy(
+        tp,
+        f"http://127.0.0.1:{upstream.port}",
+        "--cert",
+        str(d / "server.crt"),
+        "--key",
+        str(d / "server.key"),
+        "--cacert",
+        str(d / "ca.crt"),
+        extra_cert_args=False,
+        loop=loop,
+    ) as p:
+        ctx = client_ctx(tp, "good")
+        assert served_subject(p.port, ctx) == "localhost"
+        keep = connect(p.port, ctx)  # an established connection survives reloads
+        keep.sendall(b"GET /before HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(keep, bytearray())[0] == 200
+        new = pki.issue(inter, "server", "localhost-renewed", dns=["localhost"], ips=["127.0.0.1"])
+        pki.write_pair(d, "server", new)
+        p.proc.send_signal(signal.SIGHUP)
+        status = wait_reload(p, 1)
+        assert status["last_reload"]["ok"] is True  # type: ignore[index]
+        assert served_subject(p.port, ctx) == "localhost-renewed"
+        keep.sendall(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(keep, bytearray())[0] == 200
+        keep.close()
+        # Broken: a truncated certificate. The old (renewed) one keeps serving.
+        (d / "server.crt").write_text((d / "server.crt").read_text()[:100])
+        p.proc.send_signal(signal.SIGHUP)
+        status = wait_reload(p, 2)
+        last = status["last_reload"]
+        assert last["ok"] is False and str(d / "server.crt") in last["error"]  # type: ignore[index]
+        assert last["at"].endswith("Z")  # type: ignore[index]
+        assert served_subject(p.port, ctx) == "localhost-renewed"
+        assert get(p.port, ctx)[0] == 200
+        metrics = p.admin_get("/metrics")[1]
+        assert 'mtls_proxy_reloads_total{result="failure"} 1.0' in metrics
+        assert 'mtls_proxy_reloads_total{result="success"} 1.0' in metrics
+        assert any("reload failed" in line for line in p.logs)
+        assert p.admin_get("/readyz")[0] == 200
+
+
+def test_ca_rotation_applies_to_new_handshakes_and_old_sessions(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    d = material_dir(tp, tmp_path)
+    new_root = pki.make_ca("rotated root")
+    new_client = pki.issue(
+        new_root, "client", "client-new", uris=["spiffe://test.local/ns/default/sa/client"]
+    )
+    pki.write_pair(tmp_path, "newclient", new_client)
+    with run_proxy(
+        tp,
+        f"http://127.0.0.1:{upstream.port}",
+        "--cert",
+        str(d / "server.crt"),
+        "--key",
+        str(d / "server.key"),
+        "--cacert",
+        str(d / "ca.crt"),
+        extra_cert_args=False,
+    ) as p:
+        ctx = client_ctx(tp, "good", tls13=True)
+        with connect(p.port, ctx) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_response(s, bytearray())[0] == 200
+            session = s.session
+        # The old CA is removed from the bundle; only the new root is trusted.
+        (d / "ca.crt").write_bytes(new_root.cert_pem(with_chain=False))
+        p.proc.send_signal(signal.SIGHUP)
+        wait_reload(p, 1)
+        raw = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+        s = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            data = s.recv(100)
+        except (ssl.SSLError, ConnectionError):
+            data = b""
+        finally:
+            s.close()
+        assert not data.startswith(b"HTTP/1.1 200")  # neither resumed nor newly trusted
+        new_ctx = ssl.create_default_context(cafile=tp.ca)
+        new_ctx.load_cert_chain(tmp_path / "newclient.crt", tmp_path / "newclient.key")
+        assert get(p.port, new_ctx)[0] == 200
+
+
+def kubelet_write(mount: Path, files: dict[str, bytes], n: int) -> None:
+    """Update a secret mount the way the kubelet does: a new timestamped directory, then an
+    atomic rename of the ``..data`` symlink; the visible names are links through ``..data``."""
+    ts = mount / f"..2026_11_29_10_00_{n:02d}.{n}"
+    ts.mkdir()
+    for name, data in files.items():
+        (ts / name).write_bytes(data)
+    tmp = mount / "..data_tmp"
+    tmp.symlink_to(ts.name)
+    tmp.rename(mount / "..data")
+    for name in files:
+        link = mount / name
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{name}")
+
+
+def test_kubernetes_secret_update_is_picked_up_by_polling(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    mount = tmp_path / "secret"
+    mount.mkdir()
+    files = {
+        "tls.crt": (tp.dir / "server.crt").read_bytes(),
+        "tls.key": (tp.dir / "server.key").read_bytes(),
+        "ca.crt": (tp.dir / "ca.crt").read_bytes(),
+    }
+    kubelet_write(mount, files, 1)
+    with run_proxy(
+        tp,
+        f"http://127.0.0.1:{upstream.port}",
+        "--cert-dir",
+        str(mount),
+        "--reload-interval",
+        "0.5",
+        extra_cert_args=False,
+    ) as p:
+        ctx = client_ctx(tp, "good")
+        assert served_subject(p.port, ctx) == "localhost"
+        renewed = pki.issue(
+            pki.load_issuer(tp.dir),
+            "server",
+            "localhost-rotated",
+            dns=["localhost"],
+            ips=["127.0.0.1"],
+        )
+        kubelet_write(
+            mount, {**files, "tls.crt": renewed.cert_pem(), "tls.key": renewed.key_pem()}, 2
+        )
+        wait_reload(p, 1)
+        assert served_subject(p.port, ctx) == "localhost-rotated"
+        assert get(p.port, ctx)[0] == 200
