@@ -553,3 +553,69 @@ def test_java_httpclient_with_exported_stores_calls_through_the_proxy(
     assert status == "200"
     assert '"target": "/from-java"' in body
     assert upstream.seen[0].one("x-client-spiffe-id") == "spiffe://test.local/ns/java/sa/app"
+
+
+@needs_keytool
+def test_keystore_with_several_keys_needs_an_alias(tmp_path: Path, stores: dict[str, Path]) -> None:
+    path = tmp_path / "two.jks"
+    for alias, cn in (("first", "one.test"), ("second", "two.test")):
+        r = subprocess.run(
+            [
+                "keytool",
+                "-genkeypair",
+                "-alias",
+                alias,
+                "-keyalg",
+                "EC",
+                "-groupname",
+                "secp256r1",
+                "-dname",
+                f"CN={cn}",
+                "-validity",
+                "30",
+                "-storetype",
+                "JKS",
+                "-keystore",
+                str(path),
+                "-storepass",
+                "changeit",
+                "-keypass",
+                "changeit",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr
+    base = [
+        "--keystore",
+        str(path),
+        "--keystore-password",
+        "changeit",
+        "--cacert",
+        str(stores["dir"] / "ca.crt"),
+    ]
+    r = check(*base)
+    assert r.returncode == 2 and "holds 2 keys (first, second)" in r.stderr
+    r = check(*base, "--keystore-alias", "second")
+    assert r.returncode == 0, r.stderr
+    assert "CN=two.test" in r.stdout
+    r = check(*base, "--keystore-alias", "third")
+    assert r.returncode == 2 and "no key entry with alias 'third'" in r.stderr
+
+
+def test_empty_truststore_is_refused(tmp_path: Path, stores: dict[str, Path]) -> None:
+    import jks
+
+    empty = tmp_path / "empty-trust.jks"
+    empty.write_bytes(bytes(jks.KeyStore.new("jks", []).saves("changeit")))
+    r = check(
+        "--cert",
+        str(stores["dir"] / "server.crt"),
+        "--key",
+        str(stores["dir"] / "server.key"),
+        "--truststore",
+        str(empty),
+        "--truststore-password",
+        "changeit",
+    )
+    assert r.returncode == 2 and "contains no trusted certificates" in r.stderr
