@@ -119,6 +119,13 @@ OPTIONS: Final[tuple[Opt, ...]] = (
     Opt("handshake-timeout", ("handshake_timeout",), "float", 10.0, "TLS handshake seconds"),
     Opt("header-timeout", ("header_timeout",), "float", 10.0, "seconds to receive a request head"),
     Opt("upstream-timeout", ("upstream_timeout",), "float", 30.0, "connect + first byte seconds"),
+    Opt(
+        "upstream-cacert",
+        ("upstream_cacert",),
+        "path",
+        None,
+        "CAs for an https:// upstream (default: the system trust store)",
+    ),
     Opt("idle-timeout", ("idle_timeout",), "float", 60.0, "keep-alive idle seconds"),
     Opt("max-connections", ("max_connections",), "int", 10000, "open downstream connections"),
     Opt("max-header-bytes", ("max_header_bytes",), "int", 65536, "request head size limit"),
@@ -217,6 +224,7 @@ class Config:
     handshake_timeout: float = 10.0
     header_timeout: float = 10.0
     upstream_timeout: float = 30.0
+    upstream_cacert: str | None = None
     idle_timeout: float = 60.0
     max_connections: int = 10000
     max_header_bytes: int = 65536
@@ -513,6 +521,7 @@ def load_config(
         raise ConfigError(c.problems)
     return Config(
         upstream=cast(Upstream, upstream),  # None was reported above; _convert built it
+        upstream_cacert=_str(g("upstream-cacert")),
         tls=tls,
         policy=Policy(tuple(rules), allow_all, anonymous, audit),
         identity_headers=dialects,

@@ -97,7 +97,9 @@ class ProxyServer:
         pool = UpstreamPool(
             cfg.upstream,
             cfg.upstream_timeout,
-            ssl_context=upstream_context() if cfg.upstream.scheme == "https" else None,
+            ssl_context=upstream_context(cfg.upstream_cacert)
+            if cfg.upstream.scheme == "https"
+            else None,
         )
         loop = asyncio.get_running_loop()
         access = AccessLog(cfg.log_format) if cfg.access_log else None

@@ -293,9 +293,13 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
     return ctx
 
 
-def upstream_context() -> ssl.SSLContext:
-    """Client context for an https:// upstream: system trust, hostname checked."""
-    ctx = ssl.create_default_context()
+def upstream_context(cafile: str | None = None) -> ssl.SSLContext:
+    """Client context for an https:// upstream: verified against *cafile* (or the system trust
+    store), hostname checked."""
+    try:
+        ctx = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--upstream-cacert: {cafile}: cannot load ({exc})") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 

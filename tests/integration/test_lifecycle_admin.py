@@ -188,3 +188,38 @@ def test_unix_socket_upstream(tp: Pki, tmp_path: Path) -> None:
         srv.shutdown()
         srv.server_close()
     assert status == 200 and body == b"CN=client-good,O=Example Corp"
+
+
+def test_https_upstream_is_verified(tp: Pki, tmp_path: Path) -> None:
+    import http.server
+    import ssl as _ssl
+
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            body = b"over tls"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    ctx = _ssl.SSLContext(_ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tp.crt("server"), tp.key("server"))
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        with run_proxy(tp, f"https://localhost:{port}", "--upstream-cacert", tp.ca) as p:
+            status, _, body = get(p.port, client_ctx(tp, "good"))
+            assert (status, body) == (200, b"over tls")
+        # Without our CA the upstream's certificate is not trusted: 502, never unverified.
+        with run_proxy(tp, f"https://localhost:{port}") as p:
+            assert get(p.port, client_ctx(tp, "good"))[0] == 502
+    finally:
+        srv.shutdown()
+        srv.server_close()
