@@ -21,7 +21,7 @@ from mtls_proxy.config import Config
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.identity import identity_from_der, rfc2253
 from mtls_proxy.policy import decide
-from mtls_proxy.tls import _from_cert_dir, load_trust
+from mtls_proxy.tls import from_cert_dir, load_trust
 
 
 def explain(cfg: Config, cert_file: str, method: str, path: str) -> tuple[int, str]:
@@ -65,7 +65,7 @@ def explain(cfg: Config, cert_file: str, method: str, path: str) -> tuple[int, s
     tls = cfg.tls
     src = dict(cfg.sources)
     if tls.cert_dir is not None:
-        tls, _ = _from_cert_dir(tls, src)
+        tls, _ = from_cert_dir(tls, src)
     _, cas = load_trust(tls, src)
     if tls.client_auth != "none":
         if not cas:

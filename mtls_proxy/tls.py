@@ -133,7 +133,7 @@ CERT_DIR_NAMES = (
 )
 
 
-def _from_cert_dir(tls: TLSConfig, src: dict[str, str]) -> tuple[TLSConfig, tuple[str, ...]]:
+def from_cert_dir(tls: TLSConfig, src: dict[str, str]) -> tuple[TLSConfig, tuple[str, ...]]:
     """Fill unset file options from a secret mount by the well-known names."""
     where = src.get("cert-dir", "--cert-dir")
     d = Path(str(tls.cert_dir))
@@ -167,7 +167,7 @@ def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Mate
     src = dict(sources or {})
     found: tuple[str, ...] = ()
     if tls.cert_dir is not None:
-        tls, found = _from_cert_dir(tls, src)
+        tls, found = from_cert_dir(tls, src)
     if tls.keystore is not None:
         where = f"{src.get('keystore', '--keystore')}: {tls.keystore}"
         password = resolve_password(

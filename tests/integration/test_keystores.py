@@ -19,6 +19,37 @@ def mtls(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(proxy_cmd(*args), capture_output=True, text=True, timeout=timeout)
 
 
+def keytool_genkey(path: Path, store_type: str, alias: str, dname: str) -> None:
+    """An EC key pair made by keytool itself, as a Java team would."""
+    r = subprocess.run(
+        [
+            "keytool",
+            "-genkeypair",
+            "-alias",
+            alias,
+            "-keyalg",
+            "EC",
+            "-groupname",
+            "secp256r1",
+            "-dname",
+            dname,
+            "-validity",
+            "30",
+            "-storetype",
+            store_type,
+            "-keystore",
+            str(path),
+            "-storepass",
+            "changeit",
+            "-keypass",
+            "changeit",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+
+
 def check(*args: str) -> subprocess.CompletedProcess[str]:
     return mtls("check", "--upstream", "http://127.0.0.1:9", "--allow-uri", ALLOWED_URI, *args)
 
@@ -229,33 +260,7 @@ def test_cert_dir_picks_up_a_secret_mount(stores: dict[str, Path], tmp_path: Pat
 def test_keytool_made_stores_load(tmp_path: Path, stores: dict[str, Path]) -> None:
     for typ, ext in (("JKS", "jks"), ("PKCS12", "p12")):
         path = tmp_path / f"kt.{ext}"
-        r = subprocess.run(
-            [
-                "keytool",
-                "-genkeypair",
-                "-alias",
-                "app",
-                "-keyalg",
-                "EC",
-                "-groupname",
-                "secp256r1",
-                "-dname",
-                "CN=localhost",
-                "-validity",
-                "30",
-                "-storetype",
-                typ,
-                "-keystore",
-                str(path),
-                "-storepass",
-                "changeit",
-                "-keypass",
-                "changeit",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        assert r.returncode == 0, r.stderr
+        keytool_genkey(path, typ, "app", "CN=localhost")
         res = check(
             "--keystore",
             str(path),
@@ -559,33 +564,7 @@ def test_java_httpclient_with_exported_stores_calls_through_the_proxy(
 def test_keystore_with_several_keys_needs_an_alias(tmp_path: Path, stores: dict[str, Path]) -> None:
     path = tmp_path / "two.jks"
     for alias, cn in (("first", "one.test"), ("second", "two.test")):
-        r = subprocess.run(
-            [
-                "keytool",
-                "-genkeypair",
-                "-alias",
-                alias,
-                "-keyalg",
-                "EC",
-                "-groupname",
-                "secp256r1",
-                "-dname",
-                f"CN={cn}",
-                "-validity",
-                "30",
-                "-storetype",
-                "JKS",
-                "-keystore",
-                str(path),
-                "-storepass",
-                "changeit",
-                "-keypass",
-                "changeit",
-            ],
-            capture_output=True,
-            text=True,
-        )
-        assert r.returncode == 0, r.stderr
+        keytool_genkey(path, "JKS", alias, f"CN={cn}")
     base = [
         "--keystore",
         str(path),

@@ -37,6 +37,18 @@ def wait_reload(p: Proxy, count: int) -> dict[str, object]:
     raise AssertionError("no reload happened")
 
 
+def material_args(d: Path) -> list[str]:
+    """The proxy options for the material copied by material_dir()."""
+    return [
+        "--cert",
+        str(d / "server.crt"),
+        "--key",
+        str(d / "server.key"),
+        "--cacert",
+        str(d / "ca.crt"),
+    ]
+
+
 def material_dir(tp: Pki, tmp_path: Path) -> Path:
     d = tmp_path / "m"
     d.mkdir()
@@ -53,12 +65,7 @@ def test_sighup_swaps_the_certificate_and_refuses_broken_material(
     with run_proxy(
         tp,
         f"http://127.0.0.1:{upstream.port}",
-        "--cert",
-        str(d / "server.crt"),
-        "--key",
-        str(d / "server.key"),
-        "--cacert",
-        str(d / "ca.crt"),
+        *material_args(d),
         extra_cert_args=False,
         loop=loop,
     ) as p:
@@ -104,12 +111,7 @@ def test_ca_rotation_applies_to_new_handshakes_and_old_sessions(
     with run_proxy(
         tp,
         f"http://127.0.0.1:{upstream.port}",
-        "--cert",
-        str(d / "server.crt"),
-        "--key",
-        str(d / "server.key"),
-        "--cacert",
-        str(d / "ca.crt"),
+        *material_args(d),
         extra_cert_args=False,
     ) as p:
         ctx = client_ctx(tp, "good", tls13=True)
