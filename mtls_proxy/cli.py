@@ -130,12 +130,14 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]], loop: str = "auto") 
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from mtls_proxy.loader import load_policy
     from mtls_proxy.server import ProxyServer
     from mtls_proxy.tls import load_material
 
     cfg = build_config(args)
     setup_logging(cfg.log_format, cfg.log_level)
     material = load_material(cfg.tls, dict(cfg.sources))
+    policy = load_policy(cfg)  # checked before any worker starts; each loads it again
 
     from mtls_proxy.workers import WORKER_FD_ENV, run_master, serve_master_channel
 
@@ -144,7 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
     worker_fd = os.environ.get(WORKER_FD_ENV)
 
     async def main() -> int:
-        server = ProxyServer(cfg, material, reuse_port=worker_fd is not None)
+        server = ProxyServer(cfg, material, reuse_port=worker_fd is not None, policy=policy)
         if worker_fd is None:
             await server.run()
             return 0
@@ -162,15 +164,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from mtls_proxy.admin import rfc3339
+    from mtls_proxy.loader import load_policy
     from mtls_proxy.tls import load_material, server_context
 
     cfg = build_config(args)
     material = load_material(cfg.tls, dict(cfg.sources))
     server_context(cfg, material)  # OpenSSL must accept it too
-    p = cfg.policy
+    p = load_policy(cfg)
     rules = ["allow_all"] if p.allow_all else [r.name for r in p.rules]
     if p.allow_anonymous:
         rules.append("anonymous")
+    rules += [f"route {rt.name}: {len(rt.rules)} rule(s)" for rt in p.routes]
+    crl_lines = []
+    if material.crls:
+        nu = material.crl_next_update
+        crl_lines = [
+            f"  CRLs:              {len(material.crls)} ({cfg.tls.crl}), check {cfg.tls.crl_check}"
+            + (f", next update {rfc3339(nu)}" if nu else "")
+            + (" EXPIRED" if material.crls_expired() else "")
+        ]
     lines = [
         "configuration OK" + (f" ({cfg.config_file})" if cfg.config_file else ""),
         f"  listen:            {cfg.listen}",
@@ -181,8 +193,11 @@ def _check(args: argparse.Namespace) -> int:
         f"    chain:           {material.chain_len} certificate(s) in {material.cert_file}",
         f"  trusted CAs:       {len(material.ca_certs)}"
         + (f" ({material.cacert_file})" if material.cacert_file else ""),
+        *crl_lines,
         f"  client auth:       {cfg.tls.client_auth}",
         *([f"  cert-dir:          found {', '.join(material.found)}"] if material.found else []),
+        *([f"  policy file:       {cfg.policy_file}"] if cfg.policy_file else []),
+        *(["  audit:             on (denials are logged, not enforced)"] if p.audit else []),
         f"  rules:             {len(rules)}" + "".join(f"\n    - {r}" for r in rules),
         f"  identity headers:  {','.join(cfg.identity_headers)} (xfcc mode {cfg.xfcc_mode})",
         f"  admin:             {cfg.admin or 'off'}",

@@ -8,6 +8,7 @@ variables or configuration files.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ import yaml
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.headers import DIALECTS, XFCC_MODES, XfccMode
 from mtls_proxy.policy import RULE_FIELDS, Policy, Rule, RuleError, compile_rule
+from mtls_proxy.policyspec import compile_policy, compile_rules
 
 ClientAuth = Literal["require", "optional", "none"]
 _CLIENT_AUTH_ALIASES: Final = {
@@ -82,7 +84,23 @@ OPTIONS: Final[tuple[Opt, ...]] = (
     Opt(
         "truststore-password", ("tls", "truststore_password"), "secret", None, "truststore password"
     ),
-    Opt("crl", ("tls", "crl"), "path", None, "PEM CRL file (not yet supported)"),
+    Opt("crl", ("tls", "crl"), "path", None, "PEM CRL file(s): revoked client certs are refused"),
+    Opt(
+        "crl-check",
+        ("tls", "crl_check"),
+        "enum",
+        "chain",
+        "chain: every CA of a client's chain needs a CRL (Envoy); leaf: only the leaf's issuer",
+        ("chain", "leaf"),
+    ),
+    Opt(
+        "crl-expired",
+        ("tls", "crl_expired"),
+        "enum",
+        "reject",
+        "a CRL past its nextUpdate: reject its CA's clients (fail closed) or allow (keep using it)",
+        ("reject", "allow"),
+    ),
     Opt(
         "client-auth",
         ("tls", "client_auth"),
@@ -98,7 +116,7 @@ OPTIONS: Final[tuple[Opt, ...]] = (
     ),
     Opt("allow-all", ("allow_all",), "bool", False, "allow any client with a valid chain"),
     Opt("allow-anonymous", ("allow_anonymous",), "bool", False, "admit requests without a cert"),
-    Opt("policy", ("policy_file",), "path", None, "YAML policy file (not yet supported)"),
+    Opt("policy", ("policy_file",), "path", None, "YAML policy file: allow, routes, audit"),
     Opt(
         "identity-headers",
         ("identity_headers",),
@@ -204,6 +222,9 @@ class TLSConfig:
     cacert: str | None = None
     truststore: str | None = None
     truststore_password: str | None = None
+    crl: str | None = None
+    crl_check: Literal["chain", "leaf"] = "chain"
+    crl_expired: Literal["reject", "allow"] = "reject"
     client_auth: ClientAuth = "require"
     min_tls_version: Literal["1.2", "1.3"] = "1.2"
 
@@ -217,6 +238,7 @@ class Config:
     tls: TLSConfig
     policy: Policy
     identity_headers: tuple[str, ...]
+    policy_file: str | None = None
     xfcc_mode: XfccMode
     admin: Address | None
     workers: int = 1
@@ -444,18 +466,7 @@ def _rules(c: _Collector) -> tuple[list[Rule], str]:
     where = f"{c.filename}: policy.allow"
     if allow is None:
         return [], where
-    if not isinstance(allow, list):
-        c.problems.append(f"{where}: must be a list of rules")
-        return [], where
-    for i, spec in enumerate(allow):
-        if not isinstance(spec, dict):
-            c.problems.append(f"{where}[{i}]: a rule must be a mapping such as {{cn: name}}")
-            continue
-        try:
-            rules.append(compile_rule({str(k): v for k, v in spec.items()}))
-        except RuleError as exc:
-            c.problems.append(f"{where}[{i}]: {exc}")
-    return rules, where
+    return compile_rules(allow, where, c.problems), where
 
 
 def load_config(
@@ -482,22 +493,30 @@ def load_config(
         cert_dir=_str(g("cert-dir")),
         truststore=_str(g("truststore")),
         truststore_password=_str(g("truststore-password")),
+        crl=_str(g("crl")),
+        crl_check=g("crl-check"),  # type: ignore[arg-type]  # validated enum
+        crl_expired=g("crl-expired"),  # type: ignore[arg-type]  # validated enum
         client_auth=g("client-auth"),  # type: ignore[arg-type]  # validated enum
         min_tls_version=g("min-tls-version"),  # type: ignore[arg-type]  # validated enum
     )
-    for name in ("crl", "policy"):
-        if g(name) is not None:
-            c.problems.append(f"{c.sources[name]}: {name} is not supported by this version yet")
     policy_section = data.get("policy")
-    if isinstance(policy_section, dict) and "routes" in policy_section:
-        c.problems.append(f"{filename}: policy.routes is not supported by this version yet")
-    audit = policy_section.get("audit", False) if isinstance(policy_section, dict) else False
-    if not isinstance(audit, bool):
-        c.problems.append(f"{filename}: policy.audit must be true or false")
-        audit = False
-    rules, rules_src = _rules(c)
+    section = policy_section if isinstance(policy_section, dict) else {}
     allow_all, anonymous = bool(g("allow-all")), bool(g("allow-anonymous"))
-    _check_tls(c, tls, rules, rules_src, allow_all, anonymous)
+    rules, rules_src = _rules(c)
+    inline = compile_policy(
+        {k: v for k, v in section.items() if k in ("routes", "audit")},  # unknown: reported
+        f"{filename}: policy.",
+        c.problems,
+        allow_all=allow_all,
+        allow_anonymous=anonymous,
+    )
+    policy = dataclasses.replace(inline, rules=tuple(rules))
+    policy_file = _str(g("policy"))
+    _check_tls(c, tls)
+    if policy_file is not None:
+        _check_policy_file(c, policy, rules_src)
+    else:
+        _check_policy(c, tls, policy, rules_src)
     upstream = g("upstream")
     if upstream is None:
         c.problems.append(
@@ -523,7 +542,8 @@ def load_config(
         upstream=cast(Upstream, upstream),  # None was reported above; _convert built it
         upstream_cacert=_str(g("upstream-cacert")),
         tls=tls,
-        policy=Policy(tuple(rules), allow_all, anonymous, audit),
+        policy=policy,
+        policy_file=policy_file,
         identity_headers=dialects,
         workers=int(workers) if isinstance(workers, int) else 1,
         config_file=filename if text is not None else None,
@@ -536,7 +556,15 @@ _PLAIN_KINDS: Final = frozenset(
     {"hostport", "hostport_off", "int", "float", "float0", "enum", "bool"}
 )
 _NOT_PLAIN: Final = frozenset(
-    {"client-auth", "min-tls-version", "workers", "allow-all", "allow-anonymous"}
+    {
+        "client-auth",
+        "min-tls-version",
+        "crl-check",
+        "crl-expired",
+        "workers",
+        "allow-all",
+        "allow-anonymous",
+    }
 )
 
 
@@ -544,14 +572,22 @@ def _str(v: object) -> str | None:
     return None if v is None else str(v)
 
 
-def _check_tls(
-    c: _Collector,
-    tls: TLSConfig,
-    rules: list[Rule],
-    rules_src: str,
-    allow_all: bool,
-    anonymous: bool,
-) -> None:
+def _check_policy_file(c: _Collector, inline: Policy, rules_src: str) -> None:
+    """--policy is the whole policy: inline rules beside it would be ignored, so refuse them."""
+    given = [
+        c.sources[n]
+        for n in ("allow-all", "allow-anonymous", *(f"allow-{f}" for f in ALLOW_FLAGS))
+        if c.sources.get(n, "default") != "default"
+    ] + ([rules_src] if inline.rules else [])
+    if inline.routes or inline.audit or given:
+        where = ", ".join(given) or f"{c.filename}: policy"
+        c.problems.append(
+            f"{c.sources['policy']}: a policy file holds the whole policy; move the rules "
+            f"given in {where} into it"
+        )
+
+
+def _check_tls(c: _Collector, tls: TLSConfig) -> None:
     src = c.sources
     if tls.cert_dir is None:  # a cert-dir supplies what it holds; load_material checks it
         if tls.keystore is None and (tls.cert is None or tls.key is None):
@@ -568,24 +604,33 @@ def _check_tls(
             )
     if tls.truststore is not None and tls.cacert is not None:
         c.problems.append(f"{src['truststore']}: give either --truststore or --cacert")
+    if tls.crl is not None and tls.client_auth == "none":
+        c.problems.append(f"{src['crl']}: a CRL needs client certificates (--client-auth none)")
+
+
+def _check_policy(c: _Collector, tls: TLSConfig, policy: Policy, rules_src: str) -> None:
+    src = c.sources
+    allow_all, anonymous, rules = policy.allow_all, policy.allow_anonymous, policy.rules
     if allow_all and any(not r.anonymous for r in rules):
         c.problems.append(
             f"{src['allow-all']}: --allow-all cannot be combined with allow rules "
             f"({rules_src}); use one or the other"
         )
     has_cert_rules = allow_all or any(not r.anonymous for r in rules)
-    has_anon = anonymous or any(r.anonymous for r in rules)
     if anonymous and tls.client_auth == "require":
         c.problems.append(
             f"{src['allow-anonymous']}: --allow-anonymous needs --client-auth "
             "optional or none (with require, every client has a certificate)"
         )
+    has_cert_rules = has_cert_rules or any(
+        not r.anonymous for route in policy.routes for r in route.rules
+    )
     if tls.client_auth == "none" and has_cert_rules:
         c.problems.append(
             "--client-auth none requests no certificate, so only anonymous rules "
             "can match; remove the --allow-* rules or change --client-auth"
         )
-    if not has_cert_rules and not has_anon:
+    if not policy.has_rules:
         c.problems.append(
             "no access rules: give --allow-* flags, policy.allow, --allow-all or "
             "--allow-anonymous (the proxy fails closed and would deny every request)"

@@ -20,7 +20,10 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from mtls_proxy.config import Config
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.identity import identity_from_der, rfc2253
+from mtls_proxy.loader import load_policy, parse_crls, read_file
+from mtls_proxy.paths import AmbiguousPath, match_path, normalize_target
 from mtls_proxy.policy import decide
+from mtls_proxy.revocation import TrustView
 from mtls_proxy.tls import from_cert_dir, load_trust
 
 
@@ -84,11 +87,26 @@ def explain(cfg: Config, cert_file: str, method: str, path: str) -> tuple[int, s
             return 3, "\n".join(lines)
         path_names = " -> ".join(rfc2253(c.subject) for c in verified.chain)
         lines.append(f"trust:        trusted: {path_names}")
-    d = decide(cfg.policy, peer if tls.client_auth != "none" else None, method, path)
+        if tls.crl is not None:
+            key = src.get("crl", "--crl")
+            crls = parse_crls(read_file(tls.crl, key, "CRL"), tls.crl, key, cas)
+            view = TrustView.build(cas, crls, leaf_only=tls.crl_check == "leaf")
+            if view.revoked(verified.chain):
+                lines.append("revocation:   REVOKED by a CRL in " + tls.crl)
+                lines.append("decision:     denied at the TLS handshake (nothing reaches HTTP)")
+                return 3, "\n".join(lines)
+            lines.append(f"revocation:   not revoked ({len(crls)} CRL(s) in {tls.crl})")
+    policy = load_policy(cfg)
+    try:
+        target = normalize_target(path.encode()) if policy.routes else path.encode()
+    except AmbiguousPath as exc:
+        lines.append(f"decision:     DENIED 400 for {method} {path}: ambiguous path ({exc})")
+        return 3, "\n".join(lines)
+    d = decide(policy, peer if tls.client_auth != "none" else None, method, match_path(target))
     if d.allowed:
         lines.append(f"decision:     ALLOWED ({d.kind}; rule {d.rule}) for {method} {path}")
         return 0, "\n".join(lines)
-    rules = ", ".join(r.name for r in cfg.policy.rules) or "none"
+    rules = ", ".join(r.name for r in policy.rules) or "none"
     lines.append(
         f"decision:     DENIED {d.status} for {method} {path}: {d.reason} (rules: {rules})"
     )

@@ -9,7 +9,10 @@ import logging
 import sys
 import time
 from json.encoder import encode_basestring_ascii  # the C-accelerated string encoder
-from typing import Final, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
+
+if TYPE_CHECKING:
+    from mtls_proxy.identity import PeerIdentity
 
 _STD: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 
@@ -102,11 +105,18 @@ class AccessLog:
             asyncio.get_running_loop().call_soon(self.flush)
         self._lines.append(line)
 
-    def connection_fields(self, peer: str | None, client: str) -> str:
-        """The part of every record that is fixed for one connection, encoded once."""
+    def connection_fields(self, peer: PeerIdentity | None, client: str) -> str:
+        """The part of every record that is fixed for one connection, encoded once: the
+        client's address, and its certificate's SHA-256, subject and SPIFFE ID (or nulls)."""
+        sha = peer.sha256 if peer else None
+        subject = peer.subject if peer else None
+        spiffe = peer.spiffe_id if peer else None
         if self._json:
-            return f'"peer": {_json_value(peer)}, "client": {_json_value(client)}'
-        return f"peer={peer} client={client}"
+            return (
+                f'"client": {_json_value(client)}, "peer_sha256": {_json_value(sha)}, '
+                f'"peer": {_json_value(subject)}, "spiffe_id": {_json_value(spiffe)}'
+            )
+        return f"client={client} peer_sha256={sha} peer={subject!r} spiffe_id={spiffe}"
 
     def request(
         self,
@@ -118,6 +128,8 @@ class AccessLog:
         decision: str,
         rule: str | None,
         duration_ms: float,
+        bytes_in: int,
+        bytes_out: int,
         aborted: bool,
     ) -> None:
         """Queue the access record of one request (the hot-path form of record())."""
@@ -128,14 +140,16 @@ class AccessLog:
                 f'"msg": "access", {conn}, "method": {_json_value(method)}, '
                 f'"path": {_json_value(path)}, "status": {status}, "upstream_status": '
                 f'{upstream_status or "null"}, "decision": "{decision}", "rule": '
-                f'{_json_value(rule)}, "duration_ms": {duration_ms}'
+                f'{_json_value(rule)}, "duration_ms": {duration_ms}, "bytes_in": {bytes_in}, '
+                f'"bytes_out": {bytes_out}'
                 f"{_ABORTED if aborted else ''}}}\n"
             )
         else:
             line = (
                 f"{ts} INFO mtls_proxy.access: {conn} method={method} path={path} "
                 f"status={status} upstream_status={upstream_status} decision={decision} "
-                f"rule={rule} duration_ms={duration_ms}{' aborted' if aborted else ''}\n"
+                f"rule={rule!r} duration_ms={duration_ms} bytes_in={bytes_in} "
+                f"bytes_out={bytes_out}{' aborted' if aborted else ''}\n"
             )
         if not self._lines:
             asyncio.get_running_loop().call_soon(self.flush)

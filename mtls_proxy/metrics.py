@@ -17,6 +17,16 @@ from prometheus_client.registry import Collector
 
 from mtls_proxy import __version__
 
+HANDSHAKE_REASONS: Final = (
+    "no_certificate",
+    "unknown_ca",
+    "expired",
+    "revoked",
+    "bad_certificate",
+    "protocol",
+    "timeout",
+    "other",
+)
 BUCKETS: Final = (
     0.0005,
     0.001,
@@ -103,7 +113,21 @@ class Metrics:
             ["cert"],
             registry=r,
         )
+        self.connections_cut = Counter(
+            "mtls_proxy_connections_cut",
+            "Open connections closed because reloaded trust (CA bundle, CRL) refuses the client",
+            ["reason"],
+            registry=r,
+        )
         self._handshake_ok = self.handshakes.labels(result="ok", reason="")
+        # Every label value of a bounded set exists from the start (at 0): an alert on a rate
+        # needs the series to exist before the first failure.
+        for reason in HANDSHAKE_REASONS:
+            self.handshakes.labels(result="failed", reason=reason)
+        for result in ("success", "failure"):
+            self.reloads.labels(result=result)
+        for kind in ("connect", "timeout", "reset", "protocol"):
+            self.upstream_errors.labels(kind=kind)
         build = Gauge("mtls_proxy_build_info", "Build information", ["version"], registry=r)
         build.labels(version=__version__).set(1)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 KeyType = Literal["ec", "rsa", "ed25519"]
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 _DAY = dt.timedelta(days=1)
+_CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
 
 def new_key(key_type: KeyType = "ec") -> PrivateKey:
@@ -222,37 +224,53 @@ def load_issued(directory: Path, name: str) -> Issued:
     return Issued(certs[0], key, tuple(certs[1:]))
 
 
+def _sign_crl(
+    ca: Issued, revoked: Sequence[x509.RevokedCertificate], now: dt.datetime
+) -> x509.CertificateRevocationList:
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now)
+        .next_update(now + 7 * _DAY)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+    )
+    for r in revoked:
+        b = b.add_revoked_certificate(r)
+    return b.sign(ca.key, _hash_for(ca.key))
+
+
 def revoke(directory: Path, name: str, now: dt.datetime | None = None) -> Path:
-    """Add DIR/NAME.crt's serial to DIR/crl.pem (signed by the intermediate; kept entries stay)."""
-    issuer = load_issuer(directory)
-    leaf = x509.load_pem_x509_certificates((directory / f"{name}.crt").read_bytes())[0]
+    """Add DIR/NAME.crt's serial to DIR/crl.pem, which holds one CRL per CA: the intermediate's
+    (leaves) and the root's (the intermediate; ``revoke intermediate``). Both are always written,
+    so that ``--crl-check chain`` (every CA of a chain needs a CRL) works; entries are kept."""
     now = now or dt.datetime.now(dt.UTC)
+    inter = load_issuer(directory)
+    root = load_issued(directory, "root")
+    leaf = x509.load_pem_x509_certificates((directory / f"{name}.crt").read_bytes())[0]
+    if leaf.issuer not in (inter.cert.subject, root.cert.subject):
+        raise ValueError(f"{directory / (name + '.crt')}: not issued by this PKI's CAs")
     crl_path = directory / "crl.pem"
-    revoked: dict[int, x509.RevokedCertificate] = {}
+    entries: dict[x509.Name, dict[int, x509.RevokedCertificate]] = {
+        inter.cert.subject: {},
+        root.cert.subject: {},
+    }
     if crl_path.exists():
-        for r in x509.load_pem_x509_crl(crl_path.read_bytes()):
-            revoked[r.serial_number] = r
-    revoked.setdefault(
+        for block in _CRL_BLOCK.findall(crl_path.read_bytes()):
+            old = x509.load_pem_x509_crl(block)
+            for r in old:
+                entries.setdefault(old.issuer, {})[r.serial_number] = r
+    entries.setdefault(leaf.issuer, {}).setdefault(
         leaf.serial_number,
         x509.RevokedCertificateBuilder()
         .serial_number(leaf.serial_number)
         .revocation_date(now)
         .build(),
     )
-    b = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer.cert.subject)
-        .last_update(now)
-        .next_update(now + 7 * _DAY)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
-            critical=False,
-        )
-    )
-    for r in revoked.values():
-        b = b.add_revoked_certificate(r)
-    crl = b.sign(issuer.key, _hash_for(issuer.key))
-    crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    crls = [_sign_crl(ca, list(entries[ca.cert.subject].values()), now) for ca in (inter, root)]
+    crl_path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls))
     return crl_path
 
 

@@ -10,7 +10,10 @@ Rules:
 4. SAN fields match when any SAN of that type matches (ghostunnel's OR semantics); values are
    compared exactly (no NUL truncation, no case folding for URIs; DNS is case-insensitive).
 5. A request without a client certificate only matches ``anonymous`` rules.
-6. This module never sees raw certificates, only PeerIdentity.
+6. Routes (SPEC section 4): the route with the longest whole-segment prefix among those whose
+   methods include the request's applies, and only its rules count; a request that no route
+   takes uses the top-level rules (and --allow-all / --allow-anonymous).
+7. This module never sees raw certificates, only PeerIdentity.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from mtls_proxy.identity import PeerIdentity
+from mtls_proxy.paths import prefix_matches
 from mtls_proxy.wildcard import DnsPattern, UriPattern, compile_dns, compile_uri
 
 RULE_FIELDS: Final = ("cn", "o", "ou", "dns", "uri", "email", "ip", "sha256", "anonymous")
@@ -118,18 +122,52 @@ def compile_rule(spec: dict[str, object]) -> Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """A path prefix (whole segments), optional methods, and the rules that apply there."""
+
+    prefix: str
+    methods: frozenset[str] | None
+    rules: tuple[Rule, ...]
+
+    @property
+    def name(self) -> str:
+        """How decisions and logs name this route."""
+        methods = ",".join(sorted(self.methods)) if self.methods else "*"
+        return f"{methods} {self.prefix}"
+
+    def applies(self, method: str, path: str) -> bool:
+        """True when this route takes a request for *method* and (match-)path *path*."""
+        if self.methods is not None and method not in self.methods:
+            return False
+        return prefix_matches(self.prefix, path)
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
-    """The compiled allow-list."""
+    """The compiled allow-list; routes are kept longest prefix first."""
 
     rules: tuple[Rule, ...] = ()
     allow_all: bool = False
     allow_anonymous: bool = False
     audit: bool = False
+    routes: tuple[Route, ...] = ()
 
     @property
     def has_anonymous(self) -> bool:
-        """True when certificate-less requests can be admitted."""
+        """True when certificate-less requests can be admitted by the top-level rules."""
         return self.allow_anonymous or any(r.anonymous for r in self.rules)
+
+    @property
+    def has_rules(self) -> bool:
+        """False when the policy would deny every request (fail closed, but surely a mistake)."""
+        return bool(self.allow_all or self.has_anonymous or self.rules or self.routes)
+
+    def route_for(self, method: str, path: str) -> Route | None:
+        """The route that applies (rule 6), or None for the top-level rules."""
+        for route in self.routes:
+            if route.applies(method, path):
+                return route
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,20 +182,35 @@ class Decision:
 
 
 def decide(policy: Policy, peer: PeerIdentity | None, method: str, path: str) -> Decision:
-    """Authorize one request; fail closed."""
-    del method, path  # routes arrive with policy files; the signature is already final
+    """Authorize one request for the match-path *path* (paths.match_path); fail closed."""
+    return decide_route(policy, policy.route_for(method, path), peer)
+
+
+def decide_route(policy: Policy, route: Route | None, peer: PeerIdentity | None) -> Decision:
+    """Authorize a request that *route* (None: the top-level rules) applies to."""
+    if route is None:
+        rules, anonymous, allow_all, where = (
+            policy.rules,
+            policy.has_anonymous,
+            policy.allow_all,
+            "",
+        )
+    else:
+        rules = route.rules
+        anonymous = any(r.anonymous for r in rules)
+        allow_all, where = False, f"route {route.name}: "
     if peer is None:
-        if policy.has_anonymous:
-            return Decision(True, 200, "anonymous access allowed", "anonymous", "anonymous")
+        if anonymous:
+            return Decision(True, 200, "anonymous access allowed", f"{where}anonymous", "anonymous")
         # No certificate and no anonymous rule: 401, the client may retry with a certificate.
-        return _deny(policy, 401, "client certificate required")
-    if policy.allow_all:
+        return _deny(policy, 401, f"{where}client certificate required")
+    if allow_all:
         return Decision(True, 200, "allow_all", "allow_all", "allow")
-    for rule in policy.rules:
+    for rule in rules:
         if rule.matches(peer):
-            return Decision(True, 200, "matched", rule.name, "allow")
+            return Decision(True, 200, "matched", where + rule.name, "allow")
     # Fail closed: nothing matched (an empty rule list lands here too).
-    return _deny(policy, 403, "no allow rule matches the client certificate")
+    return _deny(policy, 403, f"{where}no allow rule matches the client certificate")
 
 
 def _deny(policy: Policy, status: int, reason: str) -> Decision:

@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 import httptools
+from cryptography import x509
 
 from mtls_proxy.dialects import rfc9440_chain, tomcat_tls
 from mtls_proxy.errors import (
@@ -34,7 +35,8 @@ from mtls_proxy.errors import (
     UpstreamTimeout,
 )
 from mtls_proxy.identity import PeerIdentity, identity_from_der
-from mtls_proxy.policy import Decision, decide
+from mtls_proxy.paths import match_path
+from mtls_proxy.policy import Decision, decide_route
 from mtls_proxy.request import prepare
 from mtls_proxy.response import ResponseHead, client_head, error_response
 
@@ -87,6 +89,8 @@ class Exchange:
         "body",
         "body_done",
         "buffered",
+        "bytes_in",
+        "bytes_out",
         "chunked",
         "client_chunked",
         "close",
@@ -113,7 +117,7 @@ class Exchange:
         self.is_head = method == b"HEAD"
         self.head = b""
         self.body: list[bytes] = []
-        self.buffered = 0
+        self.buffered = self.bytes_in = self.bytes_out = 0  # body bytes, for the access log
         self.body_done = self.has_body = self.chunked = self.expect = False
         self.close = http10
         self.upstream: UpstreamConnection | None = None
@@ -157,6 +161,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "draining",
         "peer",
+        "refused",
         "shared",
         "transport",
         "up_deadline",
@@ -179,7 +184,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused: set[str] = set()
         self._upstream_paused = False
         self._out: list[bytes] = []
-        self._decision: tuple[object, Decision] | None = None
+        self._decision: tuple[object, object, Decision] | None = None
         self.deadline = 0.0  # idle or header deadline (loop time); 0 = none
         self._waiting = _IDLE
         self.up_deadline = 0.0  # first upstream byte expected by then
@@ -187,6 +192,7 @@ class ClientConnection(asyncio.Protocol):
         self._identity_too_large = False
         self.draining = False
         self.closed = False
+        self.refused: str | None = None  # set when the post-handshake revocation check fails
 
     # -- connection lifecycle --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -218,9 +224,37 @@ class ClientConnection(asyncio.Protocol):
             )
         shared.connections.add(self)
         shared.metrics.connections_open.inc()
+        if shared.revocation is not None and self.peer is not None:
+            # --crl-expired allow with a stale CRL: the check OpenSSL did not make (see
+            # revocation.py); nothing of this connection has been read yet.
+            self.refused = shared.revocation.refuses(self.verified_chain())
+            if self.refused is not None:
+                self.closed = True
+                self.transport.abort()  # type: ignore[union-attr]  # set just above
+                return
         self._wait(_IDLE)
         if shared.draining:
             self.drain()
+
+    def verified_chain(self) -> list[x509.Certificate]:
+        """The client's chain as OpenSSL verified it at the handshake (leaf first, anchor
+        last); empty without a client certificate."""
+        if self.peer is None or self.transport is None:
+            return []
+        sslobj = self.transport.get_extra_info("ssl_object")
+        # Public from Python 3.13; the same C method exists since 3.10 on the inner object.
+        get = getattr(sslobj, "get_verified_chain", None) or getattr(
+            getattr(sslobj, "_sslobj", None), "get_verified_chain", None
+        )
+        if get is None:
+            return []
+        return [x509.load_der_x509_certificate(c.public_bytes(SSL_DER)) for c in get() or ()]
+
+    def cut(self) -> None:
+        """The reloaded trust refuses this client: close at once, in-flight requests too."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Release everything the connection holds."""
@@ -343,6 +377,7 @@ class ClientConnection(asyncio.Protocol):
                 client_ip=self.client_ip,
                 block=block,
                 default_host=self.shared.upstream_host,
+                normalize=bool(self.shared.policy.routes),
             )
         except ProxyError as err:
             ex.fail(err)
@@ -362,6 +397,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self._last
         if ex is None or ex.status:
             return  # already answered (denied or failed): the rest of the body is discarded
+        ex.bytes_in += len(body)
         data = b"%x\r\n%s\r\n" % (len(body), body) if ex.chunked else body
         if ex.upstream is not None and ex.sent:
             ex.upstream.write(data)
@@ -387,12 +423,19 @@ class ClientConnection(asyncio.Protocol):
 
     # -- dispatch --------------------------------------------------------------------------
     def _decide(self, ex: Exchange) -> Decision:
+        # The peer is fixed for the connection, so a decision only changes with the policy
+        # (a reload swaps the object) or the route: cache it per (policy, route).
         policy = self.shared.policy
+        route = (
+            policy.route_for(ex.method.decode("latin-1"), match_path(ex.path))
+            if policy.routes
+            else None
+        )
         cached = self._decision
-        if cached is not None and cached[0] is policy:
-            return cached[1]
-        decision = decide(policy, self.peer, ex.method.decode("latin-1"), ex.path.decode("latin-1"))
-        self._decision = (policy, decision)
+        if cached is not None and cached[0] is policy and cached[1] is route:
+            return cached[2]
+        decision = decide_route(policy, route, self.peer)
+        self._decision = (policy, route, decision)
         return decision
 
     def _start_next(self) -> None:
@@ -414,6 +457,15 @@ class ClientConnection(asyncio.Protocol):
             return
         d = self._decide(ex)
         ex.decision, ex.rule = d.kind, d.rule
+        if d.kind == "audit":
+            logger.info(
+                "audit: request would be denied",
+                extra={
+                    "peer": self.peer.subject if self.peer else None,
+                    "reason": d.reason,
+                    "path": ex.path.decode("latin-1"),
+                },
+            )
         if not d.allowed:
             if d.kind == "deny":
                 logger.info(
@@ -485,7 +537,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_response_body(self, data: bytes) -> None:
         """Queue a body piece for the client."""
-        if self._queue[0].client_chunked:
+        ex = self._queue[0]
+        ex.bytes_out += len(data)
+        if ex.client_chunked:
             if data:
                 self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
         else:
@@ -574,7 +628,7 @@ class ClientConnection(asyncio.Protocol):
         if shared.access_log is not None:
             if self._log_fields is None:
                 self._log_fields = shared.access_log.connection_fields(
-                    self.peer.subject if self.peer else None, self.client_ip.decode()
+                    self.peer, self.client_ip.decode()
                 )
             q = ex.path.find(b"?")  # the query string is not logged: it may carry secrets
             shared.access_log.request(
@@ -586,6 +640,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.decision,
                 ex.rule,
                 round(duration * 1000, 3),
+                ex.bytes_in,
+                ex.bytes_out,
                 aborted,
             )
         if self._queue and self._queue[0] is ex:

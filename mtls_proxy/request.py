@@ -21,6 +21,7 @@ from mtls_proxy.errors import (
     VersionNotSupported,
 )
 from mtls_proxy.headers import IdentityBlock, split_request_headers
+from mtls_proxy.paths import AmbiguousPath, normalize_target
 
 
 class UpgradeWithBody(NotImplementedCoding):
@@ -65,14 +66,24 @@ def prepare(
     client_ip: bytes,
     block: IdentityBlock,
     default_host: bytes,
+    normalize: bool = False,
 ) -> Prepared:
-    """Validate one request head and build the upstream head; raise a ProxyError to refuse."""
+    """Validate one request head and build the upstream head; raise a ProxyError to refuse.
+
+    *normalize* (the policy has routes): the path is normalized and forwarded as normalized,
+    so that the route decided on is the path the upstream serves (paths.py).
+    """
     if version not in ("1.0", "1.1"):
         raise VersionNotSupported
     if method == b"CONNECT":
         raise MethodNotAllowed
     http10 = version == "1.0"
     target = origin_form(method, url)
+    if normalize:
+        try:
+            target = normalize_target(target)
+        except AmbiguousPath:
+            raise BadRequest from None
     rh = split_request_headers(raw)
     if len(rh.hosts) > 1 or (not rh.hosts and not http10):
         raise BadRequest

@@ -16,19 +16,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 
 from mtls_proxy import __version__
 from mtls_proxy.admin import admin_app, rfc3339
 from mtls_proxy.errors import ConfigError
+from mtls_proxy.loader import load_policy
 from mtls_proxy.logs import AccessLog
 from mtls_proxy.metrics import Metrics
 from mtls_proxy.proxy import ClientConnection
+from mtls_proxy.revocation import TrustView
 from mtls_proxy.shared import Shared
 from mtls_proxy.tls import (
     CERT_DIR_NAMES,
     Material,
     classify_handshake_error,
     load_material,
+    openssl_checks_crls,
     server_context,
     upstream_context,
 )
@@ -36,6 +40,7 @@ from mtls_proxy.upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from mtls_proxy.config import Address, Config
+    from mtls_proxy.policy import Policy
 
 logger = logging.getLogger(__name__)
 SWEEP_INTERVAL: Final = 0.25
@@ -79,6 +84,14 @@ def bind(addr: Address, backlog: int = 1024, reuse_port: bool = False) -> socket
     return sock
 
 
+def _trust_key(material: Material) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    der = serialization.Encoding.DER
+    return (
+        tuple(c.public_bytes(der) for c in material.ca_certs),
+        tuple(c.public_bytes(der) for c in material.crls),
+    )
+
+
 class ProxyServer:
     """One proxy process: the mTLS listener, the admin listener and their shared state."""
 
@@ -88,12 +101,14 @@ class ProxyServer:
         material: Material,
         metrics: Metrics | None = None,
         reuse_port: bool = False,
+        policy: Policy | None = None,
     ) -> None:
         self.cfg = cfg
         self.reuse_port = reuse_port
         self.material = material
         self.metrics = metrics or Metrics()
         self.ctx = server_context(cfg, material)
+        self._crl_mode = openssl_checks_crls(cfg, material)
         pool = UpstreamPool(
             cfg.upstream,
             cfg.upstream_timeout,
@@ -104,6 +119,9 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         access = AccessLog(cfg.log_format) if cfg.access_log else None
         self.shared = Shared(cfg, self.metrics, pool, material.server_uri, loop.time, access)
+        self.shared.policy = policy if policy is not None else load_policy(cfg)
+        self._set_revocation(material)
+        self._watcher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
         # --reload-interval: compare the files' stamps every so many sweeps.
@@ -121,6 +139,7 @@ class ProxyServer:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
+        self._crl_stale_logged = False
         self._expiry_metrics(material)
         self._reloading = False
 
@@ -129,6 +148,45 @@ class ProxyServer:
         m.labels(cert="server").set(material.not_after.timestamp())
         if material.ca_not_after is not None:
             m.labels(cert="ca").set(material.ca_not_after.timestamp())
+        nu = material.crl_next_update
+        if nu is not None:
+            m.labels(cert="crl").set(nu.timestamp())
+            if material.crls_expired():
+                self._crl_expired_warning(material)
+
+    def _crl_expired_warning(self, material: Material) -> None:
+        self._crl_stale_logged = True
+        nu = material.crl_next_update
+        rule = self.cfg.tls.crl_expired
+        logger.warning(
+            "a CRL is past its nextUpdate; "
+            + (
+                "clients of its CA fail the handshake until a fresh CRL is loaded"
+                if rule == "reject"
+                else "still enforcing its revocations (--crl-expired allow)"
+            ),
+            extra={"crl": self.cfg.tls.crl, "next_update": rfc3339(nu) if nu else None},
+        )
+
+    def _set_revocation(self, material: Material) -> None:
+        """With --crl-expired allow and a stale CRL, revocation is checked after each handshake
+        (OpenSSL would refuse every client of that CA): see revocation.py."""
+        self.shared.revocation = (
+            None
+            if self._crl_mode or not material.crls
+            else TrustView.build(material.ca_certs, material.crls, self.cfg.tls.crl_check == "leaf")
+        )
+
+    def _check_crl_expiry(self) -> None:
+        """Time passes without a reload: a CRL can go stale while loaded."""
+        mode = openssl_checks_crls(self.cfg, self.material)
+        if mode != self._crl_mode:
+            self._crl_mode = mode
+            self.ctx = server_context(self.cfg, self.material)
+            self._set_revocation(self.material)
+        if self.material.crls_expired() and not self._crl_stale_logged:
+            self._crl_stale_logged = True
+            self._crl_expired_warning(self.material)
 
     async def reload(self) -> bool:
         """SIGHUP: load and validate everything again, then swap; keep the old on any error.
@@ -144,6 +202,7 @@ class ProxyServer:
         now = dt.datetime.now(dt.UTC)
         try:
             material = await asyncio.to_thread(load_material, self.cfg.tls, dict(self.cfg.sources))
+            policy = await asyncio.to_thread(load_policy, self.cfg)
             ctx = server_context(self.cfg, material)
         except (ConfigError, OSError, ValueError) as exc:
             error = "; ".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
@@ -155,9 +214,18 @@ class ProxyServer:
             return False
         finally:
             self._reloading = False
-        self.material, self.ctx = material, ctx
+        old = self.material
+        # One swap: every new handshake from here on uses the new context (fresh ticket keys
+        # and session cache: no session from before can resume), every next request the new
+        # policy.
+        self.material, self.ctx, self.shared.policy = material, ctx, policy
+        self._crl_mode = openssl_checks_crls(self.cfg, material)
+        self._crl_stale_logged = False
+        self._set_revocation(material)
         self.shared.set_by(material.server_uri)
         self._expiry_metrics(material)
+        if _trust_key(old) != _trust_key(material):
+            self._recheck_open_connections(material)
         self.last_reload = {"at": rfc3339(now), "ok": True, "error": None}
         self.metrics.reloads.labels(result="success").inc()
         self.metrics.last_reload.set(now.timestamp())
@@ -169,6 +237,25 @@ class ProxyServer:
             },
         )
         return True
+
+    def _recheck_open_connections(self, material: Material) -> None:
+        """Trust changed: a client that the new CAs or CRLs refuse loses its open connections
+        now (SECURITY.md RLD-07, RLD-10; revocation.py)."""
+        view = TrustView.build(material.ca_certs, material.crls, self.cfg.tls.crl_check == "leaf")
+        for conn in list(self.shared.connections):
+            chain = conn.verified_chain()
+            reason = view.refuses(chain) if chain else None
+            if reason is not None:
+                self.metrics.connections_cut.labels(reason=reason).inc()
+                logger.warning(
+                    "closing a connection: the reloaded trust refuses its client",
+                    extra={
+                        "reason": reason,
+                        "peer": conn.peer.subject if conn.peer else None,
+                        "peer_sha256": conn.peer.sha256 if conn.peer else None,
+                    },
+                )
+                conn.cut()
 
     async def refresh(self) -> None:
         """Nothing to gather: one process holds all its state (see workers.Master)."""
@@ -200,6 +287,8 @@ class ProxyServer:
         self.sock = bind(self.cfg.listen, reuse_port=self.reuse_port)
         self.listening = True
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._watch_stop = asyncio.Event()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
         self._sweep()
         # Everything loaded so far (aiohttp, cryptography, config) lives for the whole process:
         # move it out of the collector's view so that full collections stay short (p99).
@@ -219,13 +308,18 @@ class ProxyServer:
             },
         )
 
-    def _material_stamp(self) -> tuple[tuple[str, int, int, int], ...]:
-        """(path, inode, mtime, size) of every material file, following symlinks (Kubernetes
-        swaps a secret mount's ``..data`` link, so the files' identity changes)."""
+    def _watched_paths(self) -> list[Path]:
         t = self.cfg.tls
-        paths = [Path(p) for p in (t.cert, t.key, t.cacert, t.keystore, t.truststore) if p]
+        files = (t.cert, t.key, t.cacert, t.keystore, t.truststore, t.crl, self.cfg.policy_file)
+        paths = [Path(p) for p in files if p]
         if t.cert_dir:
             paths += [Path(t.cert_dir) / n for n in CERT_DIR_NAMES]
+        return paths
+
+    def _material_stamp(self) -> tuple[tuple[str, int, int, int], ...]:
+        """(path, inode, mtime, size) of every reloadable file, following symlinks (Kubernetes
+        swaps a secret mount's ``..data`` link, so the files' identity changes)."""
+        paths = self._watched_paths()
         stamp = []
         for path in paths:
             try:
@@ -235,12 +329,32 @@ class ProxyServer:
             stamp.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
         return tuple(stamp)
 
-    def _poll_material(self) -> None:
+    def _poll_material(self, why: str = "poll") -> None:
         stamp = self._material_stamp()
         if stamp != self._stamp:
             self._stamp = stamp
-            logger.info("material files changed; reloading")
+            logger.info("reloadable files changed; reloading", extra={"trigger": why})
             asyncio.get_running_loop().create_task(self.reload())
+
+    async def _watch(self) -> None:
+        """inotify on the directories that hold the files (a file watch would follow an inode
+        that Kubernetes deletes after swapping ``..data``): any event there compares the stamps
+        again, so unrelated events and touch-only writes reload nothing."""
+        from watchfiles import awatch
+
+        dirs = sorted({str(p.parent) for p in self._watched_paths() if p.parent.is_dir()})
+        if not dirs:
+            return
+        try:
+            # Short debounce: a cert and key written as two files land in one event batch
+            # most of the time; when they don't, the first reload fails harmlessly (the pair is
+            # validated) and the second succeeds.
+            async for _ in awatch(
+                *dirs, debounce=300, step=50, recursive=True, stop_event=self._watch_stop
+            ):
+                self._poll_material("watch")
+        except (OSError, RuntimeError) as exc:  # e.g. inotify limits: polling still works
+            logger.warning("file watching stopped: %s", exc)
 
     def _sweep(self) -> None:
         # Timeouts are deadlines checked here, 4 times a second (see proxy.py rule 4).
@@ -248,6 +362,8 @@ class ProxyServer:
         self._sweeps += 1
         if self._poll_every and self._sweeps % self._poll_every == 0:
             self._poll_material()
+        if self._sweeps % 40 == 0 and self.material.crls:  # every 10 s
+            self._check_crl_expiry()
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
     async def _accept_loop(self) -> None:
@@ -299,6 +415,10 @@ class ProxyServer:
             if proto.transport is None:  # connection_made never ran, so neither will lost
                 self._slots.release()
             return
+        if proto.refused is not None:  # revoked, found after the handshake (revocation.py)
+            self.metrics.handshake("failed", proto.refused)
+            logger.debug("handshake refused after verification: %s", proto.refused)
+            return
         self.metrics.handshake("ok")
         self.metrics.connections.inc()
         if self.shared.draining:
@@ -349,6 +469,11 @@ class ProxyServer:
         for task in list(self._handshakes):
             task.cancel()
         shared.pool.close()
+        if self._watcher is not None:
+            self._watch_stop.set()
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         if self._sweeper is not None:
             self._sweeper.cancel()
         if shared.access_log is not None:

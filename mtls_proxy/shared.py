@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mtls_proxy.metrics import Metrics
     from mtls_proxy.policy import Policy
     from mtls_proxy.proxy import ClientConnection
+    from mtls_proxy.revocation import TrustView
     from mtls_proxy.upstream import UpstreamPool
 
 
@@ -39,6 +40,8 @@ class Shared:
         self.pool = pool
         self.by = by
         self.connections: set[ClientConnection] = set()
+        # Set only with --crl-expired allow and a stale CRL: checked after each handshake.
+        self.revocation: TrustView | None = None
         self.draining = False
         u = cfg.upstream
         self.upstream_host = (u.host_header if u.scheme != "unix" else "localhost").encode()

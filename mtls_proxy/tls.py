@@ -18,7 +18,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -28,6 +28,10 @@ from mtls_proxy.config import Config, TLSConfig
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.identity import rfc2253
 from mtls_proxy.keystores import PrivateKey, load_keystore, load_truststore
+from mtls_proxy.loader import parse_crls, read_file
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
@@ -42,6 +46,7 @@ class Material:
     cacert_file: str | None
     ca_certs: tuple[x509.Certificate, ...]
     found: tuple[str, ...] = ()  # what --cert-dir supplied
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -79,24 +84,21 @@ class Material:
         return self.leaf.not_valid_after_utc
 
     @property
+    def crl_next_update(self) -> dt.datetime | None:
+        """The earliest nextUpdate among the CRLs (a CRL without one never goes stale)."""
+        return min(
+            (c.next_update_utc for c in self.crls if c.next_update_utc is not None), default=None
+        )
+
+    def crls_expired(self, now: dt.datetime | None = None) -> bool:
+        """True when a CRL is past its nextUpdate: OpenSSL refuses its CA's clients then."""
+        nu = self.crl_next_update
+        return nu is not None and nu <= (now or dt.datetime.now(dt.UTC))
+
+    @property
     def ca_not_after(self) -> dt.datetime | None:
         """The earliest expiry among the trusted CAs."""
         return min((c.not_valid_after_utc for c in self.ca_certs), default=None)
-
-
-def _read(path: str | None, key: str, what: str) -> bytes:
-    if path is None:
-        raise ConfigError(f"{key}: no {what} file given")
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{key}: {path}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{key}: {path}: is a directory, expected a {what} file") from None
-    except PermissionError:
-        raise ConfigError(f"{key}: {path}: permission denied") from None
-    except OSError as exc:
-        raise ConfigError(f"{key}: {path}: cannot read ({exc.strerror})") from None
 
 
 def _certs(data: bytes, path: str, key: str) -> list[x509.Certificate]:
@@ -117,7 +119,7 @@ def resolve_password(secret: str | None, key: str) -> bytes | None:
     if secret is None:
         return None
     if secret.startswith("file:"):
-        return _read(secret[5:], key, "password").rstrip(b"\r\n")
+        return read_file(secret[5:], key, "password").rstrip(b"\r\n")
     return secret.encode()
 
 
@@ -174,7 +176,7 @@ def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Mate
             tls.keystore_password, src.get("keystore-password", "--keystore-password")
         )
         km = load_keystore(
-            _read(tls.keystore, src.get("keystore", "--keystore"), "keystore"),
+            read_file(tls.keystore, src.get("keystore", "--keystore"), "keystore"),
             password,
             tls.keystore_alias,
             where,
@@ -184,7 +186,11 @@ def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Mate
         key, chain = _pem_pair(tls, src)
         cert_file = str(tls.cert)
     ca_file, ca_certs = load_trust(tls, src)
-    return Material(cert_file, key, chain, ca_file, ca_certs, found)
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
+    if tls.crl is not None:
+        crl_key = src.get("crl", "--crl")
+        crls = parse_crls(read_file(tls.crl, crl_key, "CRL"), tls.crl, crl_key, ca_certs)
+    return Material(cert_file, key, chain, ca_file, ca_certs, found, crls)
 
 
 def load_trust(
@@ -200,13 +206,15 @@ def load_trust(
         )
         ca_certs = tuple(
             load_truststore(
-                _read(tls.truststore, ts_key, "truststore"), password, f"{ts_key}: {tls.truststore}"
+                read_file(tls.truststore, ts_key, "truststore"),
+                password,
+                f"{ts_key}: {tls.truststore}",
             )
         )
         ca_file = tls.truststore
     elif tls.cacert is not None:
         ca_key = src.get("cacert", "--cacert")
-        ca_certs = tuple(_certs(_read(tls.cacert, ca_key, "CA bundle"), tls.cacert, ca_key))
+        ca_certs = tuple(_certs(read_file(tls.cacert, ca_key, "CA bundle"), tls.cacert, ca_key))
         ca_file = tls.cacert
     return ca_file, ca_certs
 
@@ -215,8 +223,8 @@ def _pem_pair(
     tls: TLSConfig, src: dict[str, str]
 ) -> tuple[PrivateKey, tuple[x509.Certificate, ...]]:
     cert_key, key_key = src.get("cert", "--cert"), src.get("key", "--key")
-    certs = _certs(_read(tls.cert, cert_key, "certificate"), str(tls.cert), cert_key)
-    key_data = _read(tls.key, key_key, "private key")
+    certs = _certs(read_file(tls.cert, cert_key, "certificate"), str(tls.cert), cert_key)
+    key_data = read_file(tls.key, key_key, "private key")
     password = resolve_password(tls.key_password, src.get("key-password", "--key-password"))
     try:
         loaded = serialization.load_pem_private_key(key_data, password)
@@ -248,19 +256,30 @@ def _pem_pair(
     return loaded, tuple(certs)
 
 
+def _via_memfd(pem: bytes, use: Callable[[str], None]) -> None:
+    """load_cert_chain and (for CRLs) load_verify_locations only take paths: hand them an
+    anonymous in-memory file, so that a decrypted key never touches a disk and what OpenSSL
+    reads is exactly what was validated here."""
+    fd = os.memfd_create("mtls-proxy-material", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
+        use(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 def _load_chain_from_memory(ctx: ssl.SSLContext, material: Material) -> None:
-    """load_cert_chain only takes paths: hand it an anonymous in-memory file (memfd), so the
-    decrypted key never touches a disk."""
     pem = material.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in material.chain)
-    fd = os.memfd_create("mtls-proxy-material", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, pem)
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
+    _via_memfd(pem, ctx.load_cert_chain)
+
+
+def openssl_checks_crls(cfg: Config, material: Material) -> bool:
+    """Whether the CRLs go to OpenSSL (the handshake refuses revoked clients), or, with
+    --crl-expired allow and an expired CRL, are enforced after the handshake (revocation.py)."""
+    return bool(material.crls) and not (cfg.tls.crl_expired == "allow" and material.crls_expired())
 
 
 def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
@@ -290,6 +309,14 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
         )
         if cfg.strict_client_certs:
             ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+        if openssl_checks_crls(cfg, material):
+            crl_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in material.crls)
+            _via_memfd(crl_pem, lambda path: ctx.load_verify_locations(cafile=path))
+            ctx.verify_flags |= (
+                ssl.VERIFY_CRL_CHECK_LEAF
+                if cfg.tls.crl_check == "leaf"
+                else ssl.VERIFY_CRL_CHECK_CHAIN
+            )
     return ctx
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 
-from tests.helpers import Pki, Upstream, run_proxy
+from tests.helpers import ALLOWED_URI, Pki, Upstream, run_proxy
 
 
 def test_curl_with_client_certificate(tp: Pki, upstream: Upstream, loop: str) -> None:
@@ -141,6 +142,14 @@ def test_text_log_format(tp: Pki, upstream: Upstream) -> None:
     access = [r for r in p.records() if r.get("msg") == "access"]
     assert access and access[0]["status"] == 200 and access[0]["decision"] == "allow"
     assert access[0]["peer"] == "CN=client-good,O=Example Corp" and access[0]["path"] == "/"
+    rec = access[0]
+    # The fixed keys of every access record (issue 5): who, what, how it went, how much.
+    assert rec["peer_sha256"] == hashlib.sha256(tp.der("good")).hexdigest()
+    assert rec["spiffe_id"] == "spiffe://test.local/ns/default/sa/client"
+    assert rec["client"] == "127.0.0.1" and rec["method"] == "GET"
+    assert rec["upstream_status"] == 200 and rec["rule"] == f"uri={ALLOWED_URI}"
+    assert rec["bytes_in"] == 0 and int(str(rec["bytes_out"])) > 100  # the upstream's JSON echo
+    assert float(str(rec["duration_ms"])) > 0 and str(rec["time"]).endswith("Z")
     proc = subprocess.Popen(
         [
             sys.executable,

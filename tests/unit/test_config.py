@@ -100,9 +100,21 @@ def test_env_allow_lists_and_secrets() -> None:
         ),
         (
             {"text": "policy: {audit: 3}", "filename": "f.yaml"},
-            "policy.audit must be true or false",
+            "f.yaml: policy.audit: must be true or false",
         ),
-        ({"text": "policy: {routes: []}", "filename": "f.yaml"}, "policy.routes is not supported"),
+        (
+            {"text": "policy: {routes: [{path_prefix: admin, allow: []}]}", "filename": "f.yaml"},
+            "f.yaml: policy.routes[0].path_prefix: must be a path starting with /",
+        ),
+        (
+            {"text": "policy: {routes: {a: 1}}", "filename": "f.yaml"},
+            "f.yaml: policy.routes: must be a list",
+        ),
+        (
+            {"flags": {"policy": "p.yaml", "allow-cn": ["x"]}},
+            "--policy: a policy file holds the whole policy; move the rules given in --allow-cn",
+        ),
+        ({"flags": {"crl-check": "all"}}, "--crl-check: "),
         ({"flags": {"listen": "x"}}, "--listen: expected HOST:PORT"),
         ({"flags": {"listen": "h:99999"}}, "port out of range"),
         ({"flags": {"upstream": "ftp://x"}}, "--upstream: expected http://"),
@@ -124,7 +136,10 @@ def test_env_allow_lists_and_secrets() -> None:
         ({"flags": {"workers": "0"}}, "--workers: must be > 0"),
         ({"flags": {"keystore": "k.p12"}}, "give either --keystore or --cert/--key"),
         ({"flags": {"truststore": "t.p12"}}, "give either --truststore or --cacert"),
-        ({"flags": {"crl": "c.pem"}}, "crl is not supported"),
+        (
+            {"flags": {"crl": "c.pem", "client-auth": "none", "allow-anonymous": True}},
+            "--crl: a CRL needs client certificates",
+        ),
         ({"flags": {"cert": ""}}, "--cert: must not be empty"),
         ({"flags": {"allow-all": True}}, "--allow-all cannot be combined"),
         ({"flags": {"allow-anonymous": True}}, "--allow-anonymous needs --client-auth optional"),

@@ -1,0 +1,197 @@
+"""CRLs: revoked clients fail the handshake, intermediates' CRLs count, an expired CRL follows
+--crl-expired, and a CRL reload cuts the revoked client's open connections and sessions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from mtls_proxy import pki
+from tests.helpers import (
+    Pki,
+    Proxy,
+    Upstream,
+    client_ctx,
+    connect,
+    get,
+    handshake_rejected,
+    make_test_pki,
+    read_response,
+    run_proxy,
+)
+from tests.integration.test_reload import wait_reload
+
+
+def metric(p: Proxy, prefix: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in p.admin_get("/metrics")[1].splitlines()
+        if line.startswith(prefix)
+    )
+
+
+def make_crl(
+    ca: pki.Issued, serials: list[int], next_update: dt.datetime
+) -> x509.CertificateRevocationList:
+    now = dt.datetime.now(dt.UTC)
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(min(now, next_update) - dt.timedelta(days=1))
+        .next_update(next_update)
+    )
+    for serial in serials:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(now - dt.timedelta(days=1))
+            .build()
+        )
+    return b.sign(ca.key, hashes.SHA256())
+
+
+def serial(tp: Pki, name: str) -> int:
+    return x509.load_pem_x509_certificates(Path(tp.crt(name)).read_bytes())[0].serial_number
+
+
+def ask(s: ssl.SSLSocket, path: str) -> int | None:
+    """One request on an open connection: its status, or None when the connection is gone."""
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        return read_response(s, bytearray())[0]
+    except (ConnectionError, ssl.SSLError, OSError):
+        return None
+
+
+@pytest.fixture
+def own(tmp_path: Path) -> Pki:
+    """A PKI of the test's own: revocations write DIR/crl.pem."""
+    return make_test_pki(tmp_path / "pki")
+
+
+def test_revoked_client_fails_and_a_crl_reload_cuts_its_connections_and_sessions(
+    own: Pki, upstream: Upstream, loop: str
+) -> None:
+    crl = pki.revoke(own.dir, "other")  # client-other revoked from the start
+    with run_proxy(own, f"http://127.0.0.1:{upstream.port}", "--crl", str(crl), loop=loop) as p:
+        good = client_ctx(own, "good", tls13=True)
+        assert get(p.port, good)[0] == 200
+        assert handshake_rejected(p.port, client_ctx(own, "other"))
+        assert handshake_rejected(p.port, client_ctx(own, "other", tls13=False))
+        assert metric(p, 'mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 2
+        keep = connect(p.port, good)
+        keep.sendall(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(keep, bytearray())[0] == 200
+        session = keep.session
+        assert session is not None
+        # The CRL file is rewritten (no signal: the watcher sees it) to revoke client-good too.
+        pki.revoke(own.dir, "good")
+        wait_reload(p, 1, "success")
+        assert metric(p, 'mtls_proxy_connections_cut_total{reason="revoked"}') == 1
+        assert ask(keep, "/two") is None  # the open connection was closed
+        keep.close()
+        assert handshake_rejected(p.port, good)
+        # Nor can the old session be resumed (a new context has new ticket keys).
+        raw = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+        s = good.wrap_socket(raw, server_hostname="localhost", session=session)
+        try:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            data = s.recv(100)
+        except (ssl.SSLError, ConnectionError):
+            data = b""
+        finally:
+            s.close()
+        assert data == b""
+        assert not any("/two" in seen.target for seen in upstream.seen)
+        assert any('"closing a connection' in line for line in p.logs)
+
+
+def test_crl_of_the_root_revokes_the_intermediate(own: Pki, upstream: Upstream) -> None:
+    crl = pki.revoke(own.dir, "intermediate")
+    with run_proxy(own, f"http://127.0.0.1:{upstream.port}", "--crl", str(crl)) as p:
+        assert handshake_rejected(p.port, client_ctx(own, "good"))
+        assert get(p.port, client_ctx(own, "direct"))[0] == 200  # issued by the root itself
+        assert metric(p, 'mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 1
+
+
+def test_crl_check_chain_needs_every_ca_and_leaf_mode_does_not(
+    own: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    inter = pki.load_issuer(own.dir)
+    only_inter = tmp_path / "inter-crl.pem"
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    only_inter.write_bytes(
+        make_crl(inter, [serial(own, "other")], later).public_bytes(serialization.Encoding.PEM)
+    )
+    up = f"http://127.0.0.1:{upstream.port}"
+    with run_proxy(own, up, "--crl", str(only_inter)) as p:
+        # Envoy's rule: a CRL for some CA of the chain means one is needed for all of them.
+        assert handshake_rejected(p.port, client_ctx(own, "good"))
+        assert metric(p, 'mtls_proxy_handshakes_total{reason="other",result="failed"}') == 1
+    with run_proxy(own, up, "--crl", str(only_inter), "--crl-check", "leaf") as p:
+        assert get(p.port, client_ctx(own, "good"))[0] == 200
+        assert handshake_rejected(p.port, client_ctx(own, "other"))
+
+
+def expired_crls(own: Pki, tmp_path: Path, revoked: str) -> Path:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    root = pki.load_issued(own.dir, "root")
+    inter = pki.load_issuer(own.dir)
+    path = tmp_path / "expired-crl.pem"
+    path.write_bytes(
+        make_crl(inter, [serial(own, revoked)], past).public_bytes(serialization.Encoding.PEM)
+        + make_crl(root, [], past).public_bytes(serialization.Encoding.PEM)
+    )
+    return path
+
+
+def test_expired_crl_rejects_by_default_and_is_reported(
+    own: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    path = expired_crls(own, tmp_path, "other")
+    with run_proxy(own, f"http://127.0.0.1:{upstream.port}", "--crl", str(path)) as p:
+        assert handshake_rejected(p.port, client_ctx(own, "good"))  # fail closed
+        crl_time = metric(p, 'mtls_proxy_cert_not_after_timestamp_seconds{cert="crl"}')
+        assert 0 < crl_time < time.time()
+        assert any("past its nextUpdate" in line for line in p.logs)
+
+
+def test_expired_crl_allow_keeps_enforcing_its_revocations(
+    own: Pki, upstream: Upstream, tmp_path: Path, loop: str
+) -> None:
+    path = expired_crls(own, tmp_path, "other")
+    with run_proxy(
+        own,
+        f"http://127.0.0.1:{upstream.port}",
+        "--crl",
+        str(path),
+        "--crl-expired",
+        "allow",
+        loop=loop,
+    ) as p:
+        assert get(p.port, client_ctx(own, "good"))[0] == 200
+        for tls13 in (True, False):
+            assert handshake_rejected(p.port, client_ctx(own, "other", tls13=tls13))
+        assert metric(p, 'mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 2
+        assert len(upstream.seen) == 1  # only client-good's request
+        assert any("still enforcing" in line for line in p.logs)
+
+
+def test_broken_crl_at_reload_keeps_the_old_one(own: Pki, upstream: Upstream) -> None:
+    crl = pki.revoke(own.dir, "other")
+    with run_proxy(
+        own, f"http://127.0.0.1:{upstream.port}", "--crl", str(crl), "--reload-interval", "0.5"
+    ) as p:
+        crl.write_bytes(crl.read_bytes()[:200])  # truncated mid-way
+        status = wait_reload(p, 1, "failure")
+        last = status["last_reload"]
+        assert last["ok"] is False and "CRL" in last["error"]  # type: ignore[index]
+        assert handshake_rejected(p.port, client_ctx(own, "other"))
+        assert get(p.port, client_ctx(own, "good"))[0] == 200
