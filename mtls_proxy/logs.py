@@ -165,3 +165,26 @@ class AccessLog:
                 self._stream.flush()
             except (OSError, ValueError):
                 pass  # stderr gone (closed pipe): never let logging break the data plane
+
+
+class RateLimiter:
+    """At most *per_second* records a second (a flood of bad handshakes must not turn into a
+    flood of log lines); what it holds back is counted and reported with the next record."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self._second = -1
+        self._count = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> int | None:
+        """None: drop this record. Else: log it, with this many suppressed since the last."""
+        second = int(now)
+        if second != self._second:
+            self._second, self._count = second, 0
+        self._count += 1
+        if self._count > self.per_second:
+            self.suppressed += 1
+            return None
+        held, self.suppressed = self.suppressed, 0
+        return held

@@ -22,7 +22,7 @@ from mtls_proxy import __version__
 from mtls_proxy.admin import admin_app, rfc3339
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.loader import load_policy
-from mtls_proxy.logs import AccessLog
+from mtls_proxy.logs import AccessLog, RateLimiter
 from mtls_proxy.metrics import Metrics
 from mtls_proxy.proxy import ClientConnection
 from mtls_proxy.revocation import TrustView
@@ -142,6 +142,7 @@ class ProxyServer:
         self._crl_stale_logged = False
         self._expiry_metrics(material)
         self._reloading = False
+        self._handshake_log = RateLimiter(10)
 
     def _expiry_metrics(self, material: Material) -> None:
         m = self.metrics.not_after
@@ -338,8 +339,10 @@ class ProxyServer:
 
     async def _watch(self) -> None:
         """inotify on the directories that hold the files (a file watch would follow an inode
-        that Kubernetes deletes after swapping ``..data``): any event there compares the stamps
-        again, so unrelated events and touch-only writes reload nothing."""
+        that Kubernetes deletes after swapping ``..data``, and the swap itself is a rename in the
+        mount directory): any event there compares the stamps again, so unrelated events and
+        touch-only writes reload nothing. Not recursive: a file in /etc must not watch all of
+        /etc."""
         from watchfiles import awatch
 
         dirs = sorted({str(p.parent) for p in self._watched_paths() if p.parent.is_dir()})
@@ -350,7 +353,7 @@ class ProxyServer:
             # most of the time; when they don't, the first reload fails harmlessly (the pair is
             # validated) and the second succeeds.
             async for _ in awatch(
-                *dirs, debounce=300, step=50, recursive=True, stop_event=self._watch_stop
+                *dirs, debounce=300, step=50, recursive=False, stop_event=self._watch_stop
             ):
                 self._poll_material("watch")
         except (OSError, RuntimeError) as exc:  # e.g. inotify limits: polling still works
@@ -402,27 +405,46 @@ class ProxyServer:
     async def _handshake(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         proto = ClientConnection(self.shared, self._slots)
+        client = "-"
         try:
+            client = str(conn.getpeername()[0])
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.connect_accepted_socket(
                 lambda: proto, conn, ssl=self.ctx, ssl_handshake_timeout=self.cfg.handshake_timeout
             )
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            reason = classify_handshake_error(exc)
-            self.metrics.handshake("failed", reason)
-            logger.debug("handshake failed: %s", reason, extra={"error": str(exc)})
+            self._handshake_failed(classify_handshake_error(exc), client, exc)
             conn.close()
             if proto.transport is None:  # connection_made never ran, so neither will lost
                 self._slots.release()
             return
-        if proto.refused is not None:  # revoked, found after the handshake (revocation.py)
-            self.metrics.handshake("failed", proto.refused)
-            logger.debug("handshake refused after verification: %s", proto.refused)
+        if proto.refused is not None:  # found after the handshake (revocation.py)
+            self._handshake_failed(proto.refused, client, None)
             return
         self.metrics.handshake("ok")
         self.metrics.connections.inc()
         if self.shared.draining:
             proto.drain()
+
+    def _handshake_failed(self, reason: str, client: str, exc: BaseException | None) -> None:
+        self.metrics.handshake("failed", reason)
+        suppressed = self._handshake_log.allow(time.monotonic())
+        if suppressed is not None:
+            # OpenSSL's reason string names the check that failed, never key material.
+            error = (
+                "refused after the handshake by the proxy's revocation check"
+                if exc is None
+                else (getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__)
+            )
+            logger.info(
+                "handshake failed",
+                extra={
+                    "reason": reason,
+                    "client": client,
+                    "error": str(error)[:300],
+                    "suppressed": suppressed,
+                },
+            )
 
     def request_stop(self) -> None:
         """Ask run() to drain and return (SIGTERM/SIGINT)."""

@@ -86,6 +86,9 @@ def test_revoked_client_fails_and_a_crl_reload_cuts_its_connections_and_sessions
         assert handshake_rejected(p.port, client_ctx(own, "other"))
         assert handshake_rejected(p.port, client_ctx(own, "other", tls13=False))
         assert metric(p, 'mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 2
+        failed = [r for r in p.records() if r.get("msg") == "handshake failed"]
+        assert failed and failed[0]["reason"] == "revoked" and failed[0]["client"] == "127.0.0.1"
+        assert "revoked" in str(failed[0]["error"]) and failed[0]["suppressed"] == 0
         keep = connect(p.port, good)
         keep.sendall(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
         assert read_response(keep, bytearray())[0] == 200

@@ -279,3 +279,27 @@ def test_metrics_pass_promtool_and_status_has_every_field(
         assert status["last_reload"] is None and status["draining"] is False
         assert status["server_cert"]["not_after"].endswith("Z")
         assert status["trusted_cas"] == 1
+
+
+def test_explain_follows_routes_normalized_paths_and_crls(tmp_path: Path) -> None:
+    d = tmp_path / "pki"
+    assert subprocess.run([*_cli("pki", "init", str(d))], capture_output=True).returncode == 0
+    issue = [*_cli("pki", "issue", "client", "app", "--dir", str(d), "--uri", ALLOWED_URI)]
+    assert subprocess.run(issue, capture_output=True).returncode == 0
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    base = [
+        *_cli("explain", "--cert", str(d / "app.crt")),
+        *("--cacert", str(d / "ca.crt"), "--policy", str(policy), "--upstream", "http://x:1"),
+    ]
+    r = subprocess.run([*base, "--path", "/x/../admin/users"], capture_output=True, text=True)
+    assert r.returncode == 3 and "route * /admin" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*base, "--path", "/admin%2f"], capture_output=True, text=True)
+    assert r.returncode == 3 and "DENIED 400" in r.stdout
+    r = subprocess.run([*base, "--path", "/x"], capture_output=True, text=True)
+    assert r.returncode == 0 and "ALLOWED" in r.stdout
+    assert subprocess.run([*_cli("pki", "revoke", "app", "--dir", str(d))]).returncode == 0
+    r = subprocess.run(
+        [*base, "--path", "/x", "--crl", str(d / "crl.pem")], capture_output=True, text=True
+    )
+    assert r.returncode == 3 and "REVOKED" in r.stdout

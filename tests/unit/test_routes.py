@@ -138,6 +138,12 @@ routes:
     assert decide(p, USER, "GET", "/x").allowed
     assert not decide(p, USER, "POST", "/x").allowed
     assert [r.name for r in p.routes] == ["GET /x", "* /x"]
+    disjoint = _policy(
+        "routes: [{path_prefix: /y, methods: [GET], allow: []},"
+        " {path_prefix: /y, methods: [POST], allow: [{cn: user}]}]"
+    )
+    assert decide(disjoint, USER, "POST", "/y").allowed
+    assert not decide(disjoint, USER, "GET", "/y").allowed
 
 
 @pytest.mark.parametrize(

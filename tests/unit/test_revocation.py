@@ -1,0 +1,64 @@
+"""TrustView: the re-check of verified chains after a reload (anchors removed, CRLs added)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+from mtls_proxy import pki
+from mtls_proxy.revocation import TrustView
+
+
+def crl(
+    ca: pki.Issued, serials: list[int], key_of: pki.Issued | None = None
+) -> x509.CertificateRevocationList:
+    now = dt.datetime.now(dt.UTC)
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=1))
+    )
+    for s in serials:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(s).revocation_date(now).build()
+        )
+    return b.sign((key_of or ca).key, hashes.SHA256())  # type: ignore[arg-type]
+
+
+ROOT = pki.make_ca("root")
+INTER = pki.make_ca("inter", issuer=ROOT, path_len=0)
+LEAF = pki.issue(INTER, "client", "leaf")
+CHAIN = [LEAF.cert, INTER.cert, ROOT.cert]
+
+
+def test_unchanged_trust_accepts() -> None:
+    assert TrustView.build([ROOT.cert], []).refuses(CHAIN) is None
+    assert TrustView.build([ROOT.cert], []).refuses([]) is None
+
+
+def test_removed_anchor_refuses() -> None:
+    other = pki.make_ca("other root")
+    assert TrustView.build([other.cert], []).refuses(CHAIN) == "unknown_ca"
+    # Same subject, another key: not the same CA.
+    impostor = pki.make_ca("root")
+    assert TrustView.build([impostor.cert], []).refuses(CHAIN) == "unknown_ca"
+    # An intermediate trusted directly is an anchor too.
+    assert TrustView.build([INTER.cert], []).refuses(CHAIN) is None
+
+
+def test_revoked_leaf_and_intermediate() -> None:
+    leaf_crl = crl(INTER, [LEAF.cert.serial_number])
+    assert TrustView.build([ROOT.cert], [leaf_crl]).refuses(CHAIN) == "revoked"
+    inter_crl = crl(ROOT, [INTER.cert.serial_number])
+    assert TrustView.build([ROOT.cert], [inter_crl]).refuses(CHAIN) == "revoked"
+    # leaf mode: only the leaf's issuer's CRL counts.
+    assert TrustView.build([ROOT.cert], [inter_crl], leaf_only=True).refuses(CHAIN) is None
+    assert TrustView.build([ROOT.cert], [crl(INTER, [12345])]).refuses(CHAIN) is None
+
+
+def test_crl_with_a_bad_signature_revokes_nothing() -> None:
+    forged = crl(INTER, [LEAF.cert.serial_number], key_of=pki.make_ca("inter"))
+    assert TrustView.build([ROOT.cert], [forged]).refuses(CHAIN) is None
