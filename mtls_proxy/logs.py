@@ -48,6 +48,8 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # watchfiles logs every batch of changes at info; ours says which ones matter.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 _ABORTED: Final = ', "aborted": true'

@@ -141,7 +141,7 @@ class ProxyServer:
         self.started = asyncio.Event()
         self._crl_stale_logged = False
         self._expiry_metrics(material)
-        self._reloading = False
+        self._reloading = self._reload_again = False
         self._handshake_log = RateLimiter(10)
 
     def _expiry_metrics(self, material: Material) -> None:
@@ -196,10 +196,24 @@ class ProxyServer:
         handshakes use the new certificate and trust at once, while established connections
         keep theirs. A new context also brings new session-ticket keys: sessions issued under
         the old trust cannot be resumed (DESIGN.md section 3, TLS-037/038).
+
+        A request that arrives while a reload runs is not dropped: the files may have changed
+        again (a key written just after its certificate), so one more reload follows.
         """
         if self._reloading:
+            self._reload_again = True
             return False
         self._reloading = True
+        try:
+            while True:
+                self._reload_again = False
+                ok = await self._reload_once()
+                if not self._reload_again:
+                    return ok
+        finally:
+            self._reloading = False
+
+    async def _reload_once(self) -> bool:
         now = dt.datetime.now(dt.UTC)
         try:
             material = await asyncio.to_thread(load_material, self.cfg.tls, dict(self.cfg.sources))
@@ -213,8 +227,6 @@ class ProxyServer:
                 "reload failed; still serving the previous material", extra={"error": error}
             )
             return False
-        finally:
-            self._reloading = False
         old = self.material
         # One swap: every new handshake from here on uses the new context (fresh ticket keys
         # and session cache: no session from before can resume), every next request the new
@@ -352,8 +364,16 @@ class ProxyServer:
             # Short debounce: a cert and key written as two files land in one event batch
             # most of the time; when they don't, the first reload fails harmlessly (the pair is
             # validated) and the second succeeds.
+            # yield_on_timeout: the stamps are also compared once a second, which covers the
+            # moment between "ready" and the watch being armed, and lost inotify events.
             async for _ in awatch(
-                *dirs, debounce=300, step=50, recursive=False, stop_event=self._watch_stop
+                *dirs,
+                debounce=300,
+                step=50,
+                recursive=False,
+                stop_event=self._watch_stop,
+                rust_timeout=1000,
+                yield_on_timeout=True,
             ):
                 self._poll_material("watch")
         except (OSError, RuntimeError) as exc:  # e.g. inotify limits: polling still works

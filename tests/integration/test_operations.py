@@ -303,3 +303,53 @@ def test_explain_follows_routes_normalized_paths_and_crls(tmp_path: Path) -> Non
         [*base, "--path", "/x", "--crl", str(d / "crl.pem")], capture_output=True, text=True
     )
     assert r.returncode == 3 and "REVOKED" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "needle"),
+    [
+        ("server.crt", b"", "server.crt"),
+        ("server.crt", b"-----BEGIN CERTIFICATE-----\nMIIB", "server.crt"),
+        ("server.key", "other", "does not match the certificate"),
+        ("ca.crt", b"garbage\n", "ca.crt"),
+        ("ca.crt", b"", "ca.crt"),
+    ],
+)
+def test_broken_material_at_reload_keeps_the_old_serving(
+    tp: Pki, upstream: Upstream, tmp_path: Path, file: str, content: bytes | str, needle: str
+) -> None:
+    d = material_dir(tp, tmp_path)
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", *material_args(d), extra_cert_args=False
+    ) as p:
+        ctx = client_ctx(tp, "good")
+        data = Path(tp.key(content)).read_bytes() if isinstance(content, str) else content
+        (d / file).write_bytes(data)
+        status = wait_reload(p, 1, "failure")
+        assert needle in status["last_reload"]["error"]  # type: ignore[index]
+        assert get(p.port, ctx)[0] == 200  # the old certificate and trust still serve
+        assert served_subject(p.port, ctx) == "localhost"
+        assert p.admin_get("/readyz")[0] == 200
+        assert metric(p, 'mtls_proxy_reloads_total{result="success"}') == 0
+
+
+def test_cert_now_key_later_never_serves_a_mismatched_pair(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    d = material_dir(tp, tmp_path)
+    new = pki.issue(pki.load_issuer(tp.dir), "server", "next", dns=["localhost"], ips=["127.0.0.1"])
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", *material_args(d), extra_cert_args=False
+    ) as p:
+        ctx = client_ctx(tp, "good")
+        (d / "server.crt").write_bytes(new.cert_pem())  # RLD-05: the key follows later
+        wait_reload(p, 1, "failure")  # the pair does not match: refused, the old one serves
+        assert served_subject(p.port, ctx) == "localhost"
+        assert get(p.port, ctx)[0] == 200
+        half = new.key_pem()
+        (d / "server.key").write_bytes(half[: len(half) // 2])  # RLD-04: half-written
+        time.sleep(1.5)
+        assert served_subject(p.port, ctx) == "localhost"
+        (d / "server.key").write_bytes(half)  # completed: picked up without a signal
+        wait_reload(p, 1, "success")
+        assert served_subject(p.port, ctx) == "next"
