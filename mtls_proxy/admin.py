@@ -44,6 +44,19 @@ class AdminTarget(Protocol):
     @property
     def shared(self) -> _Shared: ...
     async def refresh(self) -> None: ...
+    def material_status(self) -> dict[str, object]: ...
+
+
+def material_status(m: Material) -> dict[str, object]:
+    """The /status fields that describe the loaded material."""
+    return {
+        "server_cert": {
+            "subject": m.server_subject,
+            "sha256": m.server_sha256,
+            "not_after": rfc3339(m.not_after),
+        },
+        "trusted_cas": len(m.ca_certs),
+    }
 
 
 SERVER: Final[web.AppKey[AdminTarget]] = web.AppKey("server")
@@ -75,18 +88,12 @@ async def status(request: web.Request) -> web.Response:
     """A JSON summary of what the proxy runs with."""
     server = request.app[SERVER]
     await server.refresh()
-    m = server.material
     return web.json_response(
         {
             "version": __version__,
             "listen": str(server.cfg.listen),
             "upstream": server.cfg.upstream.url,
-            "server_cert": {
-                "subject": m.server_subject,
-                "sha256": m.server_sha256,
-                "not_after": rfc3339(m.not_after),
-            },
-            "trusted_cas": len(m.ca_certs),
+            **server.material_status(),
             "last_reload": server.last_reload,
             "connections_open": len(server.shared.connections),
             "draining": server.shared.draining,

@@ -19,7 +19,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from mtls_proxy import __version__
-from mtls_proxy.admin import admin_app, rfc3339
+from mtls_proxy.admin import admin_app, material_status, rfc3339
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.loader import load_policy
 from mtls_proxy.logs import AccessLog, RateLimiter
@@ -272,6 +272,10 @@ class ProxyServer:
 
     async def refresh(self) -> None:
         """Nothing to gather: one process holds all its state (see workers.Master)."""
+
+    def material_status(self) -> dict[str, object]:
+        """The /status fields of the material in effect."""
+        return material_status(self.material)
 
     @property
     def ready(self) -> bool:

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from mtls_proxy.admin import admin_app
+from mtls_proxy.admin import admin_app, material_status
 
 if TYPE_CHECKING:
     from mtls_proxy.config import Config
@@ -100,6 +100,8 @@ async def serve_master_channel(server: ProxyServer, fd: int) -> None:
             doc = {
                 "rows": metric_rows(server.metrics.registry.collect()),
                 "connections_open": len(server.shared.connections),
+                "last_reload": server.last_reload,
+                "material": server.material_status(),
             }
             writer.write(json.dumps(doc).encode() + b"\n")
             await writer.drain()
@@ -133,6 +135,7 @@ class Master:
         self.draining = False
         self.connections: list[None] = []
         self.last_reload: dict[str, object] | None = None
+        self._material_doc: dict[str, object] | None = None
         self.port = 0
         self.stopping = asyncio.Event()
 
@@ -173,6 +176,7 @@ class Master:
         """Collect every worker's samples (a worker that does not answer in 2 s is skipped)."""
         rows: list[list[object]] = []
         open_conns = 0
+        reloads: list[dict[str, object]] = []
         for w in self.workers:
             if not w.ready or w.streams is None:
                 continue
@@ -186,8 +190,21 @@ class Master:
                     continue
             rows.extend(doc["rows"])
             open_conns += int(doc["connections_open"])
+            if doc.get("last_reload"):
+                reloads.append({**doc["last_reload"], "material": doc["material"]})
         self.merged.rows = rows
         self.connections = [None] * open_conns
+        if reloads:
+            # Every worker reloads the same files; the most recent attempt speaks for all
+            # (on a tie, a failure: fail loud).
+            latest = max(reloads, key=lambda r: (str(r["at"]), not r["ok"]))
+            material = latest.pop("material")
+            self._material_doc = material if isinstance(material, dict) else None
+            self.last_reload = latest
+
+    def material_status(self) -> dict[str, object]:
+        """What the workers serve (after a reload), else what the master validated."""
+        return self._material_doc or material_status(self.material)
 
     def forward_hup(self) -> None:
         """SIGHUP: every worker reloads (each validates and swaps on its own)."""

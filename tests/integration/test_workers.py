@@ -71,3 +71,27 @@ def test_a_dead_worker_is_restarted(tp: Pki, upstream: Upstream) -> None:
             with connect(p.port, client_ctx(tp, "good")) as s:
                 s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
                 assert read_response(s, bytearray())[0] == 200
+
+
+def test_master_status_reports_the_workers_reload(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    from mtls_proxy import pki
+    from tests.integration.test_reload import material_args, material_dir, wait_reload
+
+    d = material_dir(tp, tmp_path)
+    with run_proxy(
+        tp,
+        f"http://127.0.0.1:{upstream.port}",
+        "--workers",
+        "2",
+        *material_args(d),
+        extra_cert_args=False,
+    ) as p:
+        assert json.loads(p.admin_get("/status")[1])["last_reload"] is None
+        new = pki.issue(pki.load_issuer(tp.dir), "server", "w-next", dns=["localhost"])
+        pki.write_pair(d, "server", new)
+        p.proc.send_signal(signal.SIGHUP)  # forwarded; each worker also watches the files
+        status = wait_reload(p, 2, "success")  # both workers
+        assert status["last_reload"]["ok"] is True
+        assert status["server_cert"]["subject"] == "CN=w-next"
