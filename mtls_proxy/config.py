@@ -136,6 +136,13 @@ OPTIONS: Final[tuple[Opt, ...]] = (
     ),
     Opt("handshake-timeout", ("handshake_timeout",), "float", 10.0, "TLS handshake seconds"),
     Opt("header-timeout", ("header_timeout",), "float", 10.0, "seconds to receive a request head"),
+    Opt(
+        "body-timeout",
+        ("body_timeout",),
+        "float",
+        30.0,
+        "seconds without request body bytes before 408 (the upstream request is aborted)",
+    ),
     Opt("upstream-timeout", ("upstream_timeout",), "float", 30.0, "connect + first byte seconds"),
     Opt(
         "upstream-cacert",
@@ -147,6 +154,14 @@ OPTIONS: Final[tuple[Opt, ...]] = (
     Opt("idle-timeout", ("idle_timeout",), "float", 60.0, "keep-alive idle seconds"),
     Opt("max-connections", ("max_connections",), "int", 10000, "open downstream connections"),
     Opt("max-header-bytes", ("max_header_bytes",), "int", 65536, "request head size limit"),
+    Opt(
+        "max-line-bytes",
+        ("max_line_bytes",),
+        "int",
+        8192,
+        "request target (414) and header line (431) size limit",
+    ),
+    Opt("max-headers", ("max_headers",), "int", 100, "request header fields (431 above)"),
     Opt(
         "max-identity-header-bytes",
         ("max_identity_header_bytes",),
@@ -245,11 +260,14 @@ class Config:
     strict_client_certs: bool = False
     handshake_timeout: float = 10.0
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     upstream_timeout: float = 30.0
     upstream_cacert: str | None = None
     idle_timeout: float = 60.0
     max_connections: int = 10000
     max_header_bytes: int = 65536
+    max_line_bytes: int = 8192
+    max_headers: int = 100
     max_identity_header_bytes: int = 16384
     shutdown_grace: float = 15.0
     reload_interval: float = 0.0

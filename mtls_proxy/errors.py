@@ -30,11 +30,20 @@ class BadRequest(ProxyError):
 
 
 class HeaderTooLarge(ProxyError):
-    """The request head exceeds --max-header-bytes."""
+    """The request head exceeds --max-header-bytes, a header line --max-line-bytes, or the
+    number of fields --max-headers."""
 
     status = 431
     error = "request_header_fields_too_large"
     public_message = "request head too large"
+
+
+class URITooLong(ProxyError):
+    """The request target exceeds --max-line-bytes."""
+
+    status = 414
+    error = "uri_too_long"
+    public_message = "request target too long"
 
 
 class IdentityTooLarge(ProxyError):

@@ -33,12 +33,14 @@ from mtls_proxy.errors import (
     ProxyError,
     RequestTimeout,
     UpstreamTimeout,
+    URITooLong,
 )
 from mtls_proxy.identity import PeerIdentity, identity_from_der
 from mtls_proxy.paths import match_path
 from mtls_proxy.policy import Decision, decide_route
 from mtls_proxy.request import prepare
 from mtls_proxy.response import ResponseHead, client_head, error_response
+from mtls_proxy.strict import strict_refusal
 
 if TYPE_CHECKING:
     import ssl
@@ -52,7 +54,7 @@ SSL_DER: Final = 2  # _ssl.ENCODING_DER, for Certificate.public_bytes (Python 3.
 
 _BUFFER_LIMIT: Final = 256 * 1024
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_IDLE, _HEADER = 1, 2
+_IDLE, _HEADER, _BODY = 1, 2, 3
 
 
 def connection_identity(dialects: tuple[str, ...], sslobj: ssl.SSLObject) -> bytes:
@@ -192,7 +194,7 @@ class ClientConnection(asyncio.Protocol):
         self._identity_too_large = False
         self.draining = False
         self.closed = False
-        self.refused: str | None = None  # set when the post-handshake revocation check fails
+        self.refused: tuple[str, str] | None = None  # (reason, why): a post-handshake check
 
     # -- connection lifecycle --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -224,10 +226,12 @@ class ClientConnection(asyncio.Protocol):
             )
         shared.connections.add(self)
         shared.metrics.connections_open.inc()
-        if shared.revocation is not None and self.peer is not None:
-            # --crl-expired allow with a stale CRL: the check OpenSSL did not make (see
-            # revocation.py); nothing of this connection has been read yet.
-            self.refused = shared.revocation.refuses(self.verified_chain())
+        if self.peer is not None and (
+            shared.revocation is not None or shared.cfg.strict_client_certs
+        ):
+            # Checks OpenSSL does not make (strict.py; revocation.py with --crl-expired allow
+            # and a stale CRL); nothing of this connection has been read yet.
+            self.refused = self._post_handshake_refusal(der)
             if self.refused is not None:
                 self.closed = True
                 self.transport.abort()  # type: ignore[union-attr]  # set just above
@@ -235,6 +239,19 @@ class ClientConnection(asyncio.Protocol):
         self._wait(_IDLE)
         if shared.draining:
             self.drain()
+
+    def _post_handshake_refusal(self, der: bytes | None) -> tuple[str, str] | None:
+        """(reason label, message) when a check after the handshake refuses the client."""
+        shared = self.shared
+        if shared.cfg.strict_client_certs and der:
+            problem = strict_refusal(x509.load_der_x509_certificate(der))
+            if problem is not None:
+                return "bad_certificate", f"--strict-client-certs: {problem}"
+        if shared.revocation is not None:
+            reason = shared.revocation.refuses(self.verified_chain())
+            if reason is not None:
+                return reason, "refused by the CRLs enforced after the handshake"
+        return None
 
     def verified_chain(self) -> list[x509.Certificate]:
         """The client's chain as OpenSSL verified it at the handshake (leaf first, anchor
@@ -296,6 +313,13 @@ class ClientConnection(asyncio.Protocol):
             self._on_upstream_timeout()
         if self.deadline and now >= self.deadline:
             self.deadline = 0.0
+            if self._waiting == _BODY:
+                if self._paused:  # we stopped reading (back-pressure), not the client
+                    self.deadline = now + self.shared.cfg.body_timeout
+                else:
+                    self._waiting = _IDLE
+                    self._reject(RequestTimeout())
+                return
             if self._queue or self.transport is None:
                 return
             if self._waiting == _HEADER and self._in_head:
@@ -350,13 +374,22 @@ class ClientConnection(asyncio.Protocol):
         """Collect the request target."""
         self._url += url
         self._head_bytes += len(url)
+        if len(self._url) > self.shared.cfg.max_line_bytes:
+            raise _Stop(URITooLong())
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """Collect a header; trailers (after the head) are dropped (HDR-009)."""
         if self._in_head:
-            self._raw.append((name, value))
-            self._head_bytes += len(name) + len(value) + 4
-            if self._head_bytes > self.shared.cfg.max_header_bytes:
+            raw = self._raw
+            raw.append((name, value))
+            line = len(name) + len(value) + 4
+            self._head_bytes += line
+            cfg = self.shared.cfg
+            if (
+                self._head_bytes > cfg.max_header_bytes
+                or line > cfg.max_line_bytes
+                or len(raw) > cfg.max_headers
+            ):
                 raise _Stop(HeaderTooLarge())
 
     def on_headers_complete(self) -> None:
@@ -391,6 +424,10 @@ class ClientConnection(asyncio.Protocol):
         if len(self._queue) == 1:
             self.deadline = 0.0
             self._start(ex)
+        if ex.has_body and not ex.status and not ex.body_done and self.shared.cfg.body_timeout:
+            # A body that stops arriving holds an upstream connection: --body-timeout (RES-06).
+            self._waiting = _BODY
+            self.deadline = self.shared.clock() + self.shared.cfg.body_timeout
 
     def on_body(self, body: bytes) -> None:
         """Stream a body piece upstream, or buffer it until the upstream is ready."""
@@ -398,6 +435,8 @@ class ClientConnection(asyncio.Protocol):
         if ex is None or ex.status:
             return  # already answered (denied or failed): the rest of the body is discarded
         ex.bytes_in += len(body)
+        if self._waiting == _BODY:
+            self.deadline = self.shared.clock() + self.shared.cfg.body_timeout
         data = b"%x\r\n%s\r\n" % (len(body), body) if ex.chunked else body
         if ex.upstream is not None and ex.sent:
             ex.upstream.write(data)
@@ -412,6 +451,8 @@ class ClientConnection(asyncio.Protocol):
         ex = self._last
         if ex is None:
             return
+        if self._waiting == _BODY:
+            self._waiting, self.deadline = _IDLE, 0.0
         ex.body_done = True
         if ex.chunked and not ex.status:
             if ex.upstream is not None and ex.sent:

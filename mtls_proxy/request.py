@@ -50,7 +50,10 @@ def origin_form(method: bytes, url: bytes) -> bytes:
         lower = target[:8].lower()
         if not (lower.startswith((b"http://", b"https://"))):
             raise BadRequest
-        slash = target.find(b"/", target.find(b"//") + 2)
+        start = target.find(b"//") + 2
+        slash = target.find(b"/", start)
+        if slash == start or start == len(target):
+            raise BadRequest  # "http:///x": no authority (SECURITY.md SMG-038)
         target = target[slash:] if slash > 0 else b"/"
     hash_at = target.find(b"#")
     return target[:hash_at] if hash_at >= 0 else target  # a fragment is not part of the target

@@ -11,6 +11,7 @@ import resource
 import signal
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -121,7 +122,7 @@ class ProxyServer:
         self.shared = Shared(cfg, self.metrics, pool, material.server_uri, loop.time, access)
         self.shared.policy = policy if policy is not None else load_policy(cfg)
         self._set_revocation(material)
-        self._watcher: asyncio.Task[None] | None = None
+        self._watch_stop = threading.Event()
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
         # --reload-interval: compare the files' stamps every so many sweeps.
@@ -304,8 +305,7 @@ class ProxyServer:
         self.sock = bind(self.cfg.listen, reuse_port=self.reuse_port)
         self.listening = True
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
-        self._watch_stop = asyncio.Event()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._start_watching()
         self._sweep()
         # Everything loaded so far (aiohttp, cryptography, config) lives for the whole process:
         # move it out of the collector's view so that full collections stay short (p99).
@@ -353,35 +353,42 @@ class ProxyServer:
             logger.info("reloadable files changed; reloading", extra={"trigger": why})
             asyncio.get_running_loop().create_task(self.reload())
 
-    async def _watch(self) -> None:
+    def _start_watching(self) -> None:
         """inotify on the directories that hold the files (a file watch would follow an inode
         that Kubernetes deletes after swapping ``..data``, and the swap itself is a rename in the
         mount directory): any event there compares the stamps again, so unrelated events and
         touch-only writes reload nothing. Not recursive: a file in /etc must not watch all of
-        /etc."""
-        from watchfiles import awatch
-
+        /etc. The watch runs in a daemon thread, so that it never delays the process's exit."""
         dirs = sorted({str(p.parent) for p in self._watched_paths() if p.parent.is_dir()})
         if not dirs:
             return
-        try:
-            # Short debounce: a cert and key written as two files land in one event batch
-            # most of the time; when they don't, the first reload fails harmlessly (the pair is
-            # validated) and the second succeeds.
-            # yield_on_timeout: the stamps are also compared once a second, which covers the
-            # moment between "ready" and the watch being armed, and lost inotify events.
-            async for _ in awatch(
-                *dirs,
-                debounce=300,
-                step=50,
-                recursive=False,
-                stop_event=self._watch_stop,
-                rust_timeout=1000,
-                yield_on_timeout=True,
-            ):
-                self._poll_material("watch")
-        except (OSError, RuntimeError) as exc:  # e.g. inotify limits: polling still works
-            logger.warning("file watching stopped: %s", exc)
+        loop = asyncio.get_running_loop()
+        stop = self._watch_stop
+
+        def run() -> None:
+            from watchfiles import watch
+
+            try:
+                # Short debounce: a cert and key written together land in one batch. Timeouts
+                # yield too: the stamps are then compared once a second, which covers the time
+                # before the watch is armed and lost events.
+                for _ in watch(
+                    *dirs,
+                    debounce=300,
+                    step=50,
+                    recursive=False,
+                    stop_event=stop,
+                    rust_timeout=1000,
+                    yield_on_timeout=True,
+                    raise_interrupt=False,
+                ):
+                    loop.call_soon_threadsafe(self._poll_material, "watch")
+            except RuntimeError:
+                return  # the loop closed under us: the process is exiting
+            except OSError as exc:  # e.g. inotify limits: SIGHUP and polling still work
+                loop.call_soon_threadsafe(logger.warning, "file watching stopped: %s", exc)
+
+        threading.Thread(target=run, name="mtls-proxy-watch", daemon=True).start()
 
     def _sweep(self) -> None:
         # Timeouts are deadlines checked here, 4 times a second (see proxy.py rule 4).
@@ -442,22 +449,22 @@ class ProxyServer:
             if proto.transport is None:  # connection_made never ran, so neither will lost
                 self._slots.release()
             return
-        if proto.refused is not None:  # found after the handshake (revocation.py)
-            self._handshake_failed(proto.refused, client, None)
+        if proto.refused is not None:  # found after the handshake (strict.py, revocation.py)
+            self._handshake_failed(proto.refused[0], client, proto.refused[1])
             return
         self.metrics.handshake("ok")
         self.metrics.connections.inc()
         if self.shared.draining:
             proto.drain()
 
-    def _handshake_failed(self, reason: str, client: str, exc: BaseException | None) -> None:
+    def _handshake_failed(self, reason: str, client: str, exc: BaseException | str) -> None:
         self.metrics.handshake("failed", reason)
         suppressed = self._handshake_log.allow(time.monotonic())
         if suppressed is not None:
             # OpenSSL's reason string names the check that failed, never key material.
             error = (
-                "refused after the handshake by the proxy's revocation check"
-                if exc is None
+                exc
+                if isinstance(exc, str)
                 else (getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__)
             )
             logger.info(
@@ -515,11 +522,7 @@ class ProxyServer:
         for task in list(self._handshakes):
             task.cancel()
         shared.pool.close()
-        if self._watcher is not None:
-            self._watch_stop.set()
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        self._watch_stop.set()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if shared.access_log is not None:

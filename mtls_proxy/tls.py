@@ -33,7 +33,9 @@ from mtls_proxy.loader import parse_crls, read_file
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# AEAD with forward secrecy only; SECLEVEL 2 (whatever the system's openssl.cnf says) refuses
+# RSA keys < 2048 bits and SHA-1 signatures in client chains (TLS-028/029).
+TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20:@SECLEVEL=2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +338,7 @@ _VERIFY_REASONS: Final = {
     10: "expired",
     9: "expired",
     2: "unknown_ca",
+    18: "unknown_ca",  # a self-signed leaf
     19: "unknown_ca",
     20: "unknown_ca",
     21: "unknown_ca",

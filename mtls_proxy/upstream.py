@@ -159,9 +159,9 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             if state == _HEAD:
                 end = data.find(b"\r\n\r\n")
-                if end < 0:
+                if end < 0 or end > MAX_RESPONSE_HEAD:
                     if len(data) > MAX_RESPONSE_HEAD:
-                        raise MalformedResponse("response head too large")
+                        raise MalformedResponse("response head too large")  # UPS-010
                     self._buf = data
                     return
                 head = self.pool.heads.parse(data[:end])

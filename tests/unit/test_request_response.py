@@ -37,6 +37,7 @@ def prep(
     url: bytes = b"/",
     version: str = "1.1",
     upgrade: bool = False,
+    normalize: bool = False,
 ):  # type: ignore[no-untyped-def]
     return prepare(
         method,
@@ -47,6 +48,7 @@ def prep(
         client_ip=b"10.0.0.9",
         block=BLOCK,
         default_host=b"up:80",
+        normalize=normalize,
     )
 
 
@@ -93,6 +95,9 @@ def test_prepare_chunked_expect_and_http10_default_host() -> None:
         ({"headers": [(b"Host", b"")]}, BadRequest),
         ({"headers": [(b"Host", b"a")], "url": b"a:80"}, BadRequest),
         ({"headers": [(b"Host", b"a")], "url": b"*"}, BadRequest),
+        ({"headers": [(b"Host", b"a")], "url": b"http:///x"}, BadRequest),
+        ({"headers": [(b"Host", b"a")], "url": b"http://"}, BadRequest),
+        ({"headers": [(b"Host", b"a")], "url": b"/a/../../x", "normalize": True}, BadRequest),
         ({"headers": [(b"Transfer-Encoding", b"chunked")], "version": "1.0"}, BadRequest),
         (
             {"headers": [(b"Host", b"a"), (b"Transfer-Encoding", b"gzip, chunked")]},
@@ -116,12 +121,18 @@ def test_prepare_refuses(kw: dict[str, object], err: type[ProxyError]) -> None:
         (b"GET", b"/a?b", b"/a?b"),
         (b"OPTIONS", b"*", b"*"),
         (b"GET", b"http://evil/x?y", b"/x?y"),
+        (b"GET", b"http://evil", b"/"),
         (b"GET", b"HTTPS://evil", b"/"),
         (b"GET", b"/a#b", b"/a"),
     ],
 )
 def test_origin_form(method: bytes, url: bytes, target: bytes) -> None:
     assert origin_form(method, url) == target
+
+
+def test_prepare_normalizes_the_path_when_routes_need_it() -> None:
+    p = prep([(b"Host", b"a")], url=b"/x/..//admin?q", normalize=True)
+    assert p.path == b"/admin?q" and p.head.startswith(b"GET /admin?q HTTP/1.1\r\n")
 
 
 def test_parse_head_filters_hop_by_hop_and_nominated() -> None:

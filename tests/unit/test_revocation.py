@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -62,3 +64,65 @@ def test_revoked_leaf_and_intermediate() -> None:
 def test_crl_with_a_bad_signature_revokes_nothing() -> None:
     forged = crl(INTER, [LEAF.cert.serial_number], key_of=pki.make_ca("inter"))
     assert TrustView.build([ROOT.cert], [forged]).refuses(CHAIN) is None
+
+
+def test_strict_refusals() -> None:
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from mtls_proxy.strict import strict_refusal
+
+    assert strict_refusal(LEAF.cert) is None
+    assert "CA" in str(strict_refusal(INTER.cert))
+    no_eku = pki.issue(INTER, "client", "x", eku=[])
+    assert "no extendedKeyUsage" in str(strict_refusal(no_eku.cert))
+    server_only = pki.issue(INTER, "client", "x", eku=[ExtendedKeyUsageOID.SERVER_AUTH])
+    assert "without clientAuth" in str(strict_refusal(server_only.cert))
+
+
+def test_strict_refuses_x509_v1(tmp_path: Path) -> None:
+    from mtls_proxy.strict import strict_refusal
+
+    pki.write_pair(tmp_path, "ca", ROOT)
+    run = ["openssl"]
+    subprocess.run(
+        [
+            *run,
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "v1.key"),
+            "-subj",
+            "/CN=v1",
+            "-out",
+            str(tmp_path / "v1.csr"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *run,
+            "x509",
+            "-req",
+            "-in",
+            str(tmp_path / "v1.csr"),
+            "-CA",
+            str(tmp_path / "ca.crt"),
+            "-CAkey",
+            str(tmp_path / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "3",
+            "-out",
+            str(tmp_path / "v1.crt"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    v1 = x509.load_pem_x509_certificate((tmp_path / "v1.crt").read_bytes())
+    assert strict_refusal(v1) == "X.509 v1 certificate"
