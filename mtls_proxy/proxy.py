@@ -97,6 +97,7 @@ class Exchange:
         "client_chunked",
         "close",
         "decision",
+        "early",
         "expect",
         "has_body",
         "head",
@@ -122,6 +123,7 @@ class Exchange:
         self.buffered = self.bytes_in = self.bytes_out = 0  # body bytes, for the access log
         self.body_done = self.has_body = self.chunked = self.expect = False
         self.close = http10
+        self.early = False  # the upstream answered before the whole request body was sent
         self.upstream: UpstreamConnection | None = None
         self.sent = self.started = self.response_started = self.client_chunked = False
         self.status = self.upstream_status = 0
@@ -291,6 +293,7 @@ class ClientConnection(asyncio.Protocol):
         if conn is not None and conn.transport is not None:
             conn.transport.pause_reading()
             self._upstream_paused = True
+            self.up_deadline = 0.0  # the upstream is silent because we stopped reading it
 
     def resume_writing(self) -> None:
         """The client caught up."""
@@ -299,6 +302,7 @@ class ClientConnection(asyncio.Protocol):
             conn = self._queue[0].upstream if self._queue else None
             if conn is not None and conn.transport is not None:
                 conn.transport.resume_reading()
+                self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
 
     def drain(self) -> None:
         """Shutdown: close now if idle, else after the response in flight."""
@@ -459,6 +463,9 @@ class ClientConnection(asyncio.Protocol):
                 ex.upstream.write(b"0\r\n\r\n")
             else:
                 ex.body.append(b"0\r\n\r\n")
+        if ex.upstream is not None and ex.sent and not ex.response_started and not ex.status:
+            # The request is complete: --upstream-timeout for the first response byte starts.
+            self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
         if len(self._queue) > 1 and self._queue[-1] is ex:
             self._pause("queue")  # pipelined: wait until the earlier response is done (rule 2)
 
@@ -559,18 +566,23 @@ class ClientConnection(asyncio.Protocol):
         ex.sent = True
         self._resume("buffer")
         self.flush()
-        self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
+        if ex.body_done:  # the wait for the answer starts once the request is complete
+            self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
 
     # -- upstream events (the ResponseSink of upstream.py) ---------------------------------
     def upstream_first_byte(self) -> None:
-        """The upstream answered in time."""
-        self.up_deadline = 0.0
+        """The upstream answered in time; from now on the deadline is for silence (RES-15)."""
+        self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
 
     def on_response_head(self, head: ResponseHead, mode: int, length: int) -> None:
         """Queue the re-framed response head."""
         ex = self._queue[0]
         ex.status = ex.upstream_status = head.status
         ex.response_started = True
+        # An answer before the whole body was sent, or an error answer to a request with a body
+        # (an early 413 can race the body: sent completely, yet never read), leaves the upstream
+        # in an unknown state: that connection serves no other request (SMG-057).
+        ex.early = not ex.body_done or (ex.has_body and head.status >= 400)
         data, ex.client_chunked, ex.close = client_head(
             head, mode, length, ex.http10, ex.close or self.draining
         )
@@ -580,6 +592,8 @@ class ClientConnection(asyncio.Protocol):
         """Queue a body piece for the client."""
         ex = self._queue[0]
         ex.bytes_out += len(data)
+        if self.up_deadline:
+            self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
         if ex.client_chunked:
             if data:
                 self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
@@ -591,10 +605,12 @@ class ClientConnection(asyncio.Protocol):
         ex = self._queue[0]
         if ex.client_chunked:
             self._out.append(b"0\r\n\r\n")
-        if not ex.body_done:
-            # The upstream answered before reading the whole body (e.g. 413): neither side can
-            # be resynchronised cheaply, so both connections close (SMG-057).
-            reusable, ex.close = False, True
+        if ex.early:
+            # The upstream answered before the whole body was sent (e.g. an early 413): what
+            # it does with the rest of the body is unknown, so it never serves another request
+            # (SMG-057). If the client is still sending it, the client connection closes too.
+            reusable = False
+            ex.close = ex.close or not ex.body_done
         ex.upstream = None
         if reusable:
             self.shared.pool.release(conn)
@@ -639,10 +655,20 @@ class ClientConnection(asyncio.Protocol):
 
     def _on_upstream_timeout(self) -> None:
         ex = self._queue[0] if self._queue else None
-        if ex is None or ex.upstream is None or ex.response_started:
+        if ex is None or ex.upstream is None:
             return
         conn, ex.upstream = ex.upstream, None
         conn.close()
+        if ex.response_started:
+            # Silent inside the body: the response cannot be completed; the client sees it cut.
+            self.shared.metrics.upstream_errors.labels(kind="timeout").inc()
+            logger.warning(
+                "upstream timeout: the response body stalled",
+                extra={"upstream": self.shared.cfg.upstream.url},
+            )
+            ex.close = True
+            self._finish(ex, aborted=True)
+            return
         self._upstream_failed(ex, UpstreamTimeout(), "timeout")
 
     def flush(self) -> None:

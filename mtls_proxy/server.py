@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SWEEP_INTERVAL: Final = 0.25
+# How long a closing connection waits for the client's close_notify (asyncio's default is 30 s:
+# a client that ignores "Connection: close" would hold its slot, and a drain, that long).
+SSL_SHUTDOWN_TIMEOUT: Final = 2.0
 
 
 def raise_fd_limit(max_connections: int) -> None:
@@ -83,6 +86,11 @@ def bind(addr: Address, backlog: int = 1024, reuse_port: bool = False) -> socket
         sock.close()
         raise
     return sock
+
+
+def _material_key(material: Material) -> tuple[object, ...]:
+    der = serialization.Encoding.DER
+    return (tuple(c.public_bytes(der) for c in material.chain), *_trust_key(material))
 
 
 def _trust_key(material: Material) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
@@ -219,7 +227,10 @@ class ProxyServer:
         try:
             material = await asyncio.to_thread(load_material, self.cfg.tls, dict(self.cfg.sources))
             policy = await asyncio.to_thread(load_policy, self.cfg)
-            ctx = server_context(self.cfg, material)
+            # Unchanged certificates and trust (a policy edit, a touch): keep the context, and
+            # with it the TLS sessions; any change at all gets a fresh one (TLS-037/038).
+            same = _material_key(material) == _material_key(self.material)
+            ctx = self.ctx if same else server_context(self.cfg, material)
         except (ConfigError, OSError, ValueError) as exc:
             error = "; ".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
             self.last_reload = {"at": rfc3339(now), "ok": False, "error": error}
@@ -441,8 +452,17 @@ class ProxyServer:
             client = str(conn.getpeername()[0])
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.connect_accepted_socket(
-                lambda: proto, conn, ssl=self.ctx, ssl_handshake_timeout=self.cfg.handshake_timeout
+                lambda: proto,
+                conn,
+                ssl=self.ctx,
+                ssl_handshake_timeout=self.cfg.handshake_timeout,
+                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT,
             )
+        except asyncio.CancelledError:  # shutdown: handshakes are not drained
+            conn.close()
+            if proto.transport is not None:
+                proto.transport.abort()
+            raise
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             self._handshake_failed(classify_handshake_error(exc), client, exc)
             conn.close()
@@ -478,7 +498,9 @@ class ProxyServer:
             )
 
     def request_stop(self) -> None:
-        """Ask run() to drain and return (SIGTERM/SIGINT)."""
+        """Ask run() to drain and return (SIGTERM/SIGINT); again while draining: logged only."""
+        if self._stop.is_set():
+            logger.info("already draining", extra={"grace_s": self.cfg.shutdown_grace})
         self._stop.set()
 
     async def run(self) -> None:
@@ -487,13 +509,21 @@ class ProxyServer:
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         try:
             await self._stop.wait()
         finally:
+            # The handlers stay while draining: a second SIGTERM or a SIGHUP must not fall back
+            # to the default action (kill) in the middle of the drain (RES-26, RES-27).
+            await self.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self.shutdown()
+
+    def _on_hup(self) -> None:
+        if self.shared.draining:
+            logger.info("SIGHUP ignored: draining")
+            return
+        asyncio.get_running_loop().create_task(self.reload())
 
     async def shutdown(self) -> None:
         """Stop accepting, drain in-flight requests up to the grace period, close."""
@@ -512,9 +542,13 @@ class ProxyServer:
         self.listening = False
         for conn in list(shared.connections):
             conn.drain()
+        # Handshakes in progress are cancelled, not drained (as ghostunnel does, RES-25): no
+        # request has been made on them yet.
+        for task in list(self._handshakes):
+            task.cancel()
         deadline = time.monotonic() + self.cfg.shutdown_grace
-        # Two sets empty by different paths; a 50 ms poll during shutdown is simpler than events.
-        while (shared.connections or self._handshakes) and time.monotonic() < deadline:  # noqa: ASYNC110
+        # A 50 ms poll during shutdown is simpler than an event per connection.
+        while shared.connections and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for conn in list(shared.connections):
             if conn.transport is not None:

@@ -79,6 +79,7 @@ def own(tmp_path: Path) -> Pki:
 def test_revoked_client_fails_and_a_crl_reload_cuts_its_connections_and_sessions(
     own: Pki, upstream: Upstream, loop: str
 ) -> None:
+    """TLS-024, TLS-037, RLD-10."""
     crl = pki.revoke(own.dir, "other")  # client-other revoked from the start
     with run_proxy(own, f"http://127.0.0.1:{upstream.port}", "--crl", str(crl), loop=loop) as p:
         good = client_ctx(own, "good", tls13=True)
@@ -127,6 +128,7 @@ def test_crl_of_the_root_revokes_the_intermediate(own: Pki, upstream: Upstream) 
 def test_crl_check_chain_needs_every_ca_and_leaf_mode_does_not(
     own: Pki, upstream: Upstream, tmp_path: Path
 ) -> None:
+    """TLS-025: with CRL checking on, a CA without a CRL fails closed."""
     inter = pki.load_issuer(own.dir)
     only_inter = tmp_path / "inter-crl.pem"
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
@@ -158,6 +160,7 @@ def expired_crls(own: Pki, tmp_path: Path, revoked: str) -> Path:
 def test_expired_crl_rejects_by_default_and_is_reported(
     own: Pki, upstream: Upstream, tmp_path: Path
 ) -> None:
+    """TLS-026, RLD-11."""
     path = expired_crls(own, tmp_path, "other")
     with run_proxy(own, f"http://127.0.0.1:{upstream.port}", "--crl", str(path)) as p:
         assert handshake_rejected(p.port, client_ctx(own, "good"))  # fail closed
@@ -198,3 +201,37 @@ def test_broken_crl_at_reload_keeps_the_old_one(own: Pki, upstream: Upstream) ->
         assert last["ok"] is False and "CRL" in last["error"]  # type: ignore[index]
         assert handshake_rejected(p.port, client_ctx(own, "other"))
         assert get(p.port, client_ctx(own, "good"))[0] == 200
+
+
+def test_crl_not_signed_by_its_issuer_is_refused_at_load(own: Pki, tmp_path: Path) -> None:
+    """TLS-027: a CRL naming the trusted root but signed by another key is never trusted."""
+    import subprocess
+    import sys
+
+    root = pki.load_issued(own.dir, "root")
+    forged = pki.Issued(root.cert, pki.make_ca("impostor").key, ())
+    path = tmp_path / "forged.pem"
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    path.write_bytes(make_crl(forged, [], later).public_bytes(serialization.Encoding.PEM))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtls_proxy",
+            "check",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--cert",
+            own.crt("server"),
+            "--key",
+            own.key("server"),
+            "--cacert",
+            own.ca,
+            "--allow-all",
+            "--crl",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "is not signed by that trusted CA's key" in r.stderr

@@ -109,6 +109,8 @@ def test_sighup_swaps_the_certificate_and_refuses_broken_material(
 def test_ca_rotation_applies_to_new_handshakes_and_old_sessions(
     tp: Pki, upstream: Upstream, tmp_path: Path
 ) -> None:
+    """TLS-038 / RLD-07: after the old CA leaves the bundle, neither a new handshake nor a
+    resumed session of its clients succeeds."""
     d = material_dir(tp, tmp_path)
     new_root = pki.make_ca("rotated root")
     new_client = pki.issue(

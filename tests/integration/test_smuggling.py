@@ -89,6 +89,7 @@ def test_valid_request_then_garbage_is_one_response_then_400(tp: Pki, upstream: 
 
 
 def test_declined_upgrade_does_not_tunnel(tp: Pki, upstream: Upstream) -> None:
+    """SMG-058: a declined upgrade never puts the proxy in tunnel mode."""
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
         ctx = client_ctx(tp, "good")
         out = exchange(

@@ -8,9 +8,12 @@ SMG-066 re-sends every refused payload one byte per TLS record: the verdicts mus
 from __future__ import annotations
 
 import json
+import socket
+import threading
 
 import pytest
 
+from tests.helpers import Pki, client_ctx, connect, read_response, run_proxy
 from tests.security.conftest import Rig, assert_canon
 
 P = b"POST / HTTP/1.1\r\nHost: a\r\n"
@@ -237,8 +240,6 @@ def test_smg054_pipelined_requests_are_answered_in_order(rig: Rig) -> None:
 
 
 def test_smg055_expect_100_is_answered_once_and_not_forwarded(rig: Rig) -> None:
-    from tests.helpers import connect, read_response
-
     before = len(rig.upstream.seen)
     with connect(rig.port, rig.good()) as s:
         s.sendall(P + b"Expect: 100-continue\r\nContent-Length: 3\r\n\r\n")
@@ -268,3 +269,64 @@ def test_smg062_stalled_body_gets_408_and_the_upstream_request_is_aborted(rig: R
     out = rig.exchange(P + b"Content-Length: 10\r\n\r\n01234", timeout=6)
     assert out.startswith(b"HTTP/1.1 408"), out[:200]
     assert rig.new_requests(before) == []  # the upstream never saw a complete request
+
+
+def test_smg057_early_413_after_expect_never_reuses_that_upstream_connection(tp: Pki) -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    conns: list[socket.socket] = []
+    heads: list[tuple[int, bytes]] = []  # (upstream connection number, request head)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            threading.Thread(target=answer, args=(conn, len(conns)), daemon=True).start()
+
+    def answer(conn: socket.socket, n: int) -> None:
+        buf = b""
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            while b"\r\n\r\n" in buf:
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                heads.append((n, head))
+                if head.startswith(b"POST /big"):
+                    # Answer before the body: the body bytes that follow must never be read
+                    # as the next request on this connection.
+                    conn.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+                    buf = b""
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with run_proxy(tp, f"http://127.0.0.1:{srv.getsockname()[1]}") as p:
+            ctx = client_ctx(tp, "good")
+            with connect(p.port, ctx) as s:
+                s.sendall(
+                    b"POST /big HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: 100000\r\n\r\n"
+                )
+                buf = bytearray()
+                status = read_response(s, buf)[0]
+                if status == 100:
+                    s.sendall(b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n".ljust(100000, b"x"))
+                    status = read_response(s, buf)[0]
+                assert status == 413
+            with connect(p.port, ctx) as s:
+                s.sendall(b"GET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                assert read_response(s, bytearray())[0] == 200
+            # Whatever the upstream made of the body it did not wait for, /next went to a
+            # fresh upstream connection and got its own answer.
+            assert heads[0][0] == 1 and heads[0][1].startswith(b"POST /big ")
+            assert [n for n, h in heads if h.startswith(b"GET /next ")] == [2], [(n, h[:40]) for n, h in heads]
+    finally:
+        srv.close()

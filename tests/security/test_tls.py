@@ -315,7 +315,7 @@ def _s_client(trig: TlsRig, *args: str, stdin: bytes = b"") -> str:
     return (r.stdout + r.stderr).decode("latin-1")
 
 
-def test_tls033_client_renegotiation_is_refused(trig: TlsRig) -> None:
+def test_tls033_tls034_client_renegotiation_is_refused(trig: TlsRig) -> None:
     out = _s_client(trig, "-tls1_2", stdin=b"R\n")
     assert "RENEGOTIATING" in out and "Verify return code" in out
     assert "no renegotiation" in out or "handshake failure" in out or "alert" in out, out[-800:]

@@ -126,3 +126,25 @@ def test_strict_refuses_x509_v1(tmp_path: Path) -> None:
     )
     v1 = x509.load_pem_x509_certificate((tmp_path / "v1.crt").read_bytes())
     assert strict_refusal(v1) == "X.509 v1 certificate"
+
+
+def test_strict_accepts_a_v3_leaf_without_basic_constraints() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from mtls_proxy.strict import strict_refusal
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plain")]))
+        .issuer_name(INTER.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(INTER.key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    assert strict_refusal(cert) is None
