@@ -327,6 +327,8 @@ def test_smg057_early_413_after_expect_never_reuses_that_upstream_connection(tp:
             # Whatever the upstream made of the body it did not wait for, /next went to a
             # fresh upstream connection and got its own answer.
             assert heads[0][0] == 1 and heads[0][1].startswith(b"POST /big ")
-            assert [n for n, h in heads if h.startswith(b"GET /next ")] == [2], [(n, h[:40]) for n, h in heads]
+            assert [n for n, h in heads if h.startswith(b"GET /next ")] == [2], [
+                (n, h[:40]) for n, h in heads
+            ]
     finally:
         srv.close()
