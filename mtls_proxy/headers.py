@@ -86,6 +86,8 @@ class RequestHeaders:
     expect: list[bytes] = field(default_factory=list)
     xfcc: list[bytes] = field(default_factory=list)
     upgrade: bool = False
+    upgrade_values: list[bytes] = field(default_factory=list)
+    connection_tokens: set[bytes] = field(default_factory=set)
 
     def forwarded_lines(self) -> bytes:
         """The kept headers as wire lines, with Connection-nominated ones removed."""
@@ -121,6 +123,7 @@ def split_request_headers(raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
         elif lname == b"connection":
             for token in value.split(b","):
                 token = normalize_name(token.strip())
+                out.connection_tokens.add(token)
                 if token and token not in _UNNOMINABLE:
                     nominated.add(token)
         elif lname == b"content-length":
@@ -133,6 +136,7 @@ def split_request_headers(raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
             out.xfcc.append(value)
         elif lname == b"upgrade":
             out.upgrade = True
+            out.upgrade_values.append(value)
     if nominated:
         out.kept = [h for h in kept if h[0] not in nominated]
     return out

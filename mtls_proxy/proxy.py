@@ -12,6 +12,8 @@ Rules:
 3. A response that cannot be completed closes the client connection; it never hangs.
 4. Timeouts are deadlines checked by the listener's sweeper (Shared.sweep), not one timer per
    request: re-arming a timer per request costs more than the whole policy decision.
+5. The only protocol switch is a WebSocket (websocket.py): after the upstream's valid 101 the
+   connection becomes a byte tunnel (``tunnel``); until then it is HTTP.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from mtls_proxy.policy import Decision, decide_route
 from mtls_proxy.request import prepare
 from mtls_proxy.response import ResponseHead, client_head, error_response
 from mtls_proxy.strict import strict_refusal
+from mtls_proxy.websocket import client_switch
 
 if TYPE_CHECKING:
     import ssl
@@ -113,6 +116,7 @@ class Exchange:
         "status",
         "upstream",
         "upstream_status",
+        "ws_key",
     )
 
     def __init__(self, method: bytes, path: bytes, http10: bool) -> None:
@@ -123,6 +127,7 @@ class Exchange:
         self.buffered = self.bytes_in = self.bytes_out = 0  # body bytes, for the access log
         self.body_done = self.has_body = self.chunked = self.expect = False
         self.close = http10
+        self.ws_key: bytes | None = None
         self.early = False  # the upstream answered before the whole request body was sent
         self.upstream: UpstreamConnection | None = None
         self.sent = self.started = self.response_started = self.client_chunked = False
@@ -168,7 +173,9 @@ class ClientConnection(asyncio.Protocol):
         "refused",
         "shared",
         "transport",
+        "tunnel",
         "up_deadline",
+        "ws_pending",
     )
 
     def __init__(self, shared: Shared, slots: asyncio.Semaphore) -> None:
@@ -196,6 +203,8 @@ class ClientConnection(asyncio.Protocol):
         self._identity_too_large = False
         self.draining = False
         self.closed = False
+        self.tunnel: UpstreamConnection | None = None  # a WebSocket after the upstream's 101
+        self.ws_pending: bytes | None = None  # bytes after an upgrade request, until its answer
         self.refused: tuple[str, str] | None = None  # (reason, why): a post-handshake check
 
     # -- connection lifecycle --------------------------------------------------------------
@@ -278,6 +287,11 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """Release everything the connection holds."""
         self.closed = True
+        if self.tunnel is not None and self._queue:  # the client ended a WebSocket
+            ex = self._queue[0]
+            self.tunnel.close()
+            ex.upstream = self.tunnel = None
+            self._finish(ex)
         for ex in self._queue:
             if ex.upstream is not None:
                 ex.upstream.close()  # a response in flight can't be reused
@@ -302,7 +316,8 @@ class ClientConnection(asyncio.Protocol):
             conn = self._queue[0].upstream if self._queue else None
             if conn is not None and conn.transport is not None:
                 conn.transport.resume_reading()
-                self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
+                if self.tunnel is None:
+                    self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
 
     def drain(self) -> None:
         """Shutdown: close now if idle, else after the response in flight."""
@@ -343,13 +358,24 @@ class ClientConnection(asyncio.Protocol):
         """Feed the parser; turn parse errors into a final error response."""
         if self.closed or self.transport is None or self.transport.is_closing():
             return
+        if self.tunnel is not None:  # a WebSocket: bytes pass through untouched
+            self._queue[0].bytes_in += len(data)
+            self.tunnel.write(data)
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            # Upgrades are never tunnelled: the request went upstream as a plain one (Upgrade
-            # stripped); the bytes after it are parsed as HTTP by a fresh parser (SMG-058).
-            self._parser = httptools.HttpRequestParser(self)
             rest = data[exc.args[0] :]
+            last = self._last
+            if last is not None and last.ws_key is not None and not last.status:
+                # A WebSocket upgrade on its way upstream: what follows is frames after a 101,
+                # or the next request if the upstream declines. Hold it until the answer.
+                self.ws_pending = rest
+                self._pause("upgrade")
+                return
+            # Any other upgrade went upstream as a plain request (Upgrade stripped); the bytes
+            # after it are parsed as HTTP by a fresh parser (SMG-058).
+            self._parser = httptools.HttpRequestParser(self)
             if rest:
                 self.data_received(rest)
             return
@@ -419,7 +445,7 @@ class ClientConnection(asyncio.Protocol):
         except ProxyError as err:
             ex.fail(err)
         else:
-            ex.path, ex.head, ex.chunked = req.path, req.head, req.chunked
+            ex.path, ex.head, ex.chunked, ex.ws_key = req.path, req.head, req.chunked, req.ws_key
             ex.has_body, ex.expect = req.has_body, req.expect
             ex.http10 = p.get_http_version() == "1.0"
             ex.close = not p.should_keep_alive()
@@ -556,7 +582,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch(self, ex: Exchange, conn: UpstreamConnection) -> None:
         ex.upstream = conn
-        conn.begin(self, ex.is_head)
+        conn.begin(self, ex.is_head, ex.ws_key)
         if ex.body:
             conn.write(b"".join((ex.head, *ex.body)))
             ex.body.clear()
@@ -570,6 +596,31 @@ class ClientConnection(asyncio.Protocol):
             self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
 
     # -- upstream events (the ResponseSink of upstream.py) ---------------------------------
+    def on_switch(self, head: ResponseHead) -> None:
+        """The upstream accepted the WebSocket upgrade: from now on, a byte tunnel."""
+        ex = self._queue[0]
+        ex.status = ex.upstream_status = 101
+        ex.response_started = ex.close = True
+        self.tunnel = ex.upstream
+        self.up_deadline = self.deadline = 0.0  # a WebSocket may be quiet for hours
+        self._out.append(client_switch(head))
+        pending, self.ws_pending = self.ws_pending, None
+        if pending and self.tunnel is not None:
+            ex.bytes_in += len(pending)
+            self.tunnel.write(pending)
+        self._resume("upgrade")
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        """WebSocket bytes from the upstream."""
+        self._queue[0].bytes_out += len(data)
+        self._out.append(data)
+
+    def on_tunnel_closed(self) -> None:
+        """The upstream closed the WebSocket: so does the client."""
+        ex = self._queue[0]
+        ex.upstream, self.tunnel = None, None
+        self._finish(ex)
+
     def upstream_first_byte(self) -> None:
         """The upstream answered in time; from now on the deadline is for silence (RES-15)."""
         self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
@@ -716,6 +767,13 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
+        if self.ws_pending is not None:
+            # A declined WebSocket upgrade: the held bytes are the next request (SMG-058).
+            pending, self.ws_pending = self.ws_pending, None
+            self._parser = httptools.HttpRequestParser(self)
+            self._resume("upgrade")
+            if pending and not (ex.close or self.draining):
+                asyncio.get_running_loop().call_soon(self.data_received, pending)
         if ex.close or self.draining:
             t.close()
             return

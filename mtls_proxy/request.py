@@ -22,10 +22,11 @@ from mtls_proxy.errors import (
 )
 from mtls_proxy.headers import IdentityBlock, split_request_headers
 from mtls_proxy.paths import AmbiguousPath, normalize_target
+from mtls_proxy.websocket import UPGRADE_LINES, websocket_key
 
 
 class UpgradeWithBody(NotImplementedCoding):
-    """An Upgrade request with a body: upgrades are never tunnelled."""
+    """An Upgrade request with a body: its body could not be framed."""
 
     public_message = "protocol upgrades are not supported"
 
@@ -39,6 +40,7 @@ class Prepared:
     chunked: bool = False
     has_body: bool = False
     expect: bool = False
+    ws_key: bytes | None = None  # a WebSocket upgrade the proxy will tunnel after a valid 101
 
 
 def origin_form(method: bytes, url: bytes) -> bytes:
@@ -112,8 +114,13 @@ def prepare(
         out.expect = not http10
     if upgrade and out.has_body:
         # llhttp hands everything after an upgrade request's head to the new protocol, so its
-        # body can't be framed; upgrades without a body go upstream as plain requests.
+        # body can't be framed; upgrades without a body go upstream as plain requests, except
+        # a valid WebSocket upgrade, which is forwarded as one (websocket.py).
         raise UpgradeWithBody
+    if upgrade:
+        out.ws_key = websocket_key(method, http10, out.has_body, rh)
+        if out.ws_key is not None:
+            framing = UPGRADE_LINES
     out.head = b"".join(
         (
             method,

@@ -27,6 +27,7 @@ from mtls_proxy.response import (
     ResponseHead,
     body_mode,
 )
+from mtls_proxy.websocket import check_switch
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,7 +36,7 @@ MAX_RESPONSE_HEAD: Final = 65536
 _MAX_LINE: Final = 8192
 _CHUNK_SIZE: Final = re.compile(rb"([0-9A-Fa-f]{1,15})(;[^\x00-\x08\x0a-\x1f\x7f]*)?")
 # Parser states.
-_HEAD, _CL, _SIZE, _DATA, _CRLF, _TRAILER, _CLOSE, _DONE = range(8)
+_HEAD, _CL, _SIZE, _DATA, _CRLF, _TRAILER, _CLOSE, _DONE, _TUNNEL = range(9)
 
 
 class ResponseSink(Protocol):
@@ -48,6 +49,9 @@ class ResponseSink(Protocol):
     def flush(self) -> None: ...
     def upstream_first_byte(self) -> None: ...
     def pause_client_reading(self, paused: bool) -> None: ...
+    def on_switch(self, head: ResponseHead) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
+    def on_tunnel_closed(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -65,11 +69,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._http10 = False
         self._close_after = False
         self._got_byte = False
+        self._ws_key: bytes | None = None
 
     # -- driven by the client side ---------------------------------------------------------
-    def begin(self, sink: ResponseSink, is_head: bool) -> None:
-        """Start waiting for the response to a request that is being written now."""
-        self.sink, self._is_head = sink, is_head
+    def begin(self, sink: ResponseSink, is_head: bool, ws_key: bytes | None = None) -> None:
+        """Start waiting for the response to a request that is being written now (*ws_key*:
+        a WebSocket upgrade, which a valid 101 turns into a tunnel)."""
+        self.sink, self._is_head, self._ws_key = sink, is_head, ws_key
         self._state, self._buf, self._got_byte = _HEAD, b"", False
 
     def write(self, data: bytes) -> None:
@@ -96,6 +102,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             self.pool.discard(self)
             return
+        if self._state == _TUNNEL:
+            sink.on_tunnel_data(data)
+            sink.flush()
+            return
         if not self._got_byte:
             self._got_byte = True
             sink.upstream_first_byte()
@@ -111,7 +121,10 @@ class UpstreamConnection(asyncio.Protocol):
         sink, self.transport = self.sink, None
         if sink is None:
             return
-        if self._state == _CLOSE:
+        if self._state == _TUNNEL:
+            self.sink = None
+            sink.on_tunnel_closed()
+        elif self._state == _CLOSE:
             self._finish(sink, False)
             sink.flush()
         elif self._state != _DONE:
@@ -164,11 +177,19 @@ class UpstreamConnection(asyncio.Protocol):
                         raise MalformedResponse("response head too large")  # UPS-010
                     self._buf = data
                     return
-                head = self.pool.heads.parse(data[:end])
+                raw_head = data[:end]
+                head = self.pool.heads.parse(raw_head)
                 data = data[end + 4 :]
                 if head.status < 200:
                     if head.status == 101:
-                        raise MalformedResponse("101 without an upgrade request")
+                        if self._ws_key is None:
+                            raise MalformedResponse("101 without an upgrade request")
+                        check_switch(raw_head, self._ws_key)
+                        self._state = _TUNNEL  # never returns to the pool
+                        sink.on_switch(head)
+                        if data:
+                            sink.on_tunnel_data(data)
+                        return
                     continue  # interim responses are not relayed (we sent no Expect)
                 self._http10, self._close_after = head.http10, head.close
                 mode, length = body_mode(head, self._is_head)

@@ -130,6 +130,21 @@ def test_origin_form(method: bytes, url: bytes, target: bytes) -> None:
     assert origin_form(method, url) == target
 
 
+def test_prepare_forwards_a_websocket_upgrade_as_one() -> None:
+    headers = [
+        (b"Host", b"a"),
+        (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"),
+        (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"Sec-WebSocket-Version", b"13"),
+    ]
+    p = prep(headers, upgrade=True)
+    assert p.ws_key == b"dGhlIHNhbXBsZSBub25jZQ=="
+    assert b"Upgrade: websocket\r\nConnection: Upgrade\r\n" in p.head
+    h2c = prep([(b"Host", b"a"), (b"Upgrade", b"h2c"), (b"Connection", b"Upgrade")], upgrade=True)
+    assert h2c.ws_key is None and b"pgrade" not in h2c.head
+
+
 def test_prepare_normalizes_the_path_when_routes_need_it() -> None:
     p = prep([(b"Host", b"a")], url=b"/x/..//admin?q", normalize=True)
     assert p.path == b"/admin?q" and p.head.startswith(b"GET /admin?q HTTP/1.1\r\n")
