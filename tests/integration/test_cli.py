@@ -182,3 +182,34 @@ def test_pki_init_and_issue(tmp_path: Path) -> None:
 def test_version() -> None:
     r = run("--version")
     assert r.returncode == 0 and r.stdout.startswith("mtls-proxy ")
+
+
+def test_serve_refuses_the_pure_python_http_parser(tp: Pki) -> None:
+    """SECURITY.md DEP-02: the pure-Python parsers give weaker verdicts; never serve with them."""
+    import os
+
+    r = subprocess.run(
+        proxy_cmd(
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--cert",
+            tp.crt("server"),
+            "--key",
+            tp.key("server"),
+            "--cacert",
+            tp.ca,
+            "--allow-uri",
+            ALLOWED_URI,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"},
+    )
+    assert r.returncode == 1
+    assert "refusing to start: aiohttp's pure-Python HTTP parser is in use" in r.stderr
