@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Final
 import httptools
 from cryptography import x509
 
-from mtls_proxy.dialects import rfc9440_chain, tomcat_tls
 from mtls_proxy.errors import (
     BadRequest,
     HeaderTooLarge,
@@ -37,6 +36,7 @@ from mtls_proxy.errors import (
     UpstreamTimeout,
     URITooLong,
 )
+from mtls_proxy.exchange import SSL_DER, Exchange, connection_identity
 from mtls_proxy.identity import PeerIdentity, identity_from_der
 from mtls_proxy.paths import match_path
 from mtls_proxy.policy import Decision, decide_route
@@ -46,38 +46,15 @@ from mtls_proxy.strict import strict_refusal
 from mtls_proxy.websocket import client_switch
 
 if TYPE_CHECKING:
-    import ssl
-
     from mtls_proxy.headers import IdentityBlock
     from mtls_proxy.shared import Shared
     from mtls_proxy.upstream import UpstreamConnection
 
 logger = logging.getLogger(__name__)
-SSL_DER: Final = 2  # _ssl.ENCODING_DER, for Certificate.public_bytes (Python 3.13+)
 
 _BUFFER_LIMIT: Final = 256 * 1024
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _IDLE, _HEADER, _BODY = 1, 2, 3
-
-
-def connection_identity(dialects: tuple[str, ...], sslobj: ssl.SSLObject) -> bytes:
-    """The identity lines that depend on the connection: RFC 9440's chain, Tomcat's TLS info."""
-    pairs: list[tuple[str, str]] = []
-    if "rfc9440" in dialects:
-        # The certificates the client sent after its leaf; Python exposes them from 3.13 on.
-        get_chain = getattr(sslobj, "get_unverified_chain", None)
-        if get_chain is not None:
-            chain = get_chain() or []
-            pairs += rfc9440_chain(tuple(c.public_bytes(SSL_DER) for c in chain[1:]))
-    if "tomcat" in dialects:
-        cipher = sslobj.cipher()
-        session = sslobj.session
-        pairs += tomcat_tls(
-            cipher[0] if cipher else None,
-            session.id if session else None,
-            cipher[2] if cipher else None,
-        )
-    return "".join(f"{k}: {v}\r\n" for k, v in pairs).encode("ascii")
 
 
 class _Stop(Exception):
@@ -85,62 +62,6 @@ class _Stop(Exception):
 
     def __init__(self, error: ProxyError) -> None:
         self.error = error
-
-
-class Exchange:
-    """One request/response pair on a client connection."""
-
-    __slots__ = (
-        "body",
-        "body_done",
-        "buffered",
-        "bytes_in",
-        "bytes_out",
-        "chunked",
-        "client_chunked",
-        "close",
-        "decision",
-        "early",
-        "expect",
-        "has_body",
-        "head",
-        "http10",
-        "is_head",
-        "method",
-        "path",
-        "response_started",
-        "rule",
-        "sent",
-        "start",
-        "started",
-        "status",
-        "upstream",
-        "upstream_status",
-        "ws_key",
-    )
-
-    def __init__(self, method: bytes, path: bytes, http10: bool) -> None:
-        self.method, self.path, self.http10 = method, path, http10
-        self.is_head = method == b"HEAD"
-        self.head = b""
-        self.body: list[bytes] = []
-        self.buffered = self.bytes_in = self.bytes_out = 0  # body bytes, for the access log
-        self.body_done = self.has_body = self.chunked = self.expect = False
-        self.close = http10
-        self.ws_key: bytes | None = None
-        self.early = False  # the upstream answered before the whole request body was sent
-        self.upstream: UpstreamConnection | None = None
-        self.sent = self.started = self.response_started = self.client_chunked = False
-        self.status = self.upstream_status = 0
-        self.decision = "deny"
-        self.rule: str | None = None
-        self.start = time.monotonic()
-
-    def fail(self, err: ProxyError) -> None:
-        """Turn this exchange into a final error response (sent when it is first in line)."""
-        self.status = err.status
-        self.close = True
-        self.body = [error_response(err.status, err.error, err.public_message, self.is_head, True)]
 
 
 class ClientConnection(asyncio.Protocol):
