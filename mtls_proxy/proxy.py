@@ -452,9 +452,9 @@ class ClientConnection(asyncio.Protocol):
             return
         d = self._decide(ex)
         ex.decision, ex.rule = d.kind, d.rule
-        if d.kind == "audit":
+        if d.kind in ("deny", "audit"):
             logger.info(
-                "audit: request would be denied",
+                "request denied" if d.kind == "deny" else "audit: request would be denied",
                 extra={
                     "peer": self.peer.subject if self.peer else None,
                     "reason": d.reason,
@@ -462,15 +462,6 @@ class ClientConnection(asyncio.Protocol):
                 },
             )
         if not d.allowed:
-            if d.kind == "deny":
-                logger.info(
-                    "request denied",
-                    extra={
-                        "peer": self.peer.subject if self.peer else None,
-                        "reason": d.reason,
-                        "path": ex.path.decode("latin-1"),
-                    },
-                )
             # A body we will not read makes the connection unusable: close after answering.
             ex.close = ex.close or (ex.has_body and not ex.body_done)
             ex.status = d.status

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -352,6 +352,14 @@ class Proxy:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
+    def metric(self, prefix: str) -> float:
+        """The sum of the /metrics samples whose line starts with *prefix*."""
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in self.admin_get("/metrics")[1].splitlines()
+            if line.startswith(prefix)
+        )
+
     def rss_kb(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -527,3 +535,35 @@ def handshake_rejected(port: int, ctx: ssl.SSLContext) -> str:
     if data:
         raise AssertionError(f"expected a failed handshake, got a response: {data[:200]!r}")
     return "eof"
+
+
+def resume_and_request(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession) -> bytes:
+    """Try to resume *session* and send a request: what came back (b'' when refused)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        return s.recv(100)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+    finally:
+        s.close()
+
+
+def serve_raw(handle: Callable[[socket.socket, int], None]) -> socket.socket:
+    """A listening socket on loopback whose connections go to handle(conn, n) in threads (n
+    counts from 1); close the returned socket to stop accepting."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        n = 0
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            n += 1
+            threading.Thread(target=handle, args=(conn, n), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv

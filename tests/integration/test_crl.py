@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import ssl
 import time
 from pathlib import Path
@@ -16,7 +15,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from mtls_proxy import pki
 from tests.helpers import (
     Pki,
-    Proxy,
     Upstream,
     client_ctx,
     connect,
@@ -24,17 +22,10 @@ from tests.helpers import (
     handshake_rejected,
     make_test_pki,
     read_response,
+    resume_and_request,
     run_proxy,
 )
 from tests.integration.test_reload import wait_reload
-
-
-def metric(p: Proxy, prefix: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in p.admin_get("/metrics")[1].splitlines()
-        if line.startswith(prefix)
-    )
 
 
 def make_crl(
@@ -86,7 +77,7 @@ def test_revoked_client_fails_and_a_crl_reload_cuts_its_connections_and_sessions
         assert get(p.port, good)[0] == 200
         assert handshake_rejected(p.port, client_ctx(own, "other"))
         assert handshake_rejected(p.port, client_ctx(own, "other", tls13=False))
-        assert metric(p, 'mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 2
+        assert p.metric('mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 2
         failed = [r for r in p.records() if r.get("msg") == "handshake failed"]
         assert failed and failed[0]["reason"] == "revoked" and failed[0]["client"] == "127.0.0.1"
         assert "revoked" in str(failed[0]["error"]) and failed[0]["suppressed"] == 0
@@ -98,21 +89,12 @@ def test_revoked_client_fails_and_a_crl_reload_cuts_its_connections_and_sessions
         # The CRL file is rewritten (no signal: the watcher sees it) to revoke client-good too.
         pki.revoke(own.dir, "good")
         wait_reload(p, 1, "success")
-        assert metric(p, 'mtls_proxy_connections_cut_total{reason="revoked"}') == 1
+        assert p.metric('mtls_proxy_connections_cut_total{reason="revoked"}') == 1
         assert ask(keep, "/two") is None  # the open connection was closed
         keep.close()
         assert handshake_rejected(p.port, good)
         # Nor can the old session be resumed (a new context has new ticket keys).
-        raw = socket.create_connection(("127.0.0.1", p.port), timeout=5)
-        s = good.wrap_socket(raw, server_hostname="localhost", session=session)
-        try:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            data = s.recv(100)
-        except (ssl.SSLError, ConnectionError):
-            data = b""
-        finally:
-            s.close()
-        assert data == b""
+        assert resume_and_request(p.port, good, session) == b""
         assert not any("/two" in seen.target for seen in upstream.seen)
         assert any('"closing a connection' in line for line in p.logs)
 
@@ -122,7 +104,7 @@ def test_crl_of_the_root_revokes_the_intermediate(own: Pki, upstream: Upstream) 
     with run_proxy(own, f"http://127.0.0.1:{upstream.port}", "--crl", str(crl)) as p:
         assert handshake_rejected(p.port, client_ctx(own, "good"))
         assert get(p.port, client_ctx(own, "direct"))[0] == 200  # issued by the root itself
-        assert metric(p, 'mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 1
+        assert p.metric('mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 1
 
 
 def test_crl_check_chain_needs_every_ca_and_leaf_mode_does_not(
@@ -139,7 +121,7 @@ def test_crl_check_chain_needs_every_ca_and_leaf_mode_does_not(
     with run_proxy(own, up, "--crl", str(only_inter)) as p:
         # Envoy's rule: a CRL for some CA of the chain means one is needed for all of them.
         assert handshake_rejected(p.port, client_ctx(own, "good"))
-        assert metric(p, 'mtls_proxy_handshakes_total{reason="other",result="failed"}') == 1
+        assert p.metric('mtls_proxy_handshakes_total{reason="other",result="failed"}') == 1
     with run_proxy(own, up, "--crl", str(only_inter), "--crl-check", "leaf") as p:
         assert get(p.port, client_ctx(own, "good"))[0] == 200
         assert handshake_rejected(p.port, client_ctx(own, "other"))
@@ -164,7 +146,7 @@ def test_expired_crl_rejects_by_default_and_is_reported(
     path = expired_crls(own, tmp_path, "other")
     with run_proxy(own, f"http://127.0.0.1:{upstream.port}", "--crl", str(path)) as p:
         assert handshake_rejected(p.port, client_ctx(own, "good"))  # fail closed
-        crl_time = metric(p, 'mtls_proxy_cert_not_after_timestamp_seconds{cert="crl"}')
+        crl_time = p.metric('mtls_proxy_cert_not_after_timestamp_seconds{cert="crl"}')
         assert 0 < crl_time < time.time()
         assert any("past its nextUpdate" in line for line in p.logs)
 
@@ -185,7 +167,7 @@ def test_expired_crl_allow_keeps_enforcing_its_revocations(
         assert get(p.port, client_ctx(own, "good"))[0] == 200
         for tls13 in (True, False):
             assert handshake_rejected(p.port, client_ctx(own, "other", tls13=tls13))
-        assert metric(p, 'mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 2
+        assert p.metric('mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 2
         assert len(upstream.seen) == 1  # only client-good's request
         assert any("still enforcing" in line for line in p.logs)
 

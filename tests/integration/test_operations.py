@@ -28,7 +28,7 @@ from tests.helpers import (
     request,
     run_proxy,
 )
-from tests.integration.test_crl import ask, metric
+from tests.integration.test_crl import ask
 from tests.integration.test_reload import (
     kubelet_write,
     material_args,
@@ -118,8 +118,8 @@ def test_audit_mode_lets_denials_through_and_counts_them(
     with run_proxy(tp, up, "--policy", str(policy), default_policy=False) as p:
         assert get(p.port, client_ctx(tp, "good"), "/admin")[0] == 200
         assert get(p.port, client_ctx(tp, "good"), "/x")[0] == 200
-        assert metric(p, 'mtls_proxy_requests_total{code="2xx",decision="audit"}') == 1
-        assert metric(p, 'mtls_proxy_requests_total{code="2xx",decision="allow"}') == 1
+        assert p.metric('mtls_proxy_requests_total{code="2xx",decision="audit"}') == 1
+        assert p.metric('mtls_proxy_requests_total{code="2xx",decision="allow"}') == 1
         assert any("audit: request would be denied" in line for line in p.logs)
 
 
@@ -180,7 +180,7 @@ def test_kubelet_data_swap_is_picked_up_by_watching_alone(
             assert served_subject(p.port, ctx) == cn
             assert ask(keep, f"/during-{n}") == 200  # the open connection is untouched
         assert not list(mount.glob("..2026_*_01.1"))  # the first directory is gone
-        assert metric(p, 'mtls_proxy_reloads_total{result="failure"}') == 0
+        assert p.metric('mtls_proxy_reloads_total{result="failure"}') == 0
         keep.close()
 
 
@@ -235,11 +235,11 @@ def test_twenty_reloads_under_ten_streaming_clients(
                 t.join(30)
         assert failures == []
         assert min(done) > 0, done
-        assert metric(p, 'mtls_proxy_reloads_total{result="success"}') >= 20
+        assert p.metric('mtls_proxy_reloads_total{result="success"}') >= 20
         deadline = time.monotonic() + 5
-        while metric(p, "mtls_proxy_connections_open") and time.monotonic() < deadline:
+        while p.metric("mtls_proxy_connections_open") and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert metric(p, "mtls_proxy_connections_open") == 0
+        assert p.metric("mtls_proxy_connections_open") == 0
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool: .ci/run installs it")
@@ -330,7 +330,7 @@ def test_broken_material_at_reload_keeps_the_old_serving(
         assert get(p.port, ctx)[0] == 200  # the old certificate and trust still serve
         assert served_subject(p.port, ctx) == "localhost"
         assert p.admin_get("/readyz")[0] == 200
-        assert metric(p, 'mtls_proxy_reloads_total{result="success"}') == 0
+        assert p.metric('mtls_proxy_reloads_total{result="success"}') == 0
 
 
 def test_cert_now_key_later_never_serves_a_mismatched_pair(

@@ -6,13 +6,22 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import ssl
 import time
 from pathlib import Path
 
 from mtls_proxy import pki
-from tests.helpers import Pki, Proxy, Upstream, client_ctx, connect, get, read_response, run_proxy
+from tests.helpers import (
+    Pki,
+    Proxy,
+    Upstream,
+    client_ctx,
+    connect,
+    get,
+    read_response,
+    resume_and_request,
+    run_proxy,
+)
 
 
 def served_subject(port: int, ctx: ssl.SSLContext) -> str:
@@ -132,16 +141,8 @@ def test_ca_rotation_applies_to_new_handshakes_and_old_sessions(
         (d / "ca.crt").write_bytes(new_root.cert_pem(with_chain=False))
         p.proc.send_signal(signal.SIGHUP)
         wait_reload(p, 1)
-        raw = socket.create_connection(("127.0.0.1", p.port), timeout=5)
-        s = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
-        try:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            data = s.recv(100)
-        except (ssl.SSLError, ConnectionError):
-            data = b""
-        finally:
-            s.close()
-        assert not data.startswith(b"HTTP/1.1 200")  # neither resumed nor newly trusted
+        # neither resumed nor newly trusted
+        assert not resume_and_request(p.port, ctx, session).startswith(b"HTTP/1.1 200")
         new_ctx = ssl.create_default_context(cafile=tp.ca)
         new_ctx.load_cert_chain(tmp_path / "newclient.crt", tmp_path / "newclient.key")
         assert get(p.port, new_ctx)[0] == 200

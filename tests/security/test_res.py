@@ -35,6 +35,7 @@ from tests.helpers import (
     read_response,
     run_proxy,
     run_upstream,
+    serve_raw,
 )
 
 T = 1.5  # every deadline of the rig
@@ -54,14 +55,6 @@ def short(tp: Pki) -> Iterator[tuple[Proxy, Upstream]]:
         yield p, up
 
 
-def metric(p: Proxy, prefix: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in p.admin_get("/metrics")[1].splitlines()
-        if line.startswith(prefix)
-    )
-
-
 def closed_after(s: socket.socket, limit: float) -> tuple[float, bytes]:
     """Seconds until the peer closed *s* (reading whatever it sent), at most *limit*."""
     t0 = time.monotonic()
@@ -77,11 +70,11 @@ def closed_after(s: socket.socket, limit: float) -> tuple[float, bytes]:
 
 def test_res01_silent_tcp_is_closed_at_the_handshake_timeout(short: tuple[Proxy, Upstream]) -> None:
     p, _ = short
-    before = metric(p, 'mtls_proxy_handshakes_total{reason="timeout"')
+    before = p.metric('mtls_proxy_handshakes_total{reason="timeout"')
     with socket.create_connection(("127.0.0.1", p.port)) as s:
         took, _ = closed_after(s, 10)
     assert T - 0.3 < took < T + 1.0
-    assert metric(p, 'mtls_proxy_handshakes_total{reason="timeout"') == before + 1
+    assert p.metric('mtls_proxy_handshakes_total{reason="timeout"') == before + 1
 
 
 def test_res02_a_trickled_client_hello_has_the_same_total_deadline(
@@ -105,7 +98,7 @@ def test_res03_a_handshake_flood_does_not_starve_good_clients(
     tp: Pki, short: tuple[Proxy, Upstream]
 ) -> None:
     p, _ = short
-    base = metric(p, "mtls_proxy_connections_open")
+    base = p.metric("mtls_proxy_connections_open")
     silent = [socket.create_connection(("127.0.0.1", p.port)) for _ in range(200)]
     garbage = []
     for _ in range(100):
@@ -122,7 +115,7 @@ def test_res03_a_handshake_flood_does_not_starve_good_clients(
         for s in silent + garbage:
             s.close()
     time.sleep(T + 0.5)
-    assert metric(p, "mtls_proxy_connections_open") == base
+    assert p.metric("mtls_proxy_connections_open") == base
 
 
 def test_res04_res07_no_request_and_keepalive_idle_are_closed(
@@ -182,18 +175,16 @@ def test_res15_upstream_stalling_mid_body_aborts_the_client(
 ) -> None:
     del short
     stall = threading.Event()
-    # Headers, a few body bytes, then silence: a raw listener that holds the socket.
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
 
-    def serve() -> None:
-        conn, _ = srv.accept()
+    def serve(conn: socket.socket, _: int) -> None:
+        # Headers, a few body bytes, then silence, holding the socket.
         conn.recv(65536)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
         stall.wait(15)
         conn.close()
 
-    threading.Thread(target=serve, daemon=True).start()
+    srv = serve_raw(serve)
+    port = srv.getsockname()[1]
     try:
         with run_proxy(tp, f"http://127.0.0.1:{port}", "--upstream-timeout", str(T)) as q:
             with connect(q.port, client_ctx(tp, "good")) as s:
@@ -201,30 +192,22 @@ def test_res15_upstream_stalling_mid_body_aborts_the_client(
                 took, data = closed_after(s, 10)
             assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"partial")
             assert took < T + 1.5  # aborted at the upstream read deadline, never completed
-            assert metric(q, 'mtls_proxy_upstream_errors_total{kind="timeout"}') == 1
+            assert q.metric('mtls_proxy_upstream_errors_total{kind="timeout"}') == 1
     finally:
         stall.set()
         srv.close()
 
 
 def test_res17_resetting_upstream_gets_502_and_no_retry(tp: Pki) -> None:
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
     seen: list[bytes] = []
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            seen.append(conn.recv(65536))
-            conn.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-            )
-            conn.close()  # RST
+    def serve(conn: socket.socket, _: int) -> None:
+        seen.append(conn.recv(65536))
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()  # RST
 
-    threading.Thread(target=serve, daemon=True).start()
+    srv = serve_raw(serve)
+    port = srv.getsockname()[1]
     try:
         with run_proxy(tp, f"http://127.0.0.1:{port}") as p:
             with connect(p.port, client_ctx(tp, "good")) as s:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 
 import pytest
 
-from tests.helpers import Pki, client_ctx, connect, read_response, run_proxy
+from tests.helpers import Pki, client_ctx, connect, read_response, run_proxy, serve_raw
 from tests.security.conftest import Rig, assert_canon
 
 P = b"POST / HTTP/1.1\r\nHost: a\r\n"
@@ -272,18 +271,7 @@ def test_smg062_stalled_body_gets_408_and_the_upstream_request_is_aborted(rig: R
 
 
 def test_smg057_early_413_after_expect_never_reuses_that_upstream_connection(tp: Pki) -> None:
-    srv = socket.create_server(("127.0.0.1", 0))
-    conns: list[socket.socket] = []
     heads: list[tuple[int, bytes]] = []  # (upstream connection number, request head)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            conns.append(conn)
-            threading.Thread(target=answer, args=(conn, len(conns)), daemon=True).start()
 
     def answer(conn: socket.socket, n: int) -> None:
         buf = b""
@@ -306,7 +294,7 @@ def test_smg057_early_413_after_expect_never_reuses_that_upstream_connection(tp:
                 else:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    threading.Thread(target=serve, daemon=True).start()
+    srv = serve_raw(answer)
     try:
         with run_proxy(tp, f"http://127.0.0.1:{srv.getsockname()[1]}") as p:
             ctx = client_ctx(tp, "good")

@@ -18,7 +18,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.helpers import ALLOWED_URI, Pki, client_ctx, connect, read_response, run_proxy
+from tests.helpers import (
+    ALLOWED_URI,
+    Pki,
+    client_ctx,
+    connect,
+    read_response,
+    run_proxy,
+    serve_raw,
+)
 
 
 @dataclass
@@ -126,32 +134,25 @@ def _upgrade_request(path: bytes = b"/ws") -> bytes:
 
 
 def _raw_upstream(response: bytes) -> tuple[socket.socket, list[bytes]]:
-    srv = socket.create_server(("127.0.0.1", 0))
     seen: list[bytes] = []
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-            seen.append(buf)
-            conn.sendall(response)
-            if response.startswith(b"HTTP/1.1 200"):
-                # keep serving on this connection: the next request after a declined upgrade
-                while chunk := conn.recv(65536):
-                    seen.append(chunk)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
-            conn.close()
+    def serve(conn: socket.socket, _: int) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        seen.append(buf)
+        conn.sendall(response)
+        if response.startswith(b"HTTP/1.1 200"):
+            # keep serving on this connection: the next request after a declined upgrade
+            while chunk := conn.recv(65536):
+                seen.append(chunk)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+        conn.close()
 
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, seen
+    return serve_raw(serve), seen
 
 
 def test_a_101_with_a_wrong_accept_is_a_502(tp: Pki) -> None:
