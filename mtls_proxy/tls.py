@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import os
 import ssl
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
@@ -187,12 +189,44 @@ def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Mate
     else:
         key, chain = _pem_pair(tls, src)
         cert_file = str(tls.cert)
+    where = src.get("keystore" if tls.keystore is not None else "cert", "--cert")
+    check_chain(chain, f"{where}: {cert_file}")
     ca_file, ca_certs = load_trust(tls, src)
     crls: tuple[x509.CertificateRevocationList, ...] = ()
     if tls.crl is not None:
         crl_key = src.get("crl", "--crl")
         crls = parse_crls(read_file(tls.crl, crl_key, "CRL"), tls.crl, crl_key, ca_certs)
     return Material(cert_file, key, chain, ca_file, ca_certs, found, crls)
+
+
+CLOCK_SKEW: Final = dt.timedelta(minutes=5)
+
+
+def check_chain(chain: tuple[x509.Certificate, ...], where: str) -> None:
+    """Our own certificate is in its validity period, and each certificate after it issued the
+    one before (rule 1): a wrong order or a foreign intermediate is caught here, not by clients."""
+    now = dt.datetime.now(dt.UTC)
+    leaf = chain[0]
+    if leaf.not_valid_after_utc <= now:
+        raise ConfigError(
+            f"{where}: the certificate expired at {leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ} "
+            f"(subject {rfc2253(leaf.subject)})"
+        )
+    if leaf.not_valid_before_utc > now + CLOCK_SKEW:
+        raise ConfigError(
+            f"{where}: the certificate is not valid before "
+            f"{leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} (subject {rfc2253(leaf.subject)})"
+        )
+    for i, (cert, issuer) in enumerate(itertools.pairwise(chain), start=1):
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            raise ConfigError(
+                f"{where}: certificate {i + 1} ({rfc2253(issuer.subject)}) did not issue "
+                f"certificate {i} ({rfc2253(cert.subject)}): leaf first, then its issuer, and so on"
+            ) from None
+        except UnsupportedAlgorithm:
+            continue  # a signature cryptography cannot check: OpenSSL and the clients will
 
 
 def load_trust(

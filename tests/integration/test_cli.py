@@ -213,3 +213,31 @@ def test_serve_refuses_the_pure_python_http_parser(tp: Pki) -> None:
     )
     assert r.returncode == 1
     assert "refusing to start: aiohttp's pure-Python HTTP parser is in use" in r.stderr
+
+
+def test_a_chain_in_the_wrong_order_is_refused(tp: Pki, tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    leaf = x509.load_pem_x509_certificates(Path(tp.crt("server")).read_bytes())[0]
+    bad = tmp_path / "server.crt"
+    bad.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, leaf)))
+    r = subprocess.run(
+        proxy_cmd(
+            "check",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--cert",
+            str(bad),
+            "--key",
+            tp.key("server"),
+            "--cacert",
+            tp.ca,
+            "--allow-uri",
+            ALLOWED_URI,
+        ),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert f"--cert: {bad}: certificate 2 (CN=localhost) did not issue certificate 1" in r.stderr

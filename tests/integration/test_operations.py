@@ -3,6 +3,7 @@ swap picked up by file watching alone, 20 reloads under streaming load, promtool
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -313,6 +314,7 @@ def test_explain_follows_routes_normalized_paths_and_crls(tmp_path: Path) -> Non
         ("server.key", "other", "does not match the certificate"),
         ("ca.crt", b"garbage\n", "ca.crt"),
         ("ca.crt", b"", "ca.crt"),
+        ("server.crt", "expired", "the certificate expired at"),
     ],
 )
 def test_broken_material_at_reload_keeps_the_old_serving(
@@ -323,8 +325,20 @@ def test_broken_material_at_reload_keeps_the_old_serving(
         tp, f"http://127.0.0.1:{upstream.port}", *material_args(d), extra_cert_args=False
     ) as p:
         ctx = client_ctx(tp, "good")
-        data = Path(tp.key(content)).read_bytes() if isinstance(content, str) else content
-        (d / file).write_bytes(data)
+        if content == "expired":  # a complete, matching pair whose certificate has expired
+            now = dt.datetime.now(dt.UTC)
+            old = pki.issue(
+                pki.load_issuer(tp.dir),
+                "server",
+                "localhost",
+                dns=["localhost"],
+                not_before=now - dt.timedelta(days=10),
+                not_after=now - dt.timedelta(days=1),
+            )
+            pki.write_pair(d, "server", old)
+        else:
+            data = Path(tp.key(content)).read_bytes() if isinstance(content, str) else content
+            (d / file).write_bytes(data)
         status = wait_reload(p, 1, "failure")
         assert needle in status["last_reload"]["error"]  # type: ignore[index]
         assert get(p.port, ctx)[0] == 200  # the old certificate and trust still serve
