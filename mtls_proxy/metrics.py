@@ -99,6 +99,11 @@ class Metrics:
         self.connections = Counter(
             "mtls_proxy_connections", "Accepted downstream connections", registry=r
         )
+        self.resumed = Counter(
+            "mtls_proxy_tls_sessions_resumed",
+            "Successful handshakes that resumed a TLS session (a ticket or session id)",
+            registry=r,
+        )
         self.reloads = Counter(
             "mtls_proxy_reloads", "Reloads of certificates and policy", ["result"], registry=r
         )

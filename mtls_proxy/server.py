@@ -474,6 +474,9 @@ class ProxyServer:
             return
         self.metrics.handshake("ok")
         self.metrics.connections.inc()
+        sslobj = proto.transport.get_extra_info("ssl_object") if proto.transport else None
+        if sslobj is not None and sslobj.session_reused:
+            self.metrics.resumed.inc()
         if self.shared.draining:
             proto.drain()
 

@@ -345,6 +345,7 @@ def test_tls036_resumed_session_keeps_the_identity(trig: TlsRig) -> None:
             pass
         assert s.session_reused
     assert trig.upstream.seen[-1].target == "/again"
+    assert trig.proxy.metric("mtls_proxy_tls_sessions_resumed_total") >= 1  # MET-06
     assert trig.upstream.seen[-1].one("x-client-spiffe-id") == c.SPIFFE
 
 
