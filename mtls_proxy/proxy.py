@@ -679,7 +679,7 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
-        if self.ws_pending is not None:
+        if self.ws_pending is not None and ex.ws_key is not None:
             # A declined WebSocket upgrade: the held bytes are the next request (SMG-058).
             pending, self.ws_pending = self.ws_pending, None
             self._parser = httptools.HttpRequestParser(self)

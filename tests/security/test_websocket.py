@@ -182,3 +182,24 @@ def test_a_declined_websocket_upgrade_keeps_speaking_http(tp: Pki) -> None:
             assert any(b.startswith(b"GET /after HTTP/1.1") for b in seen[1:])
     finally:
         srv.close()
+
+
+def test_a_websocket_upgrade_pipelined_behind_a_request_waits_its_turn(
+    tp: Pki, ws_upstream: WsUpstream
+) -> None:
+    """The upgrade request queued behind a plain one: the plain response, then the 101; the
+    bytes held after the upgrade request are only interpreted once its own answer is in."""
+    mask = os.urandom(4)
+    frame = b"\x81\x84" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"ping"))
+    with (
+        run_proxy(tp, f"http://127.0.0.1:{ws_upstream.port}") as p,
+        connect(p.port, client_ctx(tp, "good")) as s,
+    ):
+        # The frame rides in the same write, right behind the upgrade request.
+        s.sendall(b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n" + _upgrade_request() + frame)
+        buf = bytearray()
+        assert read_response(s, buf)[0] == 404  # the echo server has no /plain
+        assert read_response(s, buf, head_only=True)[0] == 101
+        while len(buf) < 2 + len("echo:ping"):
+            buf += s.recv(65536)
+        assert bytes(buf[:2]) == b"\x81\x09" and bytes(buf[2:11]) == b"echo:ping"
