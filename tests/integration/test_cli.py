@@ -10,8 +10,12 @@ import pytest
 from tests.helpers import ALLOWED_URI, Pki, proxy_cmd
 
 
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(proxy_cmd(*args), capture_output=True, text=True, timeout=timeout)
+def run(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        proxy_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def base(tp: Pki, cert: str = "server", key: str = "server") -> list[str]:
@@ -188,26 +192,10 @@ def test_serve_refuses_the_pure_python_http_parser(tp: Pki) -> None:
     """SECURITY.md DEP-02: the pure-Python parsers give weaker verdicts; never serve with them."""
     import os
 
-    r = subprocess.run(
-        proxy_cmd(
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "off",
-            "--upstream",
-            "http://127.0.0.1:9",
-            "--cert",
-            tp.crt("server"),
-            "--key",
-            tp.key("server"),
-            "--cacert",
-            tp.ca,
-            "--allow-uri",
-            ALLOWED_URI,
-        ),
-        capture_output=True,
-        text=True,
+    r = run(
+        "serve",
+        *("--listen", "127.0.0.1:0", "--admin", "off", "--allow-uri", ALLOWED_URI),
+        *base(tp),
         timeout=30,
         env={**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"},
     )
@@ -222,22 +210,8 @@ def test_a_chain_in_the_wrong_order_is_refused(tp: Pki, tmp_path: Path) -> None:
     leaf = x509.load_pem_x509_certificates(Path(tp.crt("server")).read_bytes())[0]
     bad = tmp_path / "server.crt"
     bad.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, leaf)))
-    r = subprocess.run(
-        proxy_cmd(
-            "check",
-            "--upstream",
-            "http://127.0.0.1:9",
-            "--cert",
-            str(bad),
-            "--key",
-            tp.key("server"),
-            "--cacert",
-            tp.ca,
-            "--allow-uri",
-            ALLOWED_URI,
-        ),
-        capture_output=True,
-        text=True,
-    )
+    args = base(tp)
+    args[args.index("--cert") + 1] = str(bad)
+    r = run("check", *args, "--allow-uri", ALLOWED_URI)
     assert r.returncode == 2
     assert f"--cert: {bad}: certificate 2 (CN=localhost) did not issue certificate 1" in r.stderr

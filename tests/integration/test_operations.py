@@ -25,6 +25,7 @@ from tests.helpers import (
     client_ctx,
     connect,
     get,
+    proxy_cmd,
     read_response,
     request,
     run_proxy,
@@ -34,6 +35,7 @@ from tests.integration.test_reload import (
     kubelet_write,
     material_args,
     material_dir,
+    secret_mount,
     served_subject,
     wait_reload,
 )
@@ -129,7 +131,7 @@ def test_policy_file_problems_at_startup_exit_2(tp: Pki, tmp_path: Path) -> None
     policy.write_text("routes:\n  - path_prefix: admin\n    allow: []\n")
     base = ["--cert", tp.crt("server"), "--key", tp.key("server"), "--cacert", tp.ca]
     r = subprocess.run(
-        [*_cli("check"), *base, "--upstream", "http://127.0.0.1:1", "--policy", str(policy)],
+        [*proxy_cmd("check"), *base, "--upstream", "http://127.0.0.1:1", "--policy", str(policy)],
         capture_output=True,
         text=True,
     )
@@ -137,7 +139,7 @@ def test_policy_file_problems_at_startup_exit_2(tp: Pki, tmp_path: Path) -> None
     assert f"{policy}: routes[0].path_prefix: must be a path starting with /" in r.stderr
     policy.write_text(POLICY)
     r = subprocess.run(
-        [*_cli("check"), *base, "--upstream", "http://127.0.0.1:1", "--policy", str(policy)],
+        [*proxy_cmd("check"), *base, "--upstream", "http://127.0.0.1:1", "--policy", str(policy)],
         capture_output=True,
         text=True,
     )
@@ -145,23 +147,10 @@ def test_policy_file_problems_at_startup_exit_2(tp: Pki, tmp_path: Path) -> None
     assert "route * /admin: 1 rule(s)" in r.stdout and f"policy file:       {policy}" in r.stdout
 
 
-def _cli(*args: str) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "mtls_proxy", *args]
-
-
 def test_kubelet_data_swap_is_picked_up_by_watching_alone(
     tp: Pki, upstream: Upstream, tmp_path: Path, loop: str
 ) -> None:
-    mount = tmp_path / "secret"
-    mount.mkdir()
-    files = {
-        "tls.crt": (tp.dir / "server.crt").read_bytes(),
-        "tls.key": (tp.dir / "server.key").read_bytes(),
-        "ca.crt": (tp.dir / "ca.crt").read_bytes(),
-    }
-    kubelet_write(mount, files, 1)
+    mount, files = secret_mount(tp, tmp_path)
     inter = pki.load_issuer(tp.dir)
     with run_proxy(
         tp,
@@ -284,13 +273,13 @@ def test_metrics_pass_promtool_and_status_has_every_field(
 
 def test_explain_follows_routes_normalized_paths_and_crls(tmp_path: Path) -> None:
     d = tmp_path / "pki"
-    assert subprocess.run([*_cli("pki", "init", str(d))], capture_output=True).returncode == 0
-    issue = [*_cli("pki", "issue", "client", "app", "--dir", str(d), "--uri", ALLOWED_URI)]
+    assert subprocess.run([*proxy_cmd("pki", "init", str(d))], capture_output=True).returncode == 0
+    issue = [*proxy_cmd("pki", "issue", "client", "app", "--dir", str(d), "--uri", ALLOWED_URI)]
     assert subprocess.run(issue, capture_output=True).returncode == 0
     policy = tmp_path / "p.yaml"
     policy.write_text(POLICY)
     base = [
-        *_cli("explain", "--cert", str(d / "app.crt")),
+        *proxy_cmd("explain", "--cert", str(d / "app.crt")),
         *("--cacert", str(d / "ca.crt"), "--policy", str(policy), "--upstream", "http://x:1"),
     ]
     r = subprocess.run([*base, "--path", "/x/../admin/users"], capture_output=True, text=True)
@@ -299,7 +288,7 @@ def test_explain_follows_routes_normalized_paths_and_crls(tmp_path: Path) -> Non
     assert r.returncode == 3 and "DENIED 400" in r.stdout
     r = subprocess.run([*base, "--path", "/x"], capture_output=True, text=True)
     assert r.returncode == 0 and "ALLOWED" in r.stdout
-    assert subprocess.run([*_cli("pki", "revoke", "app", "--dir", str(d))]).returncode == 0
+    assert subprocess.run([*proxy_cmd("pki", "revoke", "app", "--dir", str(d))]).returncode == 0
     r = subprocess.run(
         [*base, "--path", "/x", "--crl", str(d / "crl.pem")], capture_output=True, text=True
     )

@@ -168,17 +168,22 @@ def kubelet_write(mount: Path, files: dict[str, bytes], n: int) -> None:
         shutil.rmtree(d)
 
 
+def secret_mount(tp: Pki, tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A secret volume with the test PKI's server pair and CA, written as the kubelet does."""
+    mount = tmp_path / "secret"
+    mount.mkdir()
+    files = {name: (tp.dir / src).read_bytes() for name, src in SECRET_FILES.items()}
+    kubelet_write(mount, files, 1)
+    return mount, files
+
+
+SECRET_FILES = {"tls.crt": "server.crt", "tls.key": "server.key", "ca.crt": "ca.crt"}
+
+
 def test_kubernetes_secret_update_is_picked_up_by_polling(
     tp: Pki, upstream: Upstream, tmp_path: Path
 ) -> None:
-    mount = tmp_path / "secret"
-    mount.mkdir()
-    files = {
-        "tls.crt": (tp.dir / "server.crt").read_bytes(),
-        "tls.key": (tp.dir / "server.key").read_bytes(),
-        "ca.crt": (tp.dir / "ca.crt").read_bytes(),
-    }
-    kubelet_write(mount, files, 1)
+    mount, files = secret_mount(tp, tmp_path)
     with run_proxy(
         tp,
         f"http://127.0.0.1:{upstream.port}",
