@@ -110,6 +110,21 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         tuple(_CLIENT_AUTH_ALIASES),
     ),
     Opt("min-tls-version", ("tls", "min_tls_version"), "enum", "1.2", "1.2 or 1.3", ("1.2", "1.3")),
+    Opt(
+        "tls-sessions",
+        ("tls", "sessions"),
+        "enum",
+        "cache",
+        "session resumption: cache (sessions kept in memory, no tickets) or tickets (stateless)",
+        ("cache", "tickets"),
+    ),
+    Opt(
+        "tls-session-cache-size",
+        ("tls", "session_cache_size"),
+        "int",
+        4096,
+        "sessions kept with --tls-sessions cache (about 4 KB each) before the cache restarts",
+    ),
     *(
         Opt(f"allow-{f}", ("policy", "allow"), "allow", None, f"allow clients by {f} (repeatable)")
         for f in ALLOW_FLAGS
@@ -242,6 +257,8 @@ class TLSConfig:
     crl_expired: Literal["reject", "allow"] = "reject"
     client_auth: ClientAuth = "require"
     min_tls_version: Literal["1.2", "1.3"] = "1.2"
+    sessions: Literal["cache", "tickets"] = "cache"
+    session_cache_size: int = 4096
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -516,6 +533,8 @@ def load_config(
         crl_expired=g("crl-expired"),  # type: ignore[arg-type]  # validated enum
         client_auth=g("client-auth"),  # type: ignore[arg-type]  # validated enum
         min_tls_version=g("min-tls-version"),  # type: ignore[arg-type]  # validated enum
+        sessions=g("tls-sessions"),  # type: ignore[arg-type]  # validated enum
+        session_cache_size=int(g("tls-session-cache-size")),  # type: ignore[call-overload]  # validated int
     )
     policy_section = data.get("policy")
     section = policy_section if isinstance(policy_section, dict) else {}
@@ -577,6 +596,8 @@ _NOT_PLAIN: Final = frozenset(
     {
         "client-auth",
         "min-tls-version",
+        "tls-sessions",
+        "tls-session-cache-size",
         "crl-check",
         "crl-expired",
         "workers",

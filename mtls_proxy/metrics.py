@@ -104,6 +104,11 @@ class Metrics:
             "Successful handshakes that resumed a TLS session (a ticket or session id)",
             registry=r,
         )
+        self.session_cache = Gauge(
+            "mtls_proxy_tls_session_cache_sessions",
+            "TLS sessions held for resumption (--tls-sessions cache)",
+            registry=r,
+        )
         self.reloads = Counter(
             "mtls_proxy_reloads", "Reloads of certificates and policy", ["result"], registry=r
         )

@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import ssl
 import time
 from typing import TYPE_CHECKING, Final
 
 import httptools
 from cryptography import x509
 
+from mtls_proxy.chains import keep_session, verified_ders
 from mtls_proxy.errors import (
     BadRequest,
     HeaderTooLarge,
@@ -36,7 +38,7 @@ from mtls_proxy.errors import (
     UpstreamTimeout,
     URITooLong,
 )
-from mtls_proxy.exchange import SSL_DER, Exchange, connection_identity
+from mtls_proxy.exchange import Exchange, connection_identity
 from mtls_proxy.identity import PeerIdentity, identity_from_der
 from mtls_proxy.paths import match_path
 from mtls_proxy.policy import Decision, decide_route
@@ -74,6 +76,7 @@ class ClientConnection(asyncio.Protocol):
         "_head_bytes",
         "_identity_too_large",
         "_in_head",
+        "_issuers",
         "_last",
         "_log_fields",
         "_out",
@@ -93,6 +96,7 @@ class ClientConnection(asyncio.Protocol):
         "peer",
         "refused",
         "shared",
+        "sslobj",
         "transport",
         "tunnel",
         "up_deadline",
@@ -127,15 +131,23 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None  # a WebSocket after the upstream's 101
         self.ws_pending: bytes | None = None  # bytes after an upgrade request, until its answer
         self.refused: tuple[str, str] | None = None  # (reason, why): a post-handshake check
+        self.sslobj: ssl.SSLObject | None = None
+        # A resumed session: the issuers its leaf was verified with (chains.py); () = unknown.
+        self._issuers: tuple[x509.Certificate, ...] | None = None
 
     # -- connection lifecycle --------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Identify the peer once, precompute its header block, wait for the first request."""
         self.transport = t = transport  # type: ignore[assignment]  # an SSL stream transport
         shared = self.shared
-        sslobj = t.get_extra_info("ssl_object")
+        self.sslobj = sslobj = t.get_extra_info("ssl_object")
         der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
         self.peer = identity_from_der(der) if der else None
+        if self.peer is not None and sslobj is not None:
+            if sslobj.session_reused:
+                self._issuers = shared.chains.recall(self.peer.sha256) or ()
+            else:
+                shared.chains.remember(self.peer.sha256, verified_ders(sslobj)[1:])
         peername = t.get_extra_info("peername")
         self.client_ip = str(peername[0]).encode() if isinstance(peername, tuple) else b"unix"
         block = shared.identity_block(self.peer)
@@ -165,6 +177,7 @@ class ClientConnection(asyncio.Protocol):
             # and a stale CRL); nothing of this connection has been read yet.
             self.refused = self._post_handshake_refusal(der)
             if self.refused is not None:
+                self.sslobj = None  # its session is not kept (connection_lost)
                 self.closed = True
                 self.transport.abort()  # type: ignore[union-attr]  # set just above
                 return
@@ -180,28 +193,31 @@ class ClientConnection(asyncio.Protocol):
             if problem is not None:
                 return "bad_certificate", f"--strict-client-certs: {problem}"
         if shared.revocation is not None:
-            reason = shared.revocation.refuses(self.verified_chain())
+            chain = self.verified_chain()
+            if chain is None:
+                return "unknown_ca", "a resumed session whose verified chain is not known"
+            reason = shared.revocation.refuses(chain)
             if reason is not None:
                 return reason, "refused by the CRLs enforced after the handshake"
         return None
 
-    def verified_chain(self) -> list[x509.Certificate]:
-        """The client's chain as OpenSSL verified it at the handshake (leaf first, anchor
-        last); empty without a client certificate."""
-        if self.peer is None or self.transport is None:
+    def verified_chain(self) -> list[x509.Certificate] | None:
+        """The client's chain as OpenSSL verified it (leaf first, anchor last): at this
+        handshake, or for a resumed session at the full handshake of its leaf (chains.py).
+        Empty without a client certificate; None when it is not known (fail closed)."""
+        if self.peer is None or self.sslobj is None:
             return []
-        sslobj = self.transport.get_extra_info("ssl_object")
-        # Public from Python 3.13; the same C method exists since 3.10 on the inner object.
-        get = getattr(sslobj, "get_verified_chain", None) or getattr(
-            getattr(sslobj, "_sslobj", None), "get_verified_chain", None
-        )
-        if get is None:
-            return []
-        return [x509.load_der_x509_certificate(c.public_bytes(SSL_DER)) for c in get() or ()]
+        if self._issuers is not None:
+            if not self._issuers:
+                return None
+            leaf = self.sslobj.getpeercert(binary_form=True)
+            return [x509.load_der_x509_certificate(leaf), *self._issuers] if leaf else None
+        return [x509.load_der_x509_certificate(d) for d in verified_ders(self.sslobj)] or None
 
     def cut(self) -> None:
         """The reloaded trust refuses this client: close at once, in-flight requests too."""
         self.closed = True
+        self.sslobj = None  # its session is not kept (connection_lost)
         if self.transport is not None:
             self.transport.abort()
 
@@ -218,6 +234,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.upstream.close()  # a response in flight can't be reused
                 ex.upstream = None
         self._queue.clear()
+        if self.sslobj is not None and self.shared.cfg.tls.sessions == "cache":
+            keep_session(self.sslobj)
         self.shared.connections.discard(self)
         self.shared.metrics.connections_open.dec()
         self._slots.release()

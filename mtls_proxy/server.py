@@ -269,7 +269,7 @@ class ProxyServer:
         view = TrustView.build(material.ca_certs, material.crls, self.cfg.tls.crl_check == "leaf")
         for conn in list(self.shared.connections):
             chain = conn.verified_chain()
-            reason = view.refuses(chain) if chain else None
+            reason = "unknown_ca" if chain is None else view.refuses(chain)
             if reason is not None:
                 self.metrics.connections_cut.labels(reason=reason).inc()
                 logger.warning(
@@ -409,7 +409,24 @@ class ProxyServer:
             self._poll_material()
         if self._sweeps % 40 == 0 and self.material.crls:  # every 10 s
             self._check_crl_expiry()
+        if self.cfg.tls.sessions == "cache":
+            self._bound_session_cache()
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _bound_session_cache(self) -> None:
+        """Keep the session cache under --tls-session-cache-size: Python cannot set OpenSSL's
+        limit (20,480 sessions, about 4 KB each), so a full cache is replaced by a new context
+        on the same material. Open connections keep theirs; their clients' next handshake is a
+        full one."""
+        held = self.ctx.session_stats()["number"]
+        if held > self.cfg.tls.session_cache_size:
+            self.ctx = server_context(self.cfg, self.material)
+            logger.info(
+                "TLS session cache full: started a new one",
+                extra={"sessions": held, "limit": self.cfg.tls.session_cache_size},
+            )
+            held = 0
+        self.metrics.session_cache.set(held)
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from mtls_proxy.chains import ChainMemo
 from mtls_proxy.headers import IdentityBlock, identity_block
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class Shared:
         self.connections: set[ClientConnection] = set()
         # Set only with --crl-expired allow and a stale CRL: checked after each handshake.
         self.revocation: TrustView | None = None
+        self.chains = ChainMemo()  # the verified chains behind resumed sessions
         self.draining = False
         u = cfg.upstream
         self.upstream_host = (u.host_header if u.scheme != "unix" else "localhost").encode()

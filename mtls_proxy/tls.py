@@ -326,6 +326,15 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
     )
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    if cfg.tls.sessions == "cache":
+        # Sessions stay in this context's memory instead of travelling in tickets sealed with
+        # a key that lives as long as the context (Mozilla's advice: forward secrecy). It is
+        # also 2-3x cheaper: resuming a ticket decodes the client's certificate again
+        # (d2i_SSL_SESSION), a cached session is already decoded. With OP_NO_TICKET, TLS 1.3
+        # tickets carry only the cache's session ID, TLS 1.2 resumes by session ID.
+        # One ticket per handshake: each is a cache entry (a client resumes with the last).
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 1
     ctx.set_alpn_protocols(["http/1.1"])  # we speak HTTP/1.1 only; h2-capable clients fall back
     try:
         _load_chain_from_memory(ctx, material)
