@@ -14,10 +14,9 @@ HARNESS=${BENCH_HARNESS:-$ROOT/../shared/bench}
 STATE=${BENCH_STATE:-${TMPDIR:-/tmp}/mtls-proxy-bench}
 export BENCH_STATE=$STATE
 
-if [[ ! -x "$ROOT/.venv/bin/mtls-proxy" ]]; then
-  python3 -m venv "$ROOT/.venv"
-  "$ROOT/.venv/bin/pip" install -q -e "$ROOT" 2>&1 | grep -v '^WARNING: Location' || true
-fi
+[[ -x "$ROOT/.venv/bin/pip" ]] || python3 -m venv "$ROOT/.venv"
+# Every time: a venv made before a dependency was added must get it (a few seconds).
+"$ROOT/.venv/bin/pip" install -q -e "$ROOT" 2>&1 | grep -v '^WARNING: Location' || true
 bash "$HARNESS/setup.sh" 2>&1 | grep -v "^WARNING: Location" | tail -2
 
 PROXY="$ROOT/.venv/bin/mtls-proxy"

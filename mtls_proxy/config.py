@@ -122,8 +122,8 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         "tls-session-cache-size",
         ("tls", "session_cache_size"),
         "int",
-        4096,
-        "sessions kept with --tls-sessions cache (about 4 KB each) before the cache restarts",
+        1024,
+        "sessions kept with --tls-sessions cache (about 12 KB each) before the cache restarts",
     ),
     *(
         Opt(f"allow-{f}", ("policy", "allow"), "allow", None, f"allow clients by {f} (repeatable)")
@@ -258,7 +258,7 @@ class TLSConfig:
     client_auth: ClientAuth = "require"
     min_tls_version: Literal["1.2", "1.3"] = "1.2"
     sessions: Literal["cache", "tickets"] = "cache"
-    session_cache_size: int = 4096
+    session_cache_size: int = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -236,6 +236,12 @@ class ClientConnection(asyncio.Protocol):
         self._queue.clear()
         if self.sslobj is not None and self.shared.cfg.tls.sessions == "cache":
             keep_session(self.sslobj)
+        # This object and its parser reference each other, a cycle only the garbage collector
+        # frees, and it runs by object counts, not bytes: holding the transport until then kept
+        # the TLS state and uvloop's 256 KiB read buffer of every closed connection alive, and
+        # fragmented the heap (RSS grew about 5 KB per connection under handshake load).
+        self.transport = None
+        self.sslobj = None
         self.shared.connections.discard(self)
         self.shared.metrics.connections_open.dec()
         self._slots.release()

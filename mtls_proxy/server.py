@@ -415,9 +415,9 @@ class ProxyServer:
 
     def _bound_session_cache(self) -> None:
         """Keep the session cache under --tls-session-cache-size: Python cannot set OpenSSL's
-        limit (20,480 sessions, about 4 KB each), so a full cache is replaced by a new context
-        on the same material. Open connections keep theirs; their clients' next handshake is a
-        full one."""
+        limit (20,480 sessions of about 12 KB: each holds the client's decoded certificates),
+        so a full cache is replaced by a new context on the same material. Open connections
+        keep theirs; their clients' next handshake is a full one."""
         held = self.ctx.session_stats()["number"]
         if held > self.cfg.tls.session_cache_size:
             self.ctx = server_context(self.cfg, self.material)
