@@ -2,7 +2,7 @@
 # Measure mtls-proxy beside nginx (and any other peer) on this machine with the shared harness
 # (../shared/bench: wrk + client-cert shim, openssl s_time), then write bench/RESULTS.md.
 #
-#   bench/run.sh                         # nginx + mtls-proxy, 3 rounds (~8 min)
+#   bench/run.sh                         # nginx + mtls-proxy, 3 rounds (~10 min)
 #   bench/run.sh --runs 1 --duration 5   # quick look
 #   BENCH_TARGETS="nginx haproxy caddy" bench/run.sh
 #
@@ -24,9 +24,13 @@ TARGET="mtls-proxy=exec $PROXY serve --listen \"\$BENCH_HOST:\$BENCH_PORT\" \
  --upstream \"\$BENCH_UPSTREAM_URL\" --cert \"\$BENCH_SERVER_CERT\" --key \"\$BENCH_SERVER_KEY\" \
  --cacert \"\$BENCH_CLIENT_CA\" --allow-cn \"\$BENCH_ALLOWED_CN\" --admin 127.0.0.1:0"
 
+# Resumed handshakes under load (close_resume) are measured too, beside s_time's serial reuse.
+PHASES=()
+[[ " $* " == *" --phases "* ]] || PHASES=(--phases ka,new,reuse,close,close_resume)
+
 log=$(mktemp)
 set +e
-bash "$HARNESS/run.sh" "$@" ${BENCH_TARGETS:-nginx} "$TARGET" 2>&1 | grep -v '^WARNING: Location' | tee "$log"
+bash "$HARNESS/run.sh" "${PHASES[@]}" "$@" ${BENCH_TARGETS:-nginx} "$TARGET" 2>&1 | grep -v '^WARNING: Location' | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 # The harness prints where it wrote (its own folder, or a writable copy when that is read-only).

@@ -84,6 +84,7 @@ class ClientConnection(asyncio.Protocol):
         "_paused",
         "_queue",
         "_raw",
+        "_resumed",
         "_slots",
         "_upstream_paused",
         "_url",
@@ -132,7 +133,8 @@ class ClientConnection(asyncio.Protocol):
         self.ws_pending: bytes | None = None  # bytes after an upgrade request, until its answer
         self.refused: tuple[str, str] | None = None  # (reason, why): a post-handshake check
         self.sslobj: ssl.SSLObject | None = None
-        # A resumed session: the issuers its leaf was verified with (chains.py); () = unknown.
+        # A resumed session: the issuers its leaf was verified with (chains.py; None = unknown).
+        self._resumed = False
         self._issuers: tuple[x509.Certificate, ...] | None = None
 
     # -- connection lifecycle --------------------------------------------------------------
@@ -145,7 +147,8 @@ class ClientConnection(asyncio.Protocol):
         self.peer = identity_from_der(der) if der else None
         if self.peer is not None and sslobj is not None:
             if sslobj.session_reused:
-                self._issuers = shared.chains.recall(self.peer.sha256) or ()
+                self._resumed = True
+                self._issuers = shared.chains.recall(self.peer.sha256)
             else:
                 shared.chains.remember(self.peer.sha256, verified_ders(sslobj)[1:])
         peername = t.get_extra_info("peername")
@@ -207,8 +210,8 @@ class ClientConnection(asyncio.Protocol):
         Empty without a client certificate; None when it is not known (fail closed)."""
         if self.peer is None or self.sslobj is None:
             return []
-        if self._issuers is not None:
-            if not self._issuers:
+        if self._resumed:
+            if self._issuers is None:
                 return None
             leaf = self.sslobj.getpeercert(binary_form=True)
             return [x509.load_der_x509_certificate(leaf), *self._issuers] if leaf else None

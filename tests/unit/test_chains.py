@@ -35,3 +35,12 @@ def test_the_least_recently_used_leaf_goes_first() -> None:
     memo.remember("three", issuers)
     assert memo.recall("two") is None
     assert memo.recall("one") is not None and memo.recall("three") is not None
+
+
+def test_a_leaf_trusted_itself_is_remembered_with_no_issuers() -> None:
+    """A pinned self-signed client: its verified chain is the leaf alone. Remembered as ()
+    (known, nothing above it), which is not None (unknown: refused)."""
+    memo = ChainMemo()
+    memo.remember("pinned", ())
+    assert memo.recall("pinned") == ()
+    assert memo.recall("other") is None
