@@ -21,6 +21,7 @@ from tests.helpers import (
     connect,
     make_test_pki,
     read_response,
+    resume_and_request,
     run_proxy,
 )
 from tests.integration.test_crl import ask
@@ -142,13 +143,16 @@ def test_a_crl_reload_cuts_resumed_connections_of_the_revoked_client(
     up = f"http://127.0.0.1:{upstream.port}"
     with run_proxy(own, up, "--crl", str(crl), "--tls-sessions", mode) as p:
         good = client_ctx(own, "good", tls13=True)
-        keep = resumed(p.port, good, first_session(p.port, good, close_notify=False))
+        session = first_session(p.port, good, close_notify=False)
+        keep = resumed(p.port, good, session)
         assert keep.session_reused
         pki.revoke(own.dir, "good")
         wait_reload(p, 1, "success")
         assert p.metric('mtls_proxy_connections_cut_total{reason="revoked"}') == 1
         assert ask(keep, "/after") is None
         keep.close()
+        # TLS-037 in this mode: the session does not resume under the new trust either.
+        assert resume_and_request(p.port, good, session) == b""
         assert not any("/after" in seen.target for seen in upstream.seen)
 
 
