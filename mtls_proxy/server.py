@@ -377,8 +377,11 @@ class ProxyServer:
         stop = self._watch_stop
 
         def run() -> None:
-            from watchfiles import watch
-
+            try:
+                from watchfiles import watch
+            except ImportError as exc:  # a broken install: SIGHUP and polling still work
+                loop.call_soon_threadsafe(logger.warning, "file watching unavailable: %s", exc)
+                return
             try:
                 # Short debounce: a cert and key written together land in one batch. Timeouts
                 # yield too: the stamps are then compared once a second, which covers the time

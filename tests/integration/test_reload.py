@@ -208,3 +208,20 @@ def test_kubernetes_secret_update_is_picked_up_by_polling(
         wait_reload(p, 1)
         assert served_subject(p.port, ctx) == "localhost-rotated"
         assert get(p.port, ctx)[0] == 200
+
+
+def test_without_watchfiles_sighup_still_reloads(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A broken install (watchfiles missing): a warning, and reloads by SIGHUP still work."""
+    fake = tmp_path / "nowatch"
+    fake.mkdir()
+    (fake / "watchfiles.py").write_text('raise ImportError("no watchfiles here")\n')
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", env={"PYTHONPATH": str(fake)}) as p:
+        deadline = time.monotonic() + 5
+        while not any("file watching unavailable" in line for line in p.logs):
+            assert time.monotonic() < deadline, p.logs
+            time.sleep(0.05)
+        assert not any("Traceback" in line for line in p.logs)
+        p.proc.send_signal(signal.SIGHUP)
+        wait_reload(p, 1, "success")
