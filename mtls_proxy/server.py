@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from mtls_proxy import __version__
 from mtls_proxy.admin import admin_app, material_status, rfc3339
 from mtls_proxy.errors import ConfigError
+from mtls_proxy.identity import rfc2253
 from mtls_proxy.loader import load_policy
 from mtls_proxy.logs import AccessLog, RateLimiter
 from mtls_proxy.metrics import Metrics
@@ -167,24 +168,45 @@ class ProxyServer:
     def _crl_expired_warning(self, material: Material) -> None:
         self._crl_stale_logged = True
         nu = material.crl_next_update
+        now = dt.datetime.now(dt.UTC)
+        stale = sorted(
+            {
+                rfc2253(c.issuer)
+                for c in material.crls
+                if c.next_update_utc is not None and c.next_update_utc <= now
+            }
+        )
         rule = self.cfg.tls.crl_expired
         logger.warning(
             "a CRL is past its nextUpdate; "
             + (
                 "clients of its CA fail the handshake until a fresh CRL is loaded"
                 if rule == "reject"
-                else "still enforcing its revocations (--crl-expired allow)"
+                else "still enforcing its revocations (--crl-expired allow); this relaxes only "
+                "its own CA: a CA without any CRL still fails closed"
             ),
-            extra={"crl": self.cfg.tls.crl, "next_update": rfc3339(nu) if nu else None},
+            extra={
+                "crl": self.cfg.tls.crl,
+                "next_update": rfc3339(nu) if nu else None,
+                "stale_issuers": stale,
+            },
         )
 
     def _set_revocation(self, material: Material) -> None:
-        """With --crl-expired allow and a stale CRL, revocation is checked after each handshake
-        (OpenSSL would refuse every client of that CA): see revocation.py."""
+        """With --crl-expired allow and a stale CRL, OpenSSL is not given the CRLs (it would
+        refuse every client of that CA, and cannot relax one issuer only): revocation.py checks
+        them after each handshake, and with needs_crls refuses a chain whose CAs lack a CRL, as
+        OpenSSL's --crl-check chain/leaf would: only the stale CRL's own issuer is relaxed
+        (revocation.py rule 6)."""
         self.shared.revocation = (
             None
             if self._crl_mode or not material.crls
-            else TrustView.build(material.ca_certs, material.crls, self.cfg.tls.crl_check == "leaf")
+            else TrustView.build(
+                material.ca_certs,
+                material.crls,
+                leaf_only=self.cfg.tls.crl_check == "leaf",
+                needs_crls=True,
+            )
         )
 
     def _check_crl_expiry(self) -> None:

@@ -314,7 +314,12 @@ def _load_chain_from_memory(ctx: ssl.SSLContext, material: Material) -> None:
 
 def openssl_checks_crls(cfg: Config, material: Material) -> bool:
     """Whether the CRLs go to OpenSSL (the handshake refuses revoked clients), or, with
-    --crl-expired allow and an expired CRL, are enforced after the handshake (revocation.py)."""
+    --crl-expired allow and an expired CRL, are enforced after the handshake (revocation.py).
+
+    All or nothing: OpenSSL refuses every client of a stale CRL's CA and has no per-issuer
+    exception, and Python's ssl offers no verify callback to make one. So with a stale CRL
+    allowed, none go to OpenSSL, and revocation.py makes OpenSSL's demands itself (every CA it
+    checks needs a CRL), relaxing only the stale CRL's own issuer."""
     return bool(material.crls) and not (cfg.tls.crl_expired == "allow" and material.crls_expired())
 
 

@@ -14,7 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from mtls_proxy import pki
 from tests.helpers import (
+    ALLOWED_URI,
     Pki,
+    Proxy,
     Upstream,
     client_ctx,
     connect,
@@ -170,6 +172,68 @@ def test_expired_crl_allow_keeps_enforcing_its_revocations(
         assert p.metric('mtls_proxy_handshakes_total{reason="revoked",result="failed"}') == 2
         assert len(upstream.seen) == 1  # only client-good's request
         assert any("still enforcing" in line for line in p.logs)
+
+
+def outcomes(p: Proxy, names: list[str], own: Pki) -> dict[str, object]:
+    """How the proxy answers each client (200 or "refused"), and the failure reasons counted."""
+    seen: dict[str, object] = {}
+    for name in names:
+        try:
+            s = connect(p.port, client_ctx(own, name))
+        except (ssl.SSLError, ConnectionError):  # TLS 1.2, or a TLS 1.3 alert in time
+            seen[name] = "refused"
+            continue
+        with s:
+            status = ask(s, "/")
+        seen[name] = "refused" if status is None else status
+    for reason in ("revoked", "other"):
+        seen[f"failed:{reason}"] = p.metric(
+            f'mtls_proxy_handshakes_total{{reason="{reason}",result="failed"}}'
+        )
+    return seen
+
+
+def test_int050_stale_crl_relaxes_only_its_issuer(
+    own: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    """INT-050: --crl-expired allow relaxes a stale CRL's own CA only. A CA without any CRL
+    still fails closed, exactly as when the same CRL is fresh (OpenSSL's rule, TLS-025), in
+    chain and in leaf mode; the stale CRL's revocations still count."""
+    root = pki.load_issued(own.dir, "root")
+    inter = pki.load_issuer(own.dir)
+    second = pki.make_ca("second root")  # trusted too, never has a CRL
+    Path(own.ca).write_bytes(Path(own.ca).read_bytes() + second.cert_pem(with_chain=False))
+    pki.write_pair(own.dir, "second", pki.issue(second, "client", "c2", uris=[ALLOWED_URI]))
+    pki.write_pair(own.dir, "direct2", pki.issue(root, "client", "d2", uris=[ALLOWED_URI]))
+    now = dt.datetime.now(dt.UTC)
+    names = ["direct", "direct2", "good", "other", "second"]
+    up = f"http://127.0.0.1:{upstream.port}"
+
+    def crl_file(ca: pki.Issued, revoked: str, next_update: dt.datetime) -> str:
+        path = tmp_path / f"crl-{next_update.timestamp()}-{revoked}.pem"
+        crl = make_crl(ca, [serial(own, revoked)], next_update)
+        path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        return str(path)
+
+    def run(ca: pki.Issued, revoked: str, stale: bool, *mode: str) -> dict[str, object]:
+        nu = now + (dt.timedelta(hours=-1) if stale else dt.timedelta(days=1))
+        crl = crl_file(ca, revoked, nu)
+        with run_proxy(own, up, "--crl", crl, "--crl-expired", "allow", *mode) as p:
+            return outcomes(p, names, own)
+
+    # Chain mode, only the root has a CRL: its direct clients are checked against it; the
+    # intermediate's clients (no CRL for the intermediate) and the second root's are refused.
+    chain = {"direct": 200, "direct2": "refused", "good": "refused", "other": "refused"}
+    expected = {**chain, "second": "refused", "failed:revoked": 1, "failed:other": 3}
+    assert run(root, "direct2", stale=True) == expected
+    assert run(root, "direct2", stale=False) == expected
+    # Leaf mode, only the intermediate has a CRL: its clients are checked against it; the
+    # roots' own clients (no CRL for either root) are refused.
+    leaf = {"direct": "refused", "direct2": "refused", "good": 200, "other": "refused"}
+    expected = {**leaf, "second": "refused", "failed:revoked": 1, "failed:other": 3}
+    assert run(inter, "other", True, "--crl-check", "leaf") == expected
+    assert run(inter, "other", False, "--crl-check", "leaf") == expected
+    assert len(upstream.seen) == 4  # client-direct twice, client-good twice
 
 
 def test_broken_crl_at_reload_keeps_the_old_one(own: Pki, upstream: Upstream) -> None:
