@@ -18,7 +18,7 @@ from typing import Final, Literal, cast
 import yaml
 
 from mtls_proxy.errors import ConfigError
-from mtls_proxy.headers import DIALECTS, XFCC_MODES, XfccMode
+from mtls_proxy.headers import DIALECTS, UNDERSCORE_ACTIONS, XFCC_MODES, UnderscoreAction, XfccMode
 from mtls_proxy.policy import RULE_FIELDS, Policy, Rule, RuleError, compile_rule
 from mtls_proxy.policyspec import compile_policy, compile_rules
 
@@ -140,6 +140,15 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         "comma list of " + ",".join(DIALECTS),
     ),
     Opt("xfcc-mode", ("xfcc_mode",), "enum", "sanitize_set", "Envoy XFCC mode", XFCC_MODES),
+    Opt(
+        "underscore-headers",
+        ("underscore_headers",),
+        "enum",
+        "drop",
+        "client header names with '_': drop (as nginx), reject (400) or allow; look-alikes of "
+        "framing, hop-by-hop, forwarding and identity names are always dropped",
+        UNDERSCORE_ACTIONS,
+    ),
     Opt("admin", ("admin",), "hostport_off", "127.0.0.1:9901", "admin HOST:PORT, or off"),
     Opt("workers", ("workers",), "int", 1, "worker processes"),
     Opt(
@@ -273,6 +282,7 @@ class Config:
     policy_file: str | None = None
     xfcc_mode: XfccMode
     admin: Address | None
+    underscore_headers: UnderscoreAction = "drop"
     workers: int = 1
     strict_client_certs: bool = False
     handshake_timeout: float = 10.0

@@ -60,6 +60,7 @@ class Exchange:
         "head",
         "http10",
         "is_head",
+        "length",
         "method",
         "path",
         "response_started",
@@ -80,6 +81,7 @@ class Exchange:
         self.body: list[bytes] = []
         self.buffered = self.bytes_in = self.bytes_out = 0  # body bytes, for the access log
         self.body_done = self.has_body = self.chunked = self.expect = False
+        self.length = 0  # the Content-Length the parser frames the body with
         self.close = http10
         self.ws_key: bytes | None = None
         self.early = False  # the upstream answered before the whole request body was sent

@@ -4,10 +4,14 @@ Rules:
 1. Strip first, inject last (Apache CVE-2022-31813, Go CVE-2021-33197): the client's hop-by-hop
    headers, every header its ``Connection`` header nominates, and every identity-header name of
    every dialect are removed before the proxy adds its own.
-2. Names compare case-insensitively with ``_`` and ``-`` treated alike, because CGI/WSGI-style
-   upstreams map both to the same ``HTTP_X_...`` key (SECURITY.md HDR-004).
+2. For *stripping*, names compare case-insensitively with ``_`` and ``-`` treated alike, because
+   CGI/WSGI-style upstreams map both to the same ``HTTP_X_...`` key (SECURITY.md HDR-004). For
+   *interpreting*, only the exact name counts: an underscore spelling of a framing, hop-by-hop,
+   forwarding or identity field is a look-alike, dropped and never read (INT-001). Other
+   names with ``_`` follow ``--underscore-headers`` (drop by default, as nginx).
 3. Framing is always the proxy's own: client ``Content-Length``/``Transfer-Encoding`` are never
-   copied; the caller writes fresh framing. ``Connection`` cannot nominate Host or framing fields.
+   copied; the caller writes fresh framing from the parser's decision. ``Connection`` cannot
+   nominate Host or framing fields.
 4. Every injected value is printable ASCII: no CR, LF, NUL or other control byte can reach a header,
    whatever the certificate holds.
 """
@@ -66,13 +70,40 @@ HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
 PROXY_SET: Final[frozenset[bytes]] = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"}
 )
+# Forwarding families that frameworks act on (Spring's ForwardedHeaderFilter reads -Prefix and
+# -Port, IIS/Symfony read X-Original-URL and X-Rewrite-URL, forward-auth services -Uri and
+# -Method): every member is removed, whatever the suffix.
+FORWARDING_PREFIXES: Final[tuple[bytes, ...]] = (b"x-forwarded-", b"x-original-")
+FORWARDING_NAMES: Final[frozenset[bytes]] = PROXY_SET | {b"x-rewrite-url", b"x-forwarded"}
 # Connection may not nominate these (HDR-008): ignoring the nomination keeps framing intact.
 _UNNOMINABLE: Final[frozenset[bytes]] = frozenset(
     {b"host", b"content-length", b"transfer-encoding"}
 )
-_REQUEST_DROP: Final[frozenset[bytes]] = (
-    IDENTITY_NAMES | HOP_BY_HOP | PROXY_SET | {b"host", b"content-length", b"expect"}
-)
+UnderscoreAction = Literal["drop", "reject", "allow"]
+UNDERSCORE_ACTIONS: Final[tuple[str, ...]] = ("drop", "reject", "allow")
+
+# What a header name is to the proxy (rule 2, rule 3). Only an exact spelling (any case) of a
+# framing or control field is *interpreted*; a spelling that merely folds to a protected name
+# ("Content_Length") is a look-alike: never interpreted, never forwarded (llhttp frames the body
+# by the exact name, so acting on the look-alike would make two readings of one request).
+KEEP, DROP, HOST, CONNECTION, LENGTH, CODING, EXPECT, XFCC_IN, UPGRADE = range(9)
+UNDERSCORE, LOOKALIKE = 9, 10
+_EXACT: Final[dict[bytes, int]] = {
+    b"host": HOST,
+    b"connection": CONNECTION,
+    b"content-length": LENGTH,
+    b"transfer-encoding": CODING,
+    b"expect": EXPECT,
+    XFCC: XFCC_IN,
+    b"upgrade": UPGRADE,
+}
+_PROTECTED: Final[frozenset[bytes]] = IDENTITY_NAMES | HOP_BY_HOP | FORWARDING_NAMES | set(_EXACT)
+
+
+def protected(lname: bytes) -> bool:
+    """A framing, hop-by-hop, forwarding or identity field (*lname* folded by normalize_name):
+    a client's copy never reaches the upstream under this name."""
+    return lname in _PROTECTED or lname.startswith(FORWARDING_PREFIXES)
 
 
 @dataclass(slots=True)
@@ -88,55 +119,82 @@ class RequestHeaders:
     upgrade: bool = False
     upgrade_values: list[bytes] = field(default_factory=list)
     connection_tokens: set[bytes] = field(default_factory=set)
+    underscored: list[bytes] = field(default_factory=list)  # names with '_' not forwarded
 
     def forwarded_lines(self) -> bytes:
         """The kept headers as wire lines, with Connection-nominated ones removed."""
         return b"".join(b"%s: %s\r\n" % (name, value) for _, name, value in self.kept)
 
 
-NAME_CACHE: dict[bytes, bytes] = {}
+NAME_CACHE: dict[bytes, tuple[bytes, int]] = {}
 NAME_CACHE_MAX: Final = 4096
 
 
 def normalize_name(name: bytes) -> bytes:
-    """Lower case with '_' mapped to '-' (rule 2); memoised, as the same few names recur."""
-    lname = NAME_CACHE.get(name)
-    if lname is None:
-        lname = name.lower().replace(b"_", b"-")
-        if len(NAME_CACHE) < NAME_CACHE_MAX:  # bounded: a client can't grow it without limit
-            NAME_CACHE[name] = lname
-    return lname
+    """Lower case with '_' mapped to '-' (rule 2)."""
+    return classify(name)[0]
 
 
-def split_request_headers(raw: list[tuple[bytes, bytes]]) -> RequestHeaders:
-    """Sort a client's headers into kept lines and the fields the proxy handles itself."""
+def classify(name: bytes) -> tuple[bytes, int]:
+    """(folded name, kind) for a client header name; memoised, as the same few names recur."""
+    hit = NAME_CACHE.get(name)
+    if hit is not None:
+        return hit
+    lower = name.lower()
+    lname = lower.replace(b"_", b"-")
+    if lname != lower:  # an underscore spelling: never a field the proxy interprets
+        kind = LOOKALIKE if protected(lname) else UNDERSCORE
+    elif lname in _EXACT:
+        kind = _EXACT[lname]
+    else:
+        kind = DROP if protected(lname) else KEEP
+    hit = (lname, kind)
+    if len(NAME_CACHE) < NAME_CACHE_MAX:  # bounded: a client can't grow it without limit
+        NAME_CACHE[name] = hit
+    return hit
+
+
+def split_request_headers(
+    raw: list[tuple[bytes, bytes]], underscores: UnderscoreAction = "drop"
+) -> RequestHeaders:
+    """Sort a client's headers into kept lines and the fields the proxy handles itself.
+
+    Names with '_' follow *underscores* (nginx drops them, Envoy can drop or reject), except
+    look-alikes of protected names, which are dropped whatever it says; both are reported in
+    ``underscored`` (the caller counts, logs, or with ``reject`` refuses them)."""
     out = RequestHeaders()
     nominated: set[bytes] = set()
     kept = out.kept
     names = NAME_CACHE
     for name, value in raw:
-        lname = names.get(name) or normalize_name(name)
-        if lname not in _REQUEST_DROP:
+        lname, kind = names.get(name) or classify(name)
+        if kind == KEEP:
             kept.append((lname, name, value))
-        elif lname == b"host":
+        elif kind == DROP:
+            continue
+        elif kind == HOST:
             out.hosts.append(value)
-        elif lname == b"connection":
+        elif kind == CONNECTION:
             for token in value.split(b","):
                 token = normalize_name(token.strip())
                 out.connection_tokens.add(token)
                 if token and token not in _UNNOMINABLE:
                     nominated.add(token)
-        elif lname == b"content-length":
+        elif kind == LENGTH:
             out.content_length = value
-        elif lname == b"transfer-encoding":
+        elif kind == CODING:
             out.transfer_encoding.append(value)
-        elif lname == b"expect":
+        elif kind == EXPECT:
             out.expect.append(value)
-        elif lname == XFCC:
+        elif kind == XFCC_IN:
             out.xfcc.append(value)
-        elif lname == b"upgrade":
+        elif kind == UPGRADE:
             out.upgrade = True
             out.upgrade_values.append(value)
+        elif kind == UNDERSCORE and underscores == "allow":
+            kept.append((lname, name, value))
+        else:  # LOOKALIKE, or UNDERSCORE under drop/reject
+            out.underscored.append(name)
     if nominated:
         out.kept = [h for h in kept if h[0] not in nominated]
     return out
@@ -150,11 +208,20 @@ def clean(value: str) -> str:
     return "".join(chr(b) if 0x20 <= b < 0x7F else f"\\{b:02X}" for b in raw)
 
 
-def _xfcc_value(value: str) -> str:
-    v = clean(value)
-    if any(c in v for c in ',;="\\'):
+def _quoted(v: str, special: str) -> str:
+    if any(c in v for c in special):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return v
+
+
+def _xfcc_value(value: str) -> str:
+    return _quoted(clean(value), ',;="\\')
+
+
+def _list_value(value: str) -> str:
+    """One element of a comma list (X-Client-DNS): a SAN holding ',' must not read as two
+    names the CA never issued, so such a value is quoted as in XFCC (SPEC section 5)."""
+    return _quoted(clean(value), ',;"\\ ')
 
 
 def xfcc_element(peer: PeerIdentity, by: str | None) -> bytes:
@@ -177,7 +244,7 @@ def simple_headers(peer: PeerIdentity | None) -> list[tuple[str, str]]:
     if peer.spiffe_id is not None:
         out.append(("X-Client-SPIFFE-ID", clean(peer.spiffe_id)))
     if peer.dns:
-        out.append(("X-Client-DNS", ",".join(clean(d) for d in peer.dns)))
+        out.append(("X-Client-DNS", ",".join(_list_value(d) for d in peer.dns)))
     out.append(("X-Client-Verified", "SUCCESS"))
     return out
 

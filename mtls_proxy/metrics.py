@@ -129,6 +129,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.headers_dropped = Counter(
+            "mtls_proxy_request_headers_dropped",
+            "Client header fields not forwarded because their name holds '_' "
+            "(reason: lookalike of a protected name, or underscore under --underscore-headers)",
+            ["reason"],
+            registry=r,
+        )
         self._handshake_ok = self.handshakes.labels(result="ok", reason="")
         # Every label value of a bounded set exists from the start (at 0): an alert on a rate
         # needs the series to exist before the first failure.
@@ -138,6 +145,8 @@ class Metrics:
             self.reloads.labels(result=result)
         for kind in ("connect", "timeout", "reset", "protocol"):
             self.upstream_errors.labels(kind=kind)
+        for reason in ("lookalike", "underscore"):
+            self.headers_dropped.labels(reason=reason)
         build = Gauge("mtls_proxy_build_info", "Build information", ["version"], registry=r)
         build.labels(version=__version__).set(1)
 

@@ -11,7 +11,11 @@ Rules:
 2. Empty segments are merged; ``.`` and ``..`` segments are removed (RFC 3986 section 5.2.4); a
    ``..`` above the root is refused.
 3. Paths that servers disagree on are refused with 400 rather than guessed: an encoded ``/``
-   or ``\\``, a raw ``\\``, an encoded NUL, or a malformed escape.
+   or ``\\``, a raw ``\\``, an encoded NUL, or a malformed escape; an encoded dot segment
+   (``%2e%2e``, ``.%2e``); a dot or empty segment carrying ``;parameters`` (``..;/``, ``.;x``,
+   ``/;/``, ``..%3b``). Tomcat, Jetty and Spring strip the parameters and then resolve ``..``,
+   so ``/public/..;/admin`` is ``/admin`` to them; a proxy that kept ``..;`` as a name would
+   check one path and forward another (INT-020; Spring's StrictHttpFirewall refuses the same).
 4. For *matching* only, each segment's ``;parameters`` are ignored, as Tomcat and Spring do
    (``/admin;jsessionid=x`` is ``/admin``); the forwarded path keeps them.
 """
@@ -27,6 +31,8 @@ _UNRESERVED: Final = frozenset(
 _REFUSED_ESCAPES: Final = frozenset({0x2F, 0x5C, 0x00})  # / \ NUL
 _ESCAPE: Final = re.compile(rb"%(.{0,2})", re.DOTALL)
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
+_PARAMS: Final = re.compile(rb";|%3[bB]")
+_DOTS: Final = (b"", b".", b"..")
 
 
 class AmbiguousPath(ValueError):
@@ -46,6 +52,16 @@ def _decode_unreserved(path: bytes) -> bytes:
     return _ESCAPE.sub(one, path)
 
 
+def _check_segment(seg: bytes) -> None:
+    """Refuse a raw segment that is a dot segment in disguise (rule 3)."""
+    m = _PARAMS.search(seg)
+    name = seg if m is None else seg[: m.start()]
+    if m is not None and name in _DOTS:
+        raise AmbiguousPath("path parameters on an empty or dot segment")
+    if b"%" in name and name.replace(b"%2e", b".").replace(b"%2E", b".") in _DOTS:
+        raise AmbiguousPath("encoded dot segment")
+
+
 def normalize_target(target: bytes) -> bytes:
     """The origin-form target with its path normalized (rules 1-3); the query is kept as is."""
     q = target.find(b"?")
@@ -54,6 +70,9 @@ def normalize_target(target: bytes) -> bytes:
         return target  # "*" (OPTIONS): no path to route on
     if b"\\" in path:
         raise AmbiguousPath("backslash in path")
+    if b";" in path or b"%" in path:
+        for seg in path.split(b"/"):
+            _check_segment(seg)
     segments: list[bytes] = []
     parts = _decode_unreserved(path).split(b"/")[1:]
     for i, seg in enumerate(parts):

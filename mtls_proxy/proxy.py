@@ -39,10 +39,11 @@ from mtls_proxy.errors import (
     URITooLong,
 )
 from mtls_proxy.exchange import Exchange, connection_identity
+from mtls_proxy.headers import LOOKALIKE, classify
 from mtls_proxy.identity import PeerIdentity, identity_from_der
 from mtls_proxy.paths import match_path
 from mtls_proxy.policy import Decision, decide_route
-from mtls_proxy.request import prepare
+from mtls_proxy.request import UnderscoreHeader, prepare
 from mtls_proxy.response import ResponseHead, client_head, error_response
 from mtls_proxy.strict import strict_refusal
 from mtls_proxy.websocket import client_switch
@@ -66,6 +67,11 @@ class _Stop(Exception):
         self.error = error
 
 
+class _Final(Exception):
+    """Raised when a request starts after one whose answer closes the connection: RFC 9112
+    section 9.6, no further request is processed; its bytes are never parsed (INT-010)."""
+
+
 class ClientConnection(asyncio.Protocol):
     """A downstream mTLS connection (after the handshake)."""
 
@@ -82,6 +88,7 @@ class ClientConnection(asyncio.Protocol):
         "_out",
         "_parser",
         "_paused",
+        "_port",
         "_queue",
         "_raw",
         "_resumed",
@@ -110,6 +117,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: PeerIdentity | None = None
         self.client_ip = b"-"
+        self._port = b""
         self.block: IdentityBlock | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
@@ -153,6 +161,9 @@ class ClientConnection(asyncio.Protocol):
                 shared.chains.remember(self.peer.sha256, verified_ders(sslobj)[1:])
         peername = t.get_extra_info("peername")
         self.client_ip = str(peername[0]).encode() if isinstance(peername, tuple) else b"unix"
+        sockname = t.get_extra_info("sockname")
+        if isinstance(sockname, tuple):
+            self._port = b"%d" % sockname[1]
         block = shared.identity_block(self.peer)
         if self.peer is not None and sslobj is not None:
             extra = connection_identity(shared.cfg.identity_headers, sslobj)
@@ -329,6 +340,9 @@ class ClientConnection(asyncio.Protocol):
             return
         except httptools.HttpParserCallbackError as exc:
             ctx = exc.__context__
+            if isinstance(ctx, _Final):
+                self._pause("final")  # the rest of this stream is never read (INT-010)
+                return
             if not isinstance(ctx, _Stop):
                 logger.error("parser callback failed", exc_info=ctx)
             self._reject(ctx.error if isinstance(ctx, _Stop) else BadRequest())
@@ -345,7 +359,11 @@ class ClientConnection(asyncio.Protocol):
                 self._wait(_HEADER)
 
     def on_message_begin(self) -> None:
-        """A new request starts (its header deadline is set if the head arrives in pieces)."""
+        """A new request starts (its header deadline is set if the head arrives in pieces),
+        unless the one before it closes the connection: then nothing more is read."""
+        last, t = self._last, self.transport
+        if (last is not None and last.close) or self.closed or t is None or t.is_closing():
+            raise _Final
         self._url, self._raw, self._in_head, self._head_bytes = b"", [], True, 0
 
     def on_url(self, url: bytes) -> None:
@@ -389,12 +407,18 @@ class ClientConnection(asyncio.Protocol):
                 block=block,
                 default_host=self.shared.upstream_host,
                 normalize=bool(self.shared.policy.routes),
+                port=self._port,
+                underscores=self.shared.cfg.underscore_headers,
             )
         except ProxyError as err:
             ex.fail(err)
+            if isinstance(err, UnderscoreHeader):
+                self._underscored([n for n, _ in self._raw if b"_" in n], "rejected")
         else:
             ex.path, ex.head, ex.chunked, ex.ws_key = req.path, req.head, req.chunked, req.ws_key
-            ex.has_body, ex.expect = req.has_body, req.expect
+            ex.has_body, ex.expect, ex.length = req.has_body, req.expect, req.length
+            if req.underscored:
+                self._underscored(req.underscored, "dropped")
             ex.http10 = p.get_http_version() == "1.0"
             ex.close = not p.should_keep_alive()
         self._queue.append(ex)
@@ -407,12 +431,33 @@ class ClientConnection(asyncio.Protocol):
             self._waiting = _BODY
             self.deadline = self.shared.clock() + self.shared.cfg.body_timeout
 
+    def _underscored(self, names: list[bytes], action: str) -> None:
+        """Count and log header names with '_' that were not forwarded (INT-005)."""
+        dropped = self.shared.metrics.headers_dropped
+        for name in names:
+            dropped.labels(
+                reason="lookalike" if classify(name)[1] == LOOKALIKE else "underscore"
+            ).inc()
+        logger.info(
+            "request header names with '_' %s",
+            action,
+            extra={
+                "names": [n.decode("latin-1") for n in names[:8]],
+                "client": self.client_ip.decode(),
+            },
+        )
+
     def on_body(self, body: bytes) -> None:
         """Stream a body piece upstream, or buffer it until the upstream is ready."""
         ex = self._last
         if ex is None or ex.status:
             return  # already answered (denied or failed): the rest of the body is discarded
         ex.bytes_in += len(body)
+        if ex.bytes_in > ex.length and not ex.chunked:
+            # Cannot happen while the forwarded Content-Length is the one llhttp frames with;
+            # if it ever does, no byte beyond the declared length goes upstream (fail closed).
+            logger.error("body longer than its Content-Length", extra={"length": ex.length})
+            raise _Stop(BadRequest())
         if self._waiting == _BODY:
             self.deadline = self.shared.clock() + self.shared.cfg.body_timeout
         data = b"%x\r\n%s\r\n" % (len(body), body) if ex.chunked else body

@@ -20,9 +20,21 @@ from mtls_proxy.errors import (
     NotImplementedCoding,
     VersionNotSupported,
 )
-from mtls_proxy.headers import IdentityBlock, split_request_headers
+from mtls_proxy.headers import IdentityBlock, UnderscoreAction, split_request_headers
 from mtls_proxy.paths import AmbiguousPath, normalize_target
 from mtls_proxy.websocket import UPGRADE_LINES, websocket_key
+
+
+class UnderscoreHeader(BadRequest):
+    """A header name with '_' under ``--underscore-headers reject`` (Envoy's REJECT_REQUEST)."""
+
+    public_message = "header names with '_' are not accepted"
+
+
+class AmbiguousTarget(BadRequest):
+    """A path that servers resolve differently (paths.py rule 3): refused, never guessed."""
+
+    public_message = "ambiguous request path"
 
 
 class UpgradeWithBody(NotImplementedCoding):
@@ -41,6 +53,8 @@ class Prepared:
     has_body: bool = False
     expect: bool = False
     ws_key: bytes | None = None  # a WebSocket upgrade the proxy will tunnel after a valid 101
+    length: int = 0  # the Content-Length the parser frames the body with (not chunked)
+    underscored: list[bytes] | None = None  # names with '_' that were not forwarded
 
 
 def origin_form(method: bytes, url: bytes) -> bytes:
@@ -72,6 +86,8 @@ def prepare(
     block: IdentityBlock,
     default_host: bytes,
     normalize: bool = False,
+    port: bytes = b"",
+    underscores: UnderscoreAction = "drop",
 ) -> Prepared:
     """Validate one request head and build the upstream head; raise a ProxyError to refuse.
 
@@ -88,14 +104,16 @@ def prepare(
         try:
             target = normalize_target(target)
         except AmbiguousPath:
-            raise BadRequest from None
-    rh = split_request_headers(raw)
+            raise AmbiguousTarget from None
+    rh = split_request_headers(raw, underscores)
+    if rh.underscored and underscores == "reject":
+        raise UnderscoreHeader
     if len(rh.hosts) > 1 or (not rh.hosts and not http10):
         raise BadRequest
     host = rh.hosts[0] if rh.hosts else default_host
     if not host or b"," in host or b" " in host or b"\t" in host:
         raise BadRequest
-    out = Prepared(target, b"")
+    out = Prepared(target, b"", underscored=rh.underscored or None)
     framing = b""
     if rh.transfer_encoding:
         if http10:
@@ -105,7 +123,9 @@ def prepare(
         out.chunked = out.has_body = True
         framing = b"Transfer-Encoding: chunked\r\n"
     elif rh.content_length is not None:
-        length = int(rh.content_length)  # llhttp has validated the digits and duplicates
+        # The exact name only (headers.py rule 2), the one llhttp frames the body with; it has
+        # validated the digits and refused duplicates.
+        out.length = length = int(rh.content_length)
         out.has_body = length > 0
         framing = b"Content-Length: %d\r\n" % length
     if rh.expect:
@@ -134,7 +154,7 @@ def prepare(
             client_ip,
             b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ",
             host,
-            b"\r\n",
+            b"\r\nX-Forwarded-Port: %s\r\n" % port if port else b"\r\n",
             block.lines,
             block.xfcc_line(rh.xfcc),
             framing,

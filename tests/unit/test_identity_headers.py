@@ -15,12 +15,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID
 
-from mtls_proxy import pki
+from mtls_proxy import headers, pki
 from mtls_proxy.headers import (
     IdentityBlock,
+    UnderscoreAction,
+    classify,
     clean,
     identity_block,
     normalize_name,
+    protected,
     simple_headers,
     split_request_headers,
     xfcc_element,
@@ -180,6 +183,7 @@ def test_split_request_headers_strips_and_collects() -> None:
     )
     assert rh.forwarded_lines() == b"X-Keep: 1\r\n"
     assert split_request_headers([(b"X-A", b"1")]).forwarded_lines() == b"X-A: 1\r\n"
+    assert rh.underscored == [b"X_Client_Subject"]
     assert rh.hosts == [b"a"] and rh.content_length == b"3"
     assert rh.transfer_encoding == [b"chunked"] and rh.expect == [b"100-continue"]
     assert rh.xfcc == [b"By=x"] and rh.upgrade is True
@@ -220,7 +224,7 @@ def test_simple_headers() -> None:
         "X-Client-Subject": "CN=c,O=O",
         "X-Client-Cert-Sha256": "ab" * 32,
         "X-Client-SPIFFE-ID": "spiffe://td/a",
-        "X-Client-DNS": "a.test,b\\0D\\0A.test",
+        "X-Client-DNS": 'a.test,"b\\\\0D\\\\0A.test"',  # quoted as in XFCC (INT-032)
         "X-Client-Verified": "SUCCESS",
     }
     assert simple_headers(None) == [("X-Client-Verified", "NONE")]
@@ -336,3 +340,45 @@ def test_normalize_name_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(headers, "NAME_CACHE_MAX", 0)
     assert normalize_name(b"X-Never-Cached-Name") == b"x-never-cached-name"
     assert b"X-Never-Cached-Name" not in headers.NAME_CACHE
+
+
+@pytest.mark.parametrize("action", ["drop", "reject", "allow"])
+def test_lookalikes_are_never_interpreted_or_forwarded(action: UnderscoreAction) -> None:
+    """INT-001/INT-005: an underscore spelling of a protected name is dropped and never read
+    as the field it resembles; other underscore names follow the action."""
+    rh = split_request_headers(
+        [
+            (b"Content-Length", b"5"),
+            (b"Content_Length", b"0"),
+            (b"Transfer_Encoding", b"chunked"),
+            (b"Keep_Alive", b"x"),
+            (b"X_Client_Subject", b"CN=forged"),
+            (b"X_Forwarded_Prefix", b"/p"),
+            (b"X-Original-URL", b"/admin"),
+            (b"X-Forwarded-Anything", b"1"),
+            (b"x_custom", b"1"),
+            (b"X-Keep", b"1"),
+        ],
+        action,
+    )
+    assert rh.content_length == b"5" and rh.transfer_encoding == []
+    kept = [name for _, name, _ in rh.kept]
+    assert kept == ([b"x_custom", b"X-Keep"] if action == "allow" else [b"X-Keep"])
+    expected = [
+        b"Content_Length",
+        b"Transfer_Encoding",
+        b"Keep_Alive",
+        b"X_Client_Subject",
+        b"X_Forwarded_Prefix",
+    ]
+    assert [n for n in rh.underscored if n != b"x_custom"] == expected
+    assert (b"x_custom" in rh.underscored) == (action != "allow")
+
+
+def test_classify() -> None:
+    assert classify(b"Content-Length")[1] == headers.LENGTH
+    assert classify(b"content_length")[1] == headers.LOOKALIKE
+    assert classify(b"X_Y")[1] == headers.UNDERSCORE
+    assert classify(b"X-Rewrite-URL")[1] == headers.DROP
+    assert classify(b"x-original-anything")[1] == headers.DROP
+    assert protected(b"x-forwarded-port") and not protected(b"x-forward")

@@ -15,7 +15,13 @@ from mtls_proxy.errors import (
     VersionNotSupported,
 )
 from mtls_proxy.headers import IdentityBlock
-from mtls_proxy.request import UpgradeWithBody, origin_form, prepare
+from mtls_proxy.request import (
+    AmbiguousTarget,
+    UnderscoreHeader,
+    UpgradeWithBody,
+    origin_form,
+    prepare,
+)
 from mtls_proxy.response import (
     CHUNKED,
     LENGTH,
@@ -244,3 +250,35 @@ def test_head_cache_memoises_and_stays_bounded() -> None:
     cache.parse(b"HTTP/1.1 204 No Content")
     cache.parse(b"HTTP/1.1 304 Not Modified")  # evicts the oldest
     assert cache.parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1") is not a
+
+
+def test_prepare_sets_forwarded_port_and_applies_the_underscore_action() -> None:
+    """INT-005, INT-030: X-Forwarded-Port is the listener's; '_' names follow the action."""
+    raw = [(b"Host", b"svc"), (b"X_A", b"1"), (b"Content_Length", b"9")]
+    p = prepare(
+        b"GET",
+        b"/",
+        "1.1",
+        raw,
+        upgrade=False,
+        client_ip=b"1.2.3.4",
+        block=BLOCK,
+        default_host=b"up",
+        port=b"8443",
+    )
+    assert b"\r\nX-Forwarded-Port: 8443\r\n" in p.head and b"X_A" not in p.head
+    assert p.underscored == [b"X_A", b"Content_Length"] and not p.has_body
+    with pytest.raises(UnderscoreHeader):
+        prepare(
+            b"GET",
+            b"/",
+            "1.1",
+            raw,
+            upgrade=False,
+            client_ip=b"1.2.3.4",
+            block=BLOCK,
+            default_host=b"up",
+            underscores="reject",
+        )
+    with pytest.raises(AmbiguousTarget):
+        prep([(b"Host", b"a")], url=b"/a/..;/b", normalize=True)

@@ -27,7 +27,18 @@ USER = PeerIdentity(subject="CN=user", sha256="cd" * 32, cn=("user",))
         (b"/a/.", b"/a/"),
         (b"/%61dmin", b"/admin"),
         (b"/%2e%2e/x", None),  # decoded to '..' above the root
-        (b"/a/%2E%2E/admin", b"/admin"),
+        (b"/a/%2E%2E/admin", None),  # INT-020: an encoded dot segment is refused
+        (b"/a/.%2e/admin", None),
+        (b"/a/%2e/admin", None),
+        (b"/a/..;/admin", None),  # Tomcat: "/admin"
+        (b"/a/..;v=1/admin", None),
+        (b"/a/..%3B/admin", None),
+        (b"/.;/admin", None),
+        (b"/;/admin", None),
+        (b"/a/;x", None),
+        (b"/a/%2e%2ex/b", b"/a/..x/b"),  # a name, not a dot segment
+        (b"/admin;jsessionid=1/x", b"/admin;jsessionid=1/x"),
+        (b"/a;b/../c", b"/c"),  # as Tomcat: parameters stripped, then ".." resolved
         (b"/a%20b", b"/a%20b"),
         (b"/a%c3%a9", b"/a%C3%A9"),
         (b"/admin%2Fx", None),
