@@ -4,30 +4,54 @@ terminated mTLS itself; without the proxy's header it sees none."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from tests.helpers import Pki, client_ctx, get, run_proxy
+from tests.helpers import ALLOWED_URI, Pki, client_ctx, connect, get, run_proxy
 
 TOMCAT_HOME = Path("/usr/share/tomcat10")
 SERVLET = """
 import jakarta.servlet.http.*;
 import java.security.cert.X509Certificate;
+import java.nio.file.*;
+import java.nio.charset.StandardCharsets;
 
 public class CertServlet extends HttpServlet {
     @Override
-    protected void doGet(HttpServletRequest req, HttpServletResponse resp)
+    protected void service(HttpServletRequest req, HttpServletResponse resp)
             throws java.io.IOException {
+        String acted = req.getServletPath() + (req.getPathInfo() == null ? "" : req.getPathInfo());
+        resp.setContentType("text/plain");
+        if (!acted.startsWith("/whoami")) {
+            // What Tomcat acted on, one line per request: method, resolved path, body length,
+            // and the identity/forwarding header values it would hand to the application.
+            long n = 0;
+            byte[] buf = new byte[8192];
+            java.io.InputStream in = req.getInputStream();
+            for (int r; (r = in.read(buf)) > 0; ) n += r;
+            String line = req.getMethod() + "|" + acted + "|" + n + "|"
+                + req.getHeader("x-client-subject") + "|" + req.getHeader("x-forwarded-prefix")
+                + "\\n";
+            synchronized (CertServlet.class) {
+                Files.write(Paths.get(System.getProperty("catalina.base"), "logs", "acted.log"),
+                    line.getBytes(StandardCharsets.UTF_8),
+                    StandardOpenOption.CREATE, StandardOpenOption.APPEND);
+            }
+            resp.getWriter().print(line);
+            return;
+        }
         X509Certificate[] certs =
             (X509Certificate[]) req.getAttribute("jakarta.servlet.request.X509Certificate");
-        resp.setContentType("text/plain");
         if (certs == null) { resp.getWriter().print("none"); return; }
         resp.getWriter().print(certs[0].getSubjectX500Principal().getName() + "|"
             + certs[0].getSerialNumber().toString(16) + "|"
@@ -60,8 +84,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class Tomcat:
+    port: int
+    base: Path
+
+    def acted(self) -> list[str]:
+        """Every request the servlet acted on: 'METHOD|path as Tomcat resolved it|body length|
+        X-Client-Subject|X-Forwarded-Prefix'."""
+        log = self.base / "logs" / "acted.log"
+        return log.read_text().splitlines() if log.exists() else []
+
+
 @pytest.fixture(scope="module")
-def tomcat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def tomcat_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tomcat]:
     if not (TOMCAT_HOME / "lib" / "catalina.jar").exists() or not shutil.which("javac"):
         pytest.skip(
             "Tomcat 10 jars (Debian libtomcat10-java) or javac not installed; .ci/run installs them"
@@ -126,10 +162,15 @@ def tomcat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
             raise AssertionError(
                 "Tomcat did not start:\n" + (base / "logs" / "out.log").read_text()
             )
-        yield port
+        yield Tomcat(port, base)
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def tomcat(tomcat_rig: Tomcat) -> int:
+    return tomcat_rig.port
 
 
 def test_spring_style_tomcat_sees_the_client_certificate(tp: Pki, tomcat: int) -> None:
@@ -159,3 +200,128 @@ def test_without_the_proxy_header_tomcat_sees_no_certificate(tomcat: int) -> Non
         while chunk := s.recv(65536):
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"none")
+
+
+ROUTES = f"""
+allow:
+  - uri: {ALLOWED_URI}
+routes:
+  - path_prefix: /admin
+    allow:
+      - cn: nobody-has-this
+"""
+
+
+def _raw(port: int, payload: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        data = b""
+        with contextlib.suppress(TimeoutError):
+            s.settimeout(3)
+            while chunk := s.recv(65536):
+                data += chunk
+    return data
+
+
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def tomcat_proxy(
+    request: pytest.FixtureRequest,
+    tp: Pki,
+    tomcat_rig: Tomcat,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[int]:
+    policy = tmp_path_factory.mktemp("tomcat-policy") / "policy.yaml"
+    policy.write_text(ROUTES)
+    with run_proxy(
+        tp,
+        f"http://127.0.0.1:{tomcat_rig.port}",
+        "--policy",
+        str(policy),
+        loop=str(request.param),
+        default_policy=False,
+    ) as p:
+        yield p.port
+
+
+def _through(port: int, tp: Pki, payload: bytes) -> bytes:
+    with connect(port, client_ctx(tp, "good"), timeout=5) as s:
+        s.sendall(payload)
+        data = b""
+        with contextlib.suppress(TimeoutError, ssl.SSLError, ConnectionError):
+            s.settimeout(3)
+            while chunk := s.recv(65536):
+                data += chunk
+    return data
+
+
+def test_int001_tomcat_content_length_lookalike(
+    tp: Pki, tomcat_rig: Tomcat, tomcat_proxy: int
+) -> None:
+    """Content-Length + Content_Length: Tomcat acts on one request with the whole body, and the
+    next client's request on the pooled connection is its own (no smuggled /admin request)."""
+    smuggled = b"GET /admin/smuggled HTTP/1.1\r\nHost: a\r\nX-Client-Subject: CN=forged\r\n\r\n"
+    before = len(tomcat_rig.acted())
+    out = _through(
+        tomcat_proxy,
+        tp,
+        b"POST /public/a HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nContent_Length: 0\r\n"
+        b"Connection: close\r\n\r\n" % len(smuggled) + smuggled,
+    )
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    out = _through(
+        tomcat_proxy, tp, b"GET /public/next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    time.sleep(0.2)
+    acted = tomcat_rig.acted()[before:]
+    assert [line.split("|")[:3] for line in acted] == [
+        ["POST", "/public/a", str(len(smuggled))],
+        ["GET", "/public/next", "0"],
+    ], acted
+    assert not any("forged" in line for line in acted), acted
+
+
+@pytest.mark.parametrize(
+    "path", ["/public/..;/admin/x", "/public/..;v=1/admin/x", "/.;/admin/x", "/;/admin/x"]
+)
+def test_int020_tomcat_dot_segment_parameters(
+    tp: Pki, tomcat_rig: Tomcat, tomcat_proxy: int, path: str
+) -> None:
+    """Tomcat resolves these to /admin/x (shown directly); through the proxy they are refused
+    with 400 and Tomcat acts on nothing."""
+    before = len(tomcat_rig.acted())
+    direct = _raw(
+        tomcat_rig.port, f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert direct.startswith(b"HTTP/1.1 200"), direct[:200]
+    assert tomcat_rig.acted()[before:] == ["GET|/admin/x|0|null|null"]
+    before += 1
+    out = _through(
+        tomcat_proxy, tp, f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert out.startswith(b"HTTP/1.1 400"), out[:300]
+    time.sleep(0.2)
+    assert tomcat_rig.acted()[before:] == []
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "acted"),
+    [
+        ("/admin;jsessionid=1/x", 403, None),
+        ("/public/../admin/x", 403, None),
+        ("/public/a;v=1/b", 200, "/public/a/b"),
+        ("/public/%7Ea/x/../b", 200, "/public/~a/b"),
+    ],
+)
+def test_int022_tomcat_acts_on_the_path_the_proxy_matched(
+    tp: Pki, tomcat_rig: Tomcat, tomcat_proxy: int, path: str, status: int, acted: str | None
+) -> None:
+    before = len(tomcat_rig.acted())
+    out = _through(
+        tomcat_proxy, tp, f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert out.startswith(b"HTTP/1.1 %d" % status), out[:300]
+    time.sleep(0.2)
+    assert [line.split("|")[1] for line in tomcat_rig.acted()[before:]] == (
+        [acted] if acted else []
+    )
