@@ -50,8 +50,13 @@ class FakeTransport(asyncio.Transport):
 
 
 class FakeSSL:
+    session_reused = False  # a full handshake (the chain is remembered for resumptions)
+
     def __init__(self, der: bytes) -> None:
         self.der = der
+
+    def get_verified_chain(self) -> list[object]:
+        return []
 
     def getpeercert(self, binary_form: bool = False) -> bytes:
         return self.der
