@@ -14,6 +14,7 @@ from typing import Any
 from mtls_proxy import __version__
 from mtls_proxy.config import OPTIONS, Config, load_config
 from mtls_proxy.errors import ConfigError
+from mtls_proxy.escape import for_terminal
 from mtls_proxy.logs import setup_logging
 
 logger = logging.getLogger("mtls_proxy")
@@ -210,7 +211,7 @@ def _check(args: argparse.Namespace) -> int:
         "configuration OK" + (f" ({cfg.config_file})" if cfg.config_file else ""),
         f"  listen:            {cfg.listen}",
         f"  upstream:          {cfg.upstream.url}",
-        f"  server cert:       {material.server_subject}",
+        f"  server cert:       {for_terminal(material.server_subject)}",
         f"    not_after:       {rfc3339(material.not_after)}",
         f"    sha256:          {material.server_sha256}",
         f"    chain:           {material.chain_len} certificate(s) in {material.cert_file}",
@@ -325,11 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(self_test=args.self_test)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"mtls-proxy: error: {problem}", file=sys.stderr)
+        for problem in exc.problems:  # may name a subject, an alias or a path: escaped
+            print(f"mtls-proxy: error: {for_terminal(problem)}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"mtls-proxy: error: {exc}", file=sys.stderr)
+        print(f"mtls-proxy: error: {for_terminal(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -4,6 +4,9 @@ Exit 0 allowed, 3 denied (an untrusted chain included), 2 bad input. The chain i
 the configured trust using cryptography's X.509 client verifier (RFC 5280 path validation with
 EKU clientAuth, the rules the listener's OpenSSL applies; cryptography is the stricter of the
 two on malformed certificates), then the policy decides as it would for a request.
+
+Every value printed goes through escape.for_terminal: a certificate is input from whoever holds
+it, and a SAN holding CR, ESC or U+202E must not print a line of its own (a fake "decision:").
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from mtls_proxy.config import Config
 from mtls_proxy.errors import ConfigError
+from mtls_proxy.escape import for_terminal as esc
 from mtls_proxy.identity import identity_from_der, rfc2253
 from mtls_proxy.loader import load_policy, parse_crls, read_file
 from mtls_proxy.paths import AmbiguousPath, match_path, normalize_target
@@ -47,14 +51,14 @@ def explain(cfg: Config, cert_file: str, method: str, path: str) -> tuple[int, s
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     lines = [
-        f"subject:      {peer.subject}",
-        f"issuer:       {rfc2253(leaf.issuer)}",
+        f"subject:      {esc(peer.subject)}",
+        f"issuer:       {esc(rfc2253(leaf.issuer))}",
         f"validity:     {leaf.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} .. "
         f"{leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
         f"sha256:       {peer.sha256}",
         f"spki pin:     sha256/{base64.b64encode(hashlib.sha256(spki).digest()).decode()}",
         *(
-            f"{label:<13} {', '.join(values)}"
+            f"{label:<13} {', '.join(map(esc, values))}"
             for label, values in (
                 ("SAN dns:", peer.dns),
                 ("SAN uri:", peer.uri),
@@ -82,32 +86,31 @@ def explain(cfg: Config, cert_file: str, method: str, path: str) -> tuple[int, s
         try:
             verified = verifier.verify(leaf, intermediates)
         except VerificationError as exc:
-            lines.append(f"trust:        UNTRUSTED: {exc}")
+            lines.append(f"trust:        UNTRUSTED: {esc(exc)}")
             lines.append("decision:     denied at the TLS handshake (nothing reaches HTTP)")
             return 3, "\n".join(lines)
-        path_names = " -> ".join(rfc2253(c.subject) for c in verified.chain)
+        path_names = " -> ".join(esc(rfc2253(c.subject)) for c in verified.chain)
         lines.append(f"trust:        trusted: {path_names}")
         if tls.crl is not None:
             key = src.get("crl", "--crl")
             crls = parse_crls(read_file(tls.crl, key, "CRL"), tls.crl, key, cas)
             view = TrustView.build(cas, crls, leaf_only=tls.crl_check == "leaf")
             if view.revoked(verified.chain):
-                lines.append("revocation:   REVOKED by a CRL in " + tls.crl)
+                lines.append("revocation:   REVOKED by a CRL in " + esc(tls.crl))
                 lines.append("decision:     denied at the TLS handshake (nothing reaches HTTP)")
                 return 3, "\n".join(lines)
-            lines.append(f"revocation:   not revoked ({len(crls)} CRL(s) in {tls.crl})")
+            lines.append(f"revocation:   not revoked ({len(crls)} CRL(s) in {esc(tls.crl)})")
     policy = load_policy(cfg)
+    asked = f"{esc(method)} {esc(path)}"
     try:
         target = normalize_target(path.encode()) if policy.routes else path.encode()
     except AmbiguousPath as exc:
-        lines.append(f"decision:     DENIED 400 for {method} {path}: ambiguous path ({exc})")
+        lines.append(f"decision:     DENIED 400 for {asked}: ambiguous path ({esc(exc)})")
         return 3, "\n".join(lines)
     d = decide(policy, peer if tls.client_auth != "none" else None, method, match_path(target))
     if d.allowed:
-        lines.append(f"decision:     ALLOWED ({d.kind}; rule {d.rule}) for {method} {path}")
+        lines.append(f"decision:     ALLOWED ({d.kind}; rule {esc(d.rule)}) for {asked}")
         return 0, "\n".join(lines)
-    rules = ", ".join(r.name for r in policy.rules) or "none"
-    lines.append(
-        f"decision:     DENIED {d.status} for {method} {path}: {d.reason} (rules: {rules})"
-    )
+    rules = ", ".join(esc(r.name) for r in policy.rules) or "none"
+    lines.append(f"decision:     DENIED {d.status} for {asked}: {esc(d.reason)} (rules: {rules})")
     return 3, "\n".join(lines)

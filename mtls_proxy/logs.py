@@ -1,4 +1,8 @@
-"""Logging setup: one JSON object per line (default) or plain text."""
+"""Logging setup: one JSON object per line (default) or plain text.
+
+Either way one record is one line: values from certificates, clients and secrets go through
+escape.py (JSON's own string escapes do the same job in the JSON format).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,15 @@ import time
 from json.encoder import encode_basestring_ascii  # the C-accelerated string encoder
 from typing import TYPE_CHECKING, Final, TextIO
 
+from mtls_proxy.escape import for_text_log, text_log_field
+
 if TYPE_CHECKING:
     from mtls_proxy.identity import PeerIdentity
 
-_STD: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+_STD: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -38,13 +47,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=True)
 
 
+class TextFormatter(logging.Formatter):
+    """``TIME LEVEL LOGGER: message key=value ...``: the `extra` fields too (as in JSON), and
+    everything escaped (escape.py), so that a SAN holding a line break cannot forge a record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render *record* as one line."""
+        parts = [
+            f"{self.formatTime(record)} {record.levelname} {record.name}: "
+            + for_text_log(record.getMessage())
+        ]
+        for key, value in record.__dict__.items():
+            if key not in _STD:
+                parts.append(f"{for_text_log(key)}={text_log_field(value)}")
+        if record.exc_info:
+            # The traceback stays in the record (its lines as \x0a), not on lines of its own.
+            parts.append(f"exc={text_log_field(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
 def setup_logging(fmt: str = "json", level: str = "info") -> None:
     """Route all logs to stderr in *fmt*."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -100,7 +128,7 @@ class AccessLog:
         else:
             line = (
                 f"{ts} INFO mtls_proxy.access: "
-                + " ".join(f"{k}={v}" for k, v in fields.items())
+                + " ".join(f"{k}={text_log_field(v)}" for k, v in fields.items())
                 + "\n"
             )
         if not self._lines:
@@ -118,7 +146,10 @@ class AccessLog:
                 f'"client": {_json_value(client)}, "peer_sha256": {_json_value(sha)}, '
                 f'"peer": {_json_value(subject)}, "spiffe_id": {_json_value(spiffe)}'
             )
-        return f"client={client} peer_sha256={sha} peer={subject!r} spiffe_id={spiffe}"
+        return (
+            f"client={text_log_field(client)} peer_sha256={sha} peer={text_log_field(subject)} "
+            f"spiffe_id={text_log_field(spiffe)}"
+        )
 
     def request(
         self,
@@ -148,9 +179,10 @@ class AccessLog:
             )
         else:
             line = (
-                f"{ts} INFO mtls_proxy.access: {conn} method={method} path={path} "
-                f"status={status} upstream_status={upstream_status} decision={decision} "
-                f"rule={rule!r} duration_ms={duration_ms} bytes_in={bytes_in} "
+                f"{ts} INFO mtls_proxy.access: {conn} method={text_log_field(method)} "
+                f"path={text_log_field(path)} status={status} upstream_status={upstream_status} "
+                f"decision={decision} rule={text_log_field(rule)} duration_ms={duration_ms} "
+                f"bytes_in={bytes_in} "
                 f"bytes_out={bytes_out}{' aborted' if aborted else ''}\n"
             )
         if not self._lines:
