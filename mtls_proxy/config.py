@@ -15,12 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal, cast
 
-import yaml
-
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.headers import DIALECTS, UNDERSCORE_ACTIONS, XFCC_MODES, UnderscoreAction, XfccMode
 from mtls_proxy.policy import RULE_FIELDS, Policy, Rule, RuleError, compile_rule
-from mtls_proxy.policyspec import compile_policy, compile_rules
+from mtls_proxy.policyspec import compile_policy, compile_rules, load_yaml
 
 ClientAuth = Literal["require", "optional", "none"]
 _CLIENT_AUTH_ALIASES: Final = {
@@ -312,10 +310,7 @@ class Config:
 
 def parse_yaml(text: str, filename: str) -> dict[str, object]:
     """Parse a config file's text; raise ConfigError naming the file."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{filename}: not valid YAML: {exc}") from None
+    data = load_yaml(text, filename)  # duplicate keys refused; errors never quote the file
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -10,11 +10,19 @@ Shape (SPEC section 4)::
     audit: false
 
 Every problem is collected, named by file and key path (``policy.yaml: routes[1].methods``).
+
+Every YAML the proxy reads (the config file, a policy file) goes through load_yaml():
+1. A key twice in one mapping is an error naming the line (PyYAML keeps the last silently).
+2. An error names the file, line, column and the kind of problem, never the file's text:
+   PyYAML's own message quotes the offending line, and that line may hold a password.
+3. Aliases may share, not multiply: a document that expands to more than MAX_VALUES values
+   (a "billion laughs") or nests deeper than MAX_DEPTH is refused before anything walks it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from typing import Final
 
 import yaml
@@ -22,10 +30,125 @@ import yaml
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.policy import Policy, Route, Rule, RuleError, compile_rule
 
+try:  # libyaml: parses a 1 MiB file ~10x faster, and bounds flow nesting itself
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:  # pragma: no cover -- PyYAML built without libyaml
+    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]  # same interface
+
 POLICY_KEYS: Final = ("allow", "routes", "audit")
 ROUTE_KEYS: Final = ("path_prefix", "methods", "allow")
 _TOKEN: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _PREFIX: Final = re.compile(r"^/[\x21-\x7e]*$")
+MAX_VALUES: Final = 1_000_000
+MAX_DEPTH: Final = 100  # a config nests ~6 deep; repr() of a 1,000-deep list overflows
+MAX_REPORTED_REPEATS: Final = 10  # duplicate routes named one by one; the rest are counted
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+_SAFE_KEY: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Quoted text in PyYAML's problem strings: a token name ('<block end>') and structural
+# punctuation are PyYAML's; anything else ("found character '@'", "the tag '!x'") is the file's.
+_QUOTED: Final = re.compile(r"'[^']*'|\"[^\"]*\"")
+_OWN_QUOTES: Final = re.compile(r"^'(<[a-z ]+>|[,\[\]{}:])'$")
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    def __init__(self, key: object, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(None, None, "duplicate key", again)
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(_SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (rule 1)."""
+
+    def construct_mapping(
+        self, node: yaml.MappingNode, deep: bool = False
+    ) -> dict[Hashable, object]:
+        """The mapping of *node*; _DuplicateKey when a key repeats (merge keys may override)."""
+        seen: dict[object, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *base`, then keys that override it: YAML's way
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not key_node:
+                raise _DuplicateKey(key, first.start_mark, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _shown_key(key: object) -> str:
+    if isinstance(key, bool | int | float) or (isinstance(key, str) and _SAFE_KEY.match(key)):
+        return f" {key!r}"
+    return ""  # a key that looks like data is not echoed (rule 2)
+
+
+def _redact(problem: str) -> str:
+    return _QUOTED.sub(lambda m: m[0] if _OWN_QUOTES.match(m[0]) else "(…)", problem)
+
+
+def _yaml_error(exc: yaml.YAMLError, text: str, filename: str) -> str:
+    """File, line, column and the problem; never a snippet of the file (rule 2)."""
+    if isinstance(exc, _DuplicateKey):
+        again = exc.again
+        return (
+            f"{filename}: line {again.line + 1}, column {again.column + 1}: duplicate key"
+            f"{_shown_key(exc.key)} (first at line {exc.first.line + 1}); "
+            "a key may appear once in a mapping"
+        )
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = _redact(exc.problem or exc.context or "a syntax error")
+        if exc.problem and exc.context:
+            problem += f" ({_redact(exc.context)})"
+        return f"{filename}: not valid YAML{where}: {problem}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        return f"{filename}: not valid YAML at line {line}, column {column}: {exc.reason}"
+    return f"{filename}: not valid YAML ({type(exc).__name__})"
+
+
+def _check_size(data: object, filename: str) -> None:
+    """Refuse documents whose aliases expand past MAX_VALUES, nest past MAX_DEPTH, or loop
+    (rule 3). Each shared list or mapping is counted once: linear in the document."""
+    sizes: dict[int, int] = {}  # id -> values in it, aliases expanded
+    on_path: set[int] = set()
+    stack: list[tuple[object, int, bool]] = [(data, 1, False)]
+    while stack:
+        obj, depth, finished = stack.pop()
+        if not isinstance(obj, list | dict):
+            continue
+        children = [*obj.keys(), *obj.values()] if isinstance(obj, dict) else obj
+        if finished:
+            on_path.discard(id(obj))
+            sizes[id(obj)] = total = 1 + sum(sizes.get(id(c), 1) for c in children)
+            if total > MAX_VALUES:
+                raise ConfigError(f"{filename}: aliases expand to more than {MAX_VALUES} values")
+            continue
+        if id(obj) in sizes:
+            continue
+        if id(obj) in on_path:
+            raise ConfigError(f"{filename}: an alias refers to a mapping or list that holds it")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{filename}: nested deeper than {MAX_DEPTH} levels")
+        on_path.add(id(obj))
+        stack.append((obj, depth, True))
+        stack.extend((c, depth + 1, False) for c in children)
+
+
+def load_yaml(text: str, filename: str) -> object:
+    """Parse one YAML document (the config file, a policy file); ConfigError naming the file and
+    line for a syntax error, a duplicate key or an alias bomb (rules 1-3)."""
+    try:
+        data: object = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(exc, text, filename)) from None
+    except RecursionError:  # the pure-Python parser, without libyaml's nesting limit
+        raise ConfigError(f"{filename}: nested deeper than {MAX_DEPTH} levels") from None
+    _check_size(data, filename)
+    return data
 
 
 def compile_rules(allow: object, where: str, problems: list[str]) -> list[Rule]:
@@ -98,17 +221,32 @@ def compile_routes(routes: object, where: str, problems: list[str]) -> tuple[Rou
         rules = compile_rules(spec["allow"], f"{here}.allow", problems)
         if prefix is not None:
             out.append((Route(prefix, methods, tuple(rules)), here))
-    for j, (route, here) in enumerate(out):
-        for other, there in out[:j]:
-            if other.prefix != route.prefix or (other.methods is None) != (route.methods is None):
-                continue  # different prefixes, or a method list next to the catch-all: fine
-            shared = (other.methods or frozenset({"*"})) & (route.methods or frozenset({"*"}))
-            if shared:
-                both = ",".join(sorted(shared))
-                earlier = there.rsplit(": ", 1)[-1]
-                problems.append(f"{here}: {earlier} already routes {both} {route.prefix}")
+    _report_repeats(out, where, problems)
     # Longest prefix first; for one prefix, the route with methods before the catch-all one.
     return tuple(sorted((r for r, _ in out), key=lambda r: (-len(r.prefix), r.methods is None)))
+
+
+def _report_repeats(routes: list[tuple[Route, str]], where: str, problems: list[str]) -> None:
+    """A route whose prefix and methods an earlier route already has (catch-all routes clash
+    with catch-all routes only). One dict lookup per (prefix, method): linear, where comparing
+    every pair made 2,000 copies of one route cost ~2,000,000 messages (~1 GB)."""
+    owner: dict[tuple[str, str | None], str] = {}  # (prefix, method; None = all) -> first route
+    reported = more = 0
+    for route, here in routes:
+        clashes: dict[str, list[str]] = {}  # earlier route -> the methods it already has
+        for method in sorted(route.methods) if route.methods is not None else (None,):
+            there = owner.setdefault((route.prefix, method), here)
+            if there != here:
+                clashes.setdefault(there, []).append(method or "*")
+        if clashes and reported >= MAX_REPORTED_REPEATS:
+            more += 1
+            continue
+        reported += bool(clashes)
+        for there, methods in clashes.items():
+            earlier = there.rsplit(": ", 1)[-1]
+            problems.append(f"{here}: {earlier} already routes {','.join(methods)} {route.prefix}")
+    if more:
+        problems.append(f"{where}: {more} more routes repeat an earlier one")
 
 
 def compile_policy(
@@ -136,10 +274,7 @@ def compile_policy(
 
 def parse_policy_file(text: str, filename: str, client_auth: str) -> Policy:
     """A ``--policy`` file's text -> Policy; raise ConfigError listing every problem."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{filename}: not valid YAML: {exc}") from None
+    data = load_yaml(text, filename)
     if not isinstance(data, dict):
         raise ConfigError(f"{filename}: a policy file is a mapping with allow, routes, audit")
     problems: list[str] = []

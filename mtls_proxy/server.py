@@ -23,7 +23,7 @@ from mtls_proxy import __version__
 from mtls_proxy.admin import admin_app, material_status, rfc3339
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.identity import rfc2253
-from mtls_proxy.loader import load_policy
+from mtls_proxy.loader import DetachedLoads, load_policy
 from mtls_proxy.logs import AccessLog, RateLimiter
 from mtls_proxy.metrics import Metrics
 from mtls_proxy.proxy import ClientConnection
@@ -49,6 +49,9 @@ SWEEP_INTERVAL: Final = 0.25
 # How long a closing connection waits for the client's close_notify (asyncio's default is 30 s:
 # a client that ignores "Connection: close" would hold its slot, and a drain, that long).
 SSL_SHUTDOWN_TIMEOUT: Final = 2.0
+# A reload reads a few small local files in milliseconds: one still reading after 10 s is on a
+# hung mount (or a file that blocks), and is abandoned and counted as failed (loader.py rule 3).
+RELOAD_TIMEOUT: Final = 10.0
 
 
 def raise_fd_limit(max_connections: int) -> None:
@@ -152,6 +155,8 @@ class ProxyServer:
         self._crl_stale_logged = False
         self._expiry_metrics(material)
         self._reloading = self._reload_again = False
+        self._loads = DetachedLoads(RELOAD_TIMEOUT)
+        self._reload_failures = 0
         self._handshake_log = RateLimiter(10)
 
     def _expiry_metrics(self, material: Material) -> None:
@@ -244,23 +249,28 @@ class ProxyServer:
         finally:
             self._reloading = False
 
+    def _load_files(self) -> tuple[Material, Policy]:
+        """Everything a reload reads (blocking: runs in a DetachedLoads thread)."""
+        return load_material(self.cfg.tls, dict(self.cfg.sources)), load_policy(self.cfg)
+
     async def _reload_once(self) -> bool:
         now = dt.datetime.now(dt.UTC)
         try:
-            material = await asyncio.to_thread(load_material, self.cfg.tls, dict(self.cfg.sources))
-            policy = await asyncio.to_thread(load_policy, self.cfg)
+            # Off the loop, under RELOAD_TIMEOUT, in a daemon thread: a read that never returns
+            # fails this reload only; the next one and SIGTERM do not wait for it.
+            material, policy = await self._loads.run(self._load_files)
             # Unchanged certificates and trust (a policy edit, a touch): keep the context, and
             # with it the TLS sessions; any change at all gets a fresh one (TLS-037/038).
             same = _material_key(material) == _material_key(self.material)
             ctx = self.ctx if same else server_context(self.cfg, material)
         except (ConfigError, OSError, ValueError) as exc:
             error = "; ".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
-            self.last_reload = {"at": rfc3339(now), "ok": False, "error": error}
-            self.metrics.reloads.labels(result="failure").inc()
-            logger.error(
-                "reload failed; still serving the previous material", extra={"error": error}
-            )
-            return False
+            return self._reload_failed(now, error)
+        except Exception as exc:
+            # A MemoryError, a RecursionError, a bug: still a failed reload that keeps the old
+            # material and shows in /status and the metrics, not a task that dies in silence.
+            logger.error("reload raised", exc_info=exc)
+            return self._reload_failed(now, f"unexpected {type(exc).__name__} (see the log)")
         old = self.material
         # One swap: every new handshake from here on uses the new context (fresh ticket keys
         # and session cache: no session from before can resume), every next request the new
@@ -273,7 +283,12 @@ class ProxyServer:
         self._expiry_metrics(material)
         if _trust_key(old) != _trust_key(material):
             self._recheck_open_connections(material)
-        self.last_reload = {"at": rfc3339(now), "ok": True, "error": None}
+        self.last_reload = {
+            "at": rfc3339(now),
+            "ok": True,
+            "error": None,
+            "failures": self._reload_failures,
+        }
         self.metrics.reloads.labels(result="success").inc()
         self.metrics.last_reload.set(now.timestamp())
         logger.info(
@@ -284,6 +299,18 @@ class ProxyServer:
             },
         )
         return True
+
+    def _reload_failed(self, now: dt.datetime, error: str) -> bool:
+        self._reload_failures += 1
+        self.last_reload = {
+            "at": rfc3339(now),
+            "ok": False,
+            "error": error,
+            "failures": self._reload_failures,
+        }
+        self.metrics.reloads.labels(result="failure").inc()
+        logger.error("reload failed; still serving the previous material", extra={"error": error})
+        return False
 
     def _recheck_open_connections(self, material: Material) -> None:
         """Trust changed: a client that the new CAs or CRLs refuse loses its open connections

@@ -373,8 +373,13 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
 def upstream_context(cafile: str | None = None) -> ssl.SSLContext:
     """Client context for an https:// upstream: verified against *cafile* (or the system trust
     store), hostname checked."""
+    cadata = None
+    if cafile is not None:  # read as every material file is: a regular file, capped (loader.py)
+        cadata = read_file(cafile, "--upstream-cacert", "CA bundle").decode("latin-1")
+        if not cadata.strip():  # an empty cadata would fall back to the system trust store
+            raise ConfigError(f"--upstream-cacert: {cafile}: the file is empty")
     try:
-        ctx = ssl.create_default_context(cafile=cafile)
+        ctx = ssl.create_default_context(cadata=cadata)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"--upstream-cacert: {cafile}: cannot load ({exc})") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
