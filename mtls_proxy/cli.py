@@ -15,6 +15,7 @@ from mtls_proxy import __version__
 from mtls_proxy.config import OPTIONS, Config, load_config
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.escape import for_terminal
+from mtls_proxy.loader import read_text
 from mtls_proxy.logs import setup_logging
 
 logger = logging.getLogger("mtls_proxy")
@@ -49,10 +50,8 @@ def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) ->
     path = args.config or env.get("MTLS_PROXY_CONFIG")
     text = None
     if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"--config: {path}: cannot read ({exc.strerror})") from None
+        # The one bounded reader (loader.py): a regular file under the size cap, never a FIFO.
+        text = read_text(path, "--config", "config")
     return load_config(text=text, filename=path or "config", env=env, flags=flags)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -33,10 +32,7 @@ from mtls_proxy.tls import from_cert_dir, load_trust
 
 def explain(cfg: Config, cert_file: str, method: str, path: str) -> tuple[int, str]:
     """The report and the exit code for *cert_file* under *cfg*."""
-    try:
-        data = Path(cert_file).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"--cert: {cert_file}: cannot read ({exc.strerror})") from None
+    data = read_file(cert_file, "--cert", "certificate")
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError:

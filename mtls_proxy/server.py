@@ -144,6 +144,7 @@ class ProxyServer:
         self._stamp = self._material_stamp()
         self.last_reload: dict[str, object] | None = None
         self.listening = False
+        self._hup_early = False  # SIGHUP before the listener was up (run())
         self.sock: socket.socket | None = None
         self.admin_runner: web.AppRunner | None = None
         self.admin_address: str | None = None
@@ -578,10 +579,14 @@ class ProxyServer:
     async def run(self) -> None:
         """Start, wait for SIGTERM/SIGINT, drain, stop."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        # Handlers first: "ready" is logged inside start(), and a SIGTERM or SIGHUP sent on
+        # seeing it must not meet the default action (kill).
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        await self.start()
+        if self._hup_early:  # a SIGHUP during start(): the files may have changed since
+            self._on_hup()
         try:
             await self._stop.wait()
         finally:
@@ -592,6 +597,9 @@ class ProxyServer:
                 loop.remove_signal_handler(sig)
 
     def _on_hup(self) -> None:
+        if not self.listening:
+            self._hup_early = True
+            return
         if self.shared.draining:
             logger.info("SIGHUP ignored: draining")
             return
