@@ -1,0 +1,1 @@
+"""Differential request-smuggling fuzzer: generated streams through the proxy to real upstreams."""
