@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Memory with 10,000 idle mTLS keep-alive connections (issue: RSS under 400 MB, others served).
-#   bench/idle.sh [CONNS]     needs ../shared/bench/setup.sh (its PKI and nginx upstream)
+#   bench/idle.sh [CONNS]     needs bench/harness/setup.sh (its PKI and nginx upstream)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-HARNESS=${BENCH_HARNESS:-$ROOT/../shared/bench}
+HARNESS=${BENCH_HARNESS:-$ROOT/bench/harness}
 [[ -w "$HARNESS" ]] || HARNESS=${BENCH_STATE:-${TMPDIR:-/tmp}/mtls-proxy-bench}
 CONNS=${1:-10000}
 PY=${PYTHON:-$ROOT/.venv/bin/python}

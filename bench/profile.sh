@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Profile mtls-proxy under keep-alive load: the shared harness's nginx upstream and wrk (with the
+# Profile mtls-proxy under keep-alive load: the harness's nginx upstream and wrk (with the
 # client-certificate shim), py-spy sampling the proxy. Prints the top functions by CPU (self and
 # inclusive). Everything on 127.0.0.1; bounded by DURATION seconds.
-#   bench/profile.sh [DURATION] [ka|close]   (needs ../shared/bench/setup.sh; py-spy beside PYTHON)
+#   bench/profile.sh [DURATION] [ka|close]   (needs bench/harness/setup.sh; py-spy beside PYTHON)
 # ka: keep-alive requests; close: one full handshake + one request per connection.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-HARNESS=${BENCH_HARNESS:-$ROOT/../shared/bench}
+HARNESS=${BENCH_HARNESS:-$ROOT/bench/harness}
 [[ -w "$HARNESS" ]] || HARNESS=${BENCH_STATE:-${TMPDIR:-/tmp}/mtls-proxy-bench}
 DUR=${1:-10}
 MODE=${2:-ka}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Measure mtls-proxy beside nginx (and any other peer) on this machine with the shared harness
-# (../shared/bench: wrk + client-cert shim, openssl s_time), then write bench/RESULTS.md.
+# Measure mtls-proxy beside nginx (and any other peer) on this machine with the harness in
+# bench/harness (wrk + client-cert shim, openssl s_time), then write bench/RESULTS.md.
+# BENCH_HARNESS=DIR runs another copy of the harness instead.
 #
 #   bench/run.sh                         # nginx + mtls-proxy, 3 rounds (~10 min)
 #   bench/run.sh --runs 1 --duration 5   # quick look
@@ -10,14 +11,15 @@
 # headers, JSON access log and the admin/metrics listener all ON.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-HARNESS=${BENCH_HARNESS:-$ROOT/../shared/bench}
+HARNESS=${BENCH_HARNESS:-$ROOT/bench/harness}
 STATE=${BENCH_STATE:-${TMPDIR:-/tmp}/mtls-proxy-bench}
 export BENCH_STATE=$STATE
 
 [[ -x "$ROOT/.venv/bin/pip" ]] || python3 -m venv "$ROOT/.venv"
 # Every time: a venv made before a dependency was added must get it (a few seconds).
 "$ROOT/.venv/bin/pip" install -q -e "$ROOT" 2>&1 | grep -v '^WARNING: Location' || true
-bash "$HARNESS/setup.sh" 2>&1 | grep -v "^WARNING: Location" | tail -2
+# shellcheck disable=SC2086  # BENCH_TARGETS is a list of names
+bash "$HARNESS/setup.sh" ${BENCH_TARGETS:-nginx} 2>&1 | grep -v "^WARNING: Location" | tail -2
 
 PROXY="$ROOT/.venv/bin/mtls-proxy"
 TARGET="mtls-proxy=exec $PROXY serve --listen \"\$BENCH_HOST:\$BENCH_PORT\" \
@@ -41,6 +43,15 @@ if [[ -z "$latest" || ! -f "$latest/table.md" ]]; then
   exit 1
 fi
 
+# Paths in RESULTS.md are relative to the repository (no machine paths in committed files).
+case "$latest" in
+  "$ROOT"/*) raw=${latest#"$ROOT"/} ;;
+  *) raw="results/$(basename "$latest") in the harness's working copy" ;;
+esac
+case "$HARNESS" in
+  "$ROOT"/*) harness=${HARNESS#"$ROOT"/} ;;
+  *) harness="BENCH_HARNESS ($(basename "$HARNESS"))" ;;
+esac
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 {
   echo "# mtls-proxy bench results"
@@ -50,7 +61,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
   echo "mtls-proxy $("$PROXY" --version | cut -d' ' -f2) on uvloop, 1 worker, pinned as the harness pins peers."
   echo
   echo "Command: \`bench/run.sh $*\` (targets: ${BENCH_TARGETS:-nginx} + mtls-proxy), harness"
-  echo "\`../shared/bench\` (see its README for the phases). Raw data: \`$latest\`."
+  echo "\`$harness\` (see its README.md for the phases). Raw data: \`$raw\` (not committed)."
   echo
   cat "$latest/table.md"
   if [[ -f "$ROOT/bench/NOTES.md" ]]; then
