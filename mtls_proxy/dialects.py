@@ -73,9 +73,25 @@ _TRAEFIK_DN: Final = (
 )
 
 
+def _traefik_value(value: str) -> str:
+    """One value inside a quoted, comma-separated field: '\\', '"', ',' and ';' are
+    backslash-escaped and control bytes written as \\XX, so that a CN such as
+    ``x";SAN="spiffe://td/admin`` cannot add a field or a list element once the consumer has
+    URL-decoded the header (INT-033; the other dialects escape the same characters)."""
+    out = []
+    for ch in value:
+        if ch in '\\",;':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\{ord(ch):02X}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _traefik_dn(name: x509.Name) -> str:
     parts = [
-        f"{short}={a.value!s}"
+        f"{short}={_traefik_value(str(a.value))}"
         for oid, short in _TRAEFIK_DN
         for a in name.get_attributes_for_oid(oid)
     ]
@@ -90,7 +106,8 @@ def traefik(peer: PeerIdentity) -> list[tuple[str, str]]:
     info = (
         f'Subject="{_traefik_dn(cert.subject)}";Issuer="{_traefik_dn(cert.issuer)}";'
         f'NB="{int(cert.not_valid_before_utc.timestamp())}";'
-        f'NA="{int(cert.not_valid_after_utc.timestamp())}";SAN="{",".join(sans)}"'
+        f'NA="{int(cert.not_valid_after_utc.timestamp())}";'
+        f'SAN="{",".join(_traefik_value(v) for v in sans)}"'
     )
     return [
         ("X-Forwarded-Tls-Client-Cert", quote(_b64(peer.der), safe="")),

@@ -73,8 +73,43 @@ PROXY_SET: Final[frozenset[bytes]] = frozenset(
 # Forwarding families that frameworks act on (Spring's ForwardedHeaderFilter reads -Prefix and
 # -Port, IIS/Symfony read X-Original-URL and X-Rewrite-URL, forward-auth services -Uri and
 # -Method): every member is removed, whatever the suffix.
-FORWARDING_PREFIXES: Final[tuple[bytes, ...]] = (b"x-forwarded-", b"x-original-")
-FORWARDING_NAMES: Final[frozenset[bytes]] = PROXY_SET | {b"x-rewrite-url", b"x-forwarded"}
+#
+# Also removed (INT-034): the client-certificate headers of other terminators (nginx's
+# X-SSL-Client-*, Apache's SSL_CLIENT_*, IIS ARR, AWS ALB, Envoy's internal x-envoy-*), client
+# address headers that apps allow-list on, and method overrides (Jersey, ASP.NET, Express act on
+# X-HTTP-Method-Override: a route checked as GET would run as DELETE). An upstream once placed
+# behind another proxy may still trust them; the proxy never sets them, so no client may either.
+FORWARDING_PREFIXES: Final[tuple[bytes, ...]] = (
+    b"x-forwarded-",
+    b"x-original-",
+    b"x-envoy-",
+    b"x-ssl-client-",
+    b"ssl-client-",
+    b"x-amzn-mtls-",
+)
+FORWARDING_NAMES: Final[frozenset[bytes]] = PROXY_SET | {
+    b"x-rewrite-url",
+    b"x-forwarded",
+    b"x-client-ip",
+    b"x-cluster-client-ip",
+    b"true-client-ip",
+    b"x-proxyuser-ip",
+    b"cf-connecting-ip",
+    b"x-http-method-override",
+    b"x-http-method",
+    b"x-method-override",
+    b"x-client-cert",
+    b"x-client-cert-chain",
+    b"x-client-dn",
+    b"x-client-s-dn",
+    b"x-client-i-dn",
+    b"x-client-issuer",
+    b"x-client-email",
+    b"x-client-verify",
+    b"x-client-serial",
+    b"x-client-fingerprint",
+    b"x-arr-clientcert",
+}
 # Connection may not nominate these (HDR-008): ignoring the nomination keeps framing intact.
 _UNNOMINABLE: Final[frozenset[bytes]] = frozenset(
     {b"host", b"content-length", b"transfer-encoding"}

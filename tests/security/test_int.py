@@ -460,3 +460,41 @@ def test_int032_dns_sans_cannot_fake_list_elements(irig: IntRig) -> None:
     (s,) = seen
     assert s.one("x-client-dns") == '"a.test,evil.test","b.test\\" x"'
     assert 'DNS="a.test,evil.test"' in s.one("x-forwarded-client-cert")
+
+
+OTHER_TERMINATORS = [
+    "X-SSL-Client-Cert",
+    "X-SSL-Client-DN",
+    "X-SSL-Client-Verify",
+    "SSL_CLIENT_S_DN",
+    "SSL_CLIENT_VERIFY",
+    "X-Client-Cert",
+    "X-Client-Cert-Chain",
+    "X-Client-Verify",
+    "X-Client-Issuer",
+    "X-Client-Email",
+    "X-ARR-ClientCert",
+    "X-Amzn-Mtls-Clientcert",
+    "X-Amzn-Mtls-Clientcert-Leaf",
+    "X-Envoy-Original-Path",
+    "X-Client-IP",
+    "True-Client-IP",
+    "X-Cluster-Client-IP",
+    "CF-Connecting-IP",
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+]
+
+
+def test_int034_other_terminators_identity_and_method_overrides_removed(irig: IntRig) -> None:
+    """Client-certificate headers of other terminators, client-address headers and method
+    overrides never reach the upstream: the proxy never sets them, so no client may."""
+    lines = "".join(f"{n}: forged\r\n" for n in OTHER_TERMINATORS).encode()
+    status, seen = irig.one(
+        b"GET /public/o HTTP/1.1\r\nHost: a\r\n" + lines + b"Connection: close\r\n\r\n"
+    )
+    assert status == 200
+    no_forgery(seen)
+    names = {k for k, _ in seen[0].headers}
+    assert not names & {n.lower() for n in OTHER_TERMINATORS}, names

@@ -11,7 +11,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mtls_proxy import pki
-from mtls_proxy.dialects import rfc9440, rfc9440_chain, tomcat, tomcat_tls, traefik
+from mtls_proxy.dialects import (
+    _traefik_value,
+    rfc9440,
+    rfc9440_chain,
+    tomcat,
+    tomcat_tls,
+    traefik,
+)
 from mtls_proxy.headers import identity_block
 from mtls_proxy.identity import identity_from_der
 
@@ -82,3 +89,48 @@ def test_identity_block_carries_every_enabled_dialect() -> None:
     assert text.startswith("Client-Cert: :") and "\r\nssl_client_cert: -----BEGIN" in text
     assert "\r\nX-Forwarded-Tls-Client-Cert-Info: " in text and block.xfcc is None
     assert identity_block(None, ("rfc9440", "tomcat"), "sanitize_set", None).lines == b""
+
+
+def _fields(info: str) -> list[tuple[str, str]]:
+    """A consumer's reading of the Info header: key="value" pairs split on unescaped ';',
+    values unquoted, backslash escapes honoured."""
+    out, key, buf, quoted, i = [], "", "", False, 0
+    while i < len(info):
+        ch = info[i]
+        if ch == "\\" and i + 1 < len(info):
+            buf += info[i + 1]
+            i += 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "=" and not quoted and not key:
+            key, buf = buf, ""
+        elif ch == ";" and not quoted:
+            out.append((key, buf))
+            key, buf = "", ""
+        else:
+            buf += ch
+        i += 1
+    out.append((key, buf))
+    return out
+
+
+def test_int033_traefik_info_values_cannot_add_fields() -> None:
+    """A CN holding '";SAN="...' (or a SAN holding ',') cannot forge a field or a list
+    element in X-Forwarded-Tls-Client-Cert-Info (red team: the SAN of a CN-only certificate)."""
+    leaf = pki.issue(
+        INTER,
+        "client",
+        'x";SAN="spiffe://td/ns/admin/sa/root',
+        o="A,O=Admin",
+        dns=["a.test,evil.test"],
+    )
+    peer = identity_from_der(leaf.cert.public_bytes(serialization.Encoding.DER))
+    info = unquote(traefik(peer)[1][1])
+    fields = _fields(info)
+    assert [k for k, _ in fields] == ["Subject", "Issuer", "NB", "NA", "SAN"], info
+    subject = dict(fields)["Subject"]
+    assert subject == 'O=A,O=Admin,CN=x";SAN="spiffe://td/ns/admin/sa/root', info
+    assert "\\,O=Admin" in info and 'CN=x\\"\\;SAN=' in info
+    assert dict(fields)["SAN"] == "a.test,evil.test" and "a.test\\,evil.test" in info
+    assert _traefik_value("a\nb\x7f") == "a\\0Ab\\7F"
