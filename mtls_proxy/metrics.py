@@ -1,4 +1,4 @@
-"""Prometheus collectors bound to an injected registry; their names are API (SPEC section 6).
+"""Prometheus collectors bound to an injected registry; their names are API (docs/metrics.md).
 
 The two per-request metrics (requests_total and request_duration_seconds) are plain integers
 updated on the hot path and turned into metric families at scrape time: prometheus_client's

@@ -5,14 +5,14 @@ Rules:
    decide().
 2. A rule matches when *all* of its fields match; a request is allowed when *any* rule matches.
 3. Subject fields must be unambiguous: a ``cn`` or ``o`` rule never matches a subject that carries
-   that attribute twice (SECURITY.md POL-008), so the decision cannot depend on which value a
+   that attribute twice (docs/security.md, POL-008), so the decision cannot depend on which value a
    library returns first. ``ou`` is commonly multi-valued, so any OU may match.
 4. SAN fields match when any SAN of that type matches (ghostunnel's OR semantics); values are
    compared exactly (no NUL truncation, no case folding for URIs; DNS is case-insensitive).
 5. A request without a client certificate only matches ``anonymous`` rules.
-6. Routes (SPEC section 4): the route with the longest whole-segment prefix among those whose
-   methods include the request's applies, and only its rules count; a request that no route
-   takes uses the top-level rules (and --allow-all / --allow-anonymous).
+6. Routes (docs/config.md, Routes): the route with the longest whole-segment prefix among those
+   whose methods include the request's applies, and only its rules count; a request that no
+   route takes uses the top-level rules (and --allow-all / --allow-anonymous).
 7. This module never sees raw certificates, only PeerIdentity.
 """
 

@@ -1,6 +1,6 @@
 """PURE. The YAML shape of a policy (config ``policy:`` section or a ``--policy`` file) -> Policy.
 
-Shape (SPEC section 4)::
+Shape (docs/config.md, Policy)::
 
     allow: [{uri: spiffe://...}, {cn: batch, o: Example}]     # top-level rules
     routes:

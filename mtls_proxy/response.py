@@ -2,7 +2,7 @@
 
 Rules:
 1. The upstream's head is validated as a whole (no control bytes, no bare CR or LF, token field
-   names, a valid status line); anything else is a 502 (SECURITY.md UPS-003/004/012).
+   names, a valid status line); anything else is a 502 (docs/security.md, UPS-003/004/012).
 2. Hop-by-hop fields and the fields the upstream's ``Connection`` nominates never reach the client;
    framing (Content-Length / Transfer-Encoding) is always the proxy's own (UPS-013, HDR-023).
 3. Ambiguous framing (CL with TE, conflicting CLs, codings other than chunked) is a 502 (UPS-001/2).

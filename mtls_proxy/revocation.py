@@ -1,8 +1,9 @@
 """PURE. Is a client chain that OpenSSL verified earlier still acceptable under the trust now?
 
 OpenSSL checks chains only during the handshake. After a reload that removes a CA or adds a
-revocation, the proxy re-checks every open connection with this module (SPEC: a client the new
-trust refuses cannot continue on an existing connection). With ``--crl-expired allow`` and an
+revocation, the proxy re-checks every open connection with this module (docs/config.md,
+Reloading: a client the new trust refuses cannot continue on an existing connection). With
+``--crl-expired allow`` and an
 expired CRL, OpenSSL is not given the CRLs (it would refuse every client of that CA, and it cannot
 relax one issuer only), so this module enforces all of them right after each handshake instead,
 with the same demands OpenSSL makes: the stale CRL still counts for its own issuer, and nothing

@@ -232,7 +232,7 @@ class ProxyServer:
         Each accepted connection is wrapped with the context current at accept time, so new
         handshakes use the new certificate and trust at once, while established connections
         keep theirs. A new context also brings new session-ticket keys: sessions issued under
-        the old trust cannot be resumed (DESIGN.md section 3, TLS-037/038).
+        the old trust cannot be resumed (docs/design.md, Reload and TLS sessions; TLS-037/038).
 
         A request that arrives while a reload runs is not dropped: the files may have changed
         again (a key written just after its certificate), so one more reload follows.
@@ -315,7 +315,7 @@ class ProxyServer:
 
     def _recheck_open_connections(self, material: Material) -> None:
         """Trust changed: a client that the new CAs or CRLs refuse loses its open connections
-        now (SECURITY.md RLD-07, RLD-10; revocation.py)."""
+        now (docs/security.md, RLD-07, RLD-10; revocation.py)."""
         view = TrustView.build(material.ca_certs, material.crls, self.cfg.tls.crl_check == "leaf")
         for conn in list(self.shared.connections):
             chain = conn.verified_chain()
@@ -374,7 +374,7 @@ class ProxyServer:
         gc.freeze()
         self.started.set()
         host, port = self.address
-        # One "ready" line per proxy (SPEC section 1): a worker's says "worker ready".
+        # One "ready" line per proxy (docs/cli.md, Signals): a worker's says "worker ready".
         logger.info(
             "worker ready" if self.reuse_port else "ready",
             extra={

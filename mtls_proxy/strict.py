@@ -2,7 +2,7 @@
 
 OpenSSL (and so Envoy, nginx and ghostunnel) accepts a client leaf without an EKU extension, a
 leaf that is itself a CA, and X.509 v1 certificates; RFC 5280 allows them, the CA/Browser
-Forum's rules and webpki do not (SECURITY.md TLS-013, TLS-015). With the option on, the proxy
+Forum's rules and webpki do not (docs/security.md, TLS-013, TLS-015). With the option on, the proxy
 refuses them right after the handshake, before any request is read.
 """
 

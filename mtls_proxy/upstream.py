@@ -4,7 +4,8 @@ Rules:
 1. The response is re-framed, never spliced: the parser hands the sink a filtered head and the
    decoded body; the client side writes its own framing.
 2. Anything odd closes the upstream connection instead of reusing it: unsolicited bytes, body bytes
-   on HEAD/204/304, a body shorter than declared, HTTP/1.0 responses (SECURITY.md UPS-006/007).
+   on HEAD/204/304, a body shorter than declared, HTTP/1.0 responses (docs/security.md,
+   UPS-006/007).
 3. A malformed head is a 502; a framing error after the head was sent aborts the client connection.
 """
 

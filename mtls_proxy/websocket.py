@@ -8,7 +8,7 @@ Rules:
 2. The policy has been applied and the identity headers injected before the upgrade request is
    forwarded; the tunnel starts only after the upstream's ``101`` carries ``Upgrade: websocket``,
    ``Connection: upgrade`` and the ``Sec-WebSocket-Accept`` computed from the key. Any other
-   ``101`` is a 502 (SECURITY.md SMG-059, UPS-008).
+   ``101`` is a 502 (docs/security.md, SMG-059, UPS-008).
 """
 
 from __future__ import annotations

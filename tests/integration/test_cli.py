@@ -189,7 +189,8 @@ def test_version() -> None:
 
 
 def test_serve_refuses_the_pure_python_http_parser(tp: Pki) -> None:
-    """SECURITY.md DEP-02: the pure-Python parsers give weaker verdicts; never serve with them."""
+    """docs/security.md, DEP-02: the pure-Python parsers give weaker verdicts; never serve with
+    them."""
     import os
 
     r = run(

@@ -1,4 +1,4 @@
-"""Anti-spoofing: client copies of identity headers never reach the upstream (SPEC section 5)."""
+"""Anti-spoofing: client copies of identity headers never reach the upstream (docs/headers.md)."""
 
 from __future__ import annotations
 

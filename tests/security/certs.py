@@ -1,5 +1,5 @@
-"""The fixture zoo of SECURITY.md section 2.2, built at test time with cryptography (and the
-openssl CLI for the SHA-1 leaf, which cryptography refuses to sign)."""
+"""The certificate fixture zoo of docs/security.md, built at test time with cryptography (and
+the openssl CLI for the SHA-1 leaf, which cryptography refuses to sign)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The security catalogue's rig (SECURITY.md section 1): one proxy per module in front of a
-recording upstream, raw TLS clients, and the canonical-form check of every forwarded request."""
+"""The security catalogue's rig (docs/security.md, How the cases are run): one proxy per module
+in front of a recording upstream, raw TLS clients, and the canonical-form check of every
+forwarded request."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def assert_canon(seen: Seen, *, identity: bool = True) -> None:
-    """SECURITY.md 1.3: what the upstream received is one well-framed, canonical request."""
+    """docs/security.md, canonical form: what the upstream received is one well-framed,
+    canonical request."""
     assert seen.target.startswith("/") or seen.target == "*", seen.target
     assert len(seen.get("host")) == 1
     names = [k for k, _ in seen.headers]

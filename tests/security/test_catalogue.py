@@ -1,4 +1,4 @@
-"""Every TLS, POL, HDR, SMG, UPS and RES case of SECURITY.md (the ids are copied in
+"""Every case of the security catalogue, docs/security.md (the ids are listed in
 catalogue-ids.txt) is a test somewhere under tests/, or a documented deviation."""
 
 from __future__ import annotations

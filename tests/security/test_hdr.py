@@ -1,4 +1,4 @@
-"""SECURITY.md section 7: identity-header security (HDR-001 .. HDR-023). HDR-005/006 are refused
+"""docs/security.md, HDR: identity-header security (HDR-001 .. HDR-023). HDR-005/006 are refused
 payloads in tests/integration/test_smuggling.py; HDR-019 is checked by test_tls.test_accepted
 (the forwarded hash is the leaf's for chains with extra certificates)."""
 
@@ -30,8 +30,9 @@ from tests.security.conftest import assert_canon
 
 
 def xfcc_elements(value: str) -> list[list[tuple[str, str]]]:
-    """SECURITY.md 7.2's oracle: elements split on unquoted ',', pairs on unquoted ';', values
-    optionally double-quoted; a backslash inside quotes protects the next character. Quoted
+    """The XFCC oracle (format: docs/headers.md): elements split on unquoted ',', pairs on
+    unquoted ';', values optionally double-quoted; a backslash inside quotes protects the next
+    character. Quoted
     values are returned as written between the quotes (a Subject is then the RFC 2253 string
     byte for byte, HDR-012); see unquote() for URI/DNS values."""
     elements: list[list[tuple[str, str]]] = [[]]
@@ -64,7 +65,7 @@ def xfcc_elements(value: str) -> list[list[tuple[str, str]]]:
 
 
 def unquote(v: str) -> str:
-    """A quoted URI/DNS value: backslash-escaped '"' and '\\' (SPEC section 5)."""
+    """A quoted URI/DNS value: backslash-escaped '"' and '\\' (docs/headers.md)."""
     return v.replace('\\"', '"').replace("\\\\", "\\")
 
 

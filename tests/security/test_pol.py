@@ -1,4 +1,4 @@
-"""SECURITY.md section 6: the allow-list (POL-001 .. POL-013). POL-010 (policy reload on an open
+"""docs/security.md, POL: the allow-list (POL-001 .. POL-013). POL-010 (policy reload on an open
 connection) is in tests/integration/test_operations.py, POL-013 (CA removed) in
 tests/integration/test_reload.py."""
 

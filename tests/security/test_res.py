@@ -1,4 +1,4 @@
-"""SECURITY.md section 9: resource exhaustion, timeouts, upstream failure, shutdown (RES-01 ..
+"""docs/security.md, RES: resource exhaustion, timeouts, upstream failure, shutdown (RES-01 ..
 RES-30), against a proxy with short deadlines (1.5 s) so that every case is bounded in time.
 
 Elsewhere: RES-08's 10,000 idle connections in bench/idle.sh; the max-connections cap in
@@ -344,7 +344,7 @@ def test_res24_stuck_connection_is_force_closed_at_the_grace(tp: Pki, upstream: 
         time.sleep(0.2)
         t0 = time.monotonic()
         p.proc.send_signal(signal.SIGTERM)
-        assert p.proc.wait(10) == 0  # SPEC section 9: exit 0 after the grace period
+        assert p.proc.wait(10) == 0  # docs/cli.md, Signals: exit 0 after the grace period
         assert time.monotonic() - t0 < 3
         s.close()
 

@@ -1,4 +1,4 @@
-"""SECURITY.md section 8.2: request smuggling and desync (SMG-001 .. SMG-066).
+"""docs/security.md, SMG: request smuggling and desync (SMG-001 .. SMG-066).
 
 Refused payloads: the status, ``Connection: close``, the connection closed, and no byte at the
 upstream. Accepted payloads: every request the upstream parsed is canonical (conftest.assert_canon).

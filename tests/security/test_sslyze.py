@@ -1,4 +1,4 @@
-"""SECURITY.md section 5 (TOOL-01): sslyze against the running proxy, with a client
+"""docs/security.md, TOOL-01: sslyze against the running proxy, with a client
 certificate. The facts it reports are compared with the summary recorded in
 tests/security/sslyze-summary.json (regenerate with MTLS_PROXY_SSLYZE_RECORD=1) and with the
 rules themselves: no SSL 3.0/TLS 1.0/1.1, only ECDHE + AEAD suites on TLS 1.2, and none of the

@@ -1,4 +1,4 @@
-"""SECURITY.md section 3: TLS handshake and X.509 cases (TLS-001 .. TLS-047).
+"""docs/security.md, TLS: TLS handshake and X.509 cases (TLS-001 .. TLS-047).
 
 A rejected client never reaches HTTP: its request gets no response (TLS 1.3 reports the alert on
 the first read), the upstream sees nothing, the proxy keeps serving, and the handshake counter

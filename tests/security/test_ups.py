@@ -1,4 +1,4 @@
-"""SECURITY.md section 8.4: a hostile or broken upstream (UPS-001 .. UPS-013).
+"""docs/security.md, UPS: a hostile or broken upstream (UPS-001 .. UPS-013).
 
 The upstream answers ``/raw`` with canned bytes and closes. The client must get either a
 re-framed, canonical response or a 502 (or an aborted body once a response has started), and

@@ -85,7 +85,7 @@ def test_text_log_formatter_keeps_one_record_on_one_line() -> None:
 
 
 def test_escape_is_pure() -> None:
-    """A pure-core module (DESIGN.md convention 1): no I/O framework comes with it."""
+    """A pure-core module (docs/design.md, Pure core): no I/O framework comes with it."""
     code = (
         "import sys, mtls_proxy.escape; bad = [m for m in "
         "('aiohttp', 'asyncio', 'ssl', 'httptools') if m in sys.modules]; "

@@ -266,7 +266,7 @@ def test_identity_block_for_anonymous_has_no_xfcc() -> None:
 
 
 def test_purity_of_the_core() -> None:
-    """The pure modules never import I/O frameworks (DESIGN.md convention 1)."""
+    """The pure modules never import I/O frameworks (docs/design.md, Pure core)."""
     code = (
         "import sys; import mtls_proxy.config, mtls_proxy.identity, mtls_proxy.policy, "
         "mtls_proxy.headers, mtls_proxy.wildcard, mtls_proxy.errors; "
