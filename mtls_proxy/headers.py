@@ -5,7 +5,7 @@ Rules:
    headers, every header its ``Connection`` header nominates, and every identity-header name of
    every dialect are removed before the proxy adds its own.
 2. For *stripping*, names compare case-insensitively with ``_`` and ``-`` treated alike, because
-   CGI/WSGI-style upstreams map both to the same ``HTTP_X_...`` key (SECURITY.md HDR-004). For
+   CGI/WSGI-style upstreams map both to the same ``HTTP_X_...`` key (docs/security.md, HDR-004). For
    *interpreting*, only the exact name counts: an underscore spelling of a framing, hop-by-hop,
    forwarding or identity field is a look-alike, dropped and never read (INT-001). Other
    names with ``_`` follow ``--underscore-headers`` (drop by default, as nginx).
@@ -255,7 +255,7 @@ def _xfcc_value(value: str) -> str:
 
 def _list_value(value: str) -> str:
     """One element of a comma list (X-Client-DNS): a SAN holding ',' must not read as two
-    names the CA never issued, so such a value is quoted as in XFCC (SPEC section 5)."""
+    names the CA never issued, so such a value is quoted as in XFCC (docs/headers.md)."""
     return _quoted(clean(value), ',;"\\ ')
 
 

@@ -5,7 +5,7 @@ and builds the upstream's; the policy decides; bodies stream both ways with back
 identity and its header block are computed once per connection.
 
 Rules:
-1. Reject ambiguity at the edge and re-serialize everything (SECURITY.md §8): an invalid request
+1. Reject ambiguity at the edge and re-serialize everything (docs/security.md, SMG): an invalid request
    is answered and the connection closed, and no byte of it reaches the upstream.
 2. Requests on one connection are answered strictly in order; pipelined requests wait (bounded:
    reading pauses while one is queued).
@@ -247,6 +247,11 @@ class ClientConnection(asyncio.Protocol):
             if ex.upstream is not None:
                 ex.upstream.close()  # a response in flight can't be reused
                 ex.upstream = None
+            if ex.started:
+                # Decided (and maybe acted on upstream) but never answered: the client left.
+                # Every request the upstream may act on has an access record (nginx's 499).
+                ex.status = ex.status or 499
+                self._record(ex, aborted=True)
         self._queue.clear()
         if self.sslobj is not None and self.shared.cfg.tls.sessions == "cache":
             keep_session(self.sslobj)
@@ -724,6 +729,16 @@ class ClientConnection(asyncio.Protocol):
     def _finish(self, ex: Exchange, aborted: bool = False) -> None:
         self.up_deadline = 0.0
         self.flush()
+        self._record(ex, aborted)
+        if self._queue and self._queue[0] is ex:
+            self._queue.pop(0)
+        t = self.transport
+        if t is None:
+            return
+        self._after(ex, t)
+
+    def _record(self, ex: Exchange, aborted: bool) -> None:
+        """Count and log one exchange (the access record)."""
         shared = self.shared
         duration = time.monotonic() - ex.start
         shared.metrics.request(ex.decision, ex.status, duration)
@@ -746,11 +761,9 @@ class ClientConnection(asyncio.Protocol):
                 ex.bytes_out,
                 aborted,
             )
-        if self._queue and self._queue[0] is ex:
-            self._queue.pop(0)
-        t = self.transport
-        if t is None:
-            return
+
+    def _after(self, ex: Exchange, t: asyncio.Transport) -> None:
+        """The connection after a finished exchange: close, or on to the next request."""
         if self.ws_pending is not None and ex.ws_key is not None:
             # A declined WebSocket upgrade: the held bytes are the next request (SMG-058).
             pending, self.ws_pending = self.ws_pending, None

@@ -1,7 +1,7 @@
 """PURE. Validate a parsed request head and serialize the one the upstream gets.
 
 Rules:
-1. Reject ambiguity at the edge (SECURITY.md §8): only HTTP/1.0 and 1.1; exactly one valid Host
+1. Reject ambiguity at the edge (docs/security.md, SMG): only HTTP/1.0 and 1.1; exactly one valid Host
    on HTTP/1.1; ``Transfer-Encoding`` must be exactly ``chunked`` (and never on HTTP/1.0);
    ``Expect`` only ``100-continue``; no CONNECT; origin-form, ``*`` for OPTIONS, or absolute-form
    (reduced to origin-form, its scheme never trusted).
@@ -69,7 +69,7 @@ def origin_form(method: bytes, url: bytes) -> bytes:
         start = target.find(b"//") + 2
         slash = target.find(b"/", start)
         if slash == start or start == len(target):
-            raise BadRequest  # "http:///x": no authority (SECURITY.md SMG-038)
+            raise BadRequest  # "http:///x": no authority (docs/security.md, SMG-038)
         target = target[slash:] if slash > 0 else b"/"
     hash_at = target.find(b"#")
     return target[:hash_at] if hash_at >= 0 else target  # a fragment is not part of the target

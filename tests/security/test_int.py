@@ -498,3 +498,20 @@ def test_int034_other_terminators_identity_and_method_overrides_removed(irig: In
     no_forgery(seen)
     names = {k for k, _ in seen[0].headers}
     assert not names & {n.lower() for n in OTHER_TERMINATORS}, names
+
+
+def test_int013_request_acted_on_after_the_client_left_is_logged(irig: IntRig) -> None:
+    """The client closes while its request is with the upstream: the upstream acts on it, so
+    the proxy writes its access record (status 499, aborted), as nginx does."""
+    before = len(irig.upstream.seen)
+    with connect(irig.proxy.port, irig.ctx()) as s:
+        s.sendall(b"GET /slow/left?s=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    records: list[dict[str, object]] = []
+    while time.monotonic() < deadline and not records:
+        time.sleep(0.1)
+        records = [r for r in irig.proxy.records() if r.get("path") == "/slow/left"]
+    assert [s.target for s in irig.upstream.seen[before:]] == ["/slow/left?s=1"]
+    assert len(records) == 1, records
+    assert records[0]["status"] == 499 and records[0].get("aborted") is True, records[0]
