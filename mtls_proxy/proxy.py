@@ -5,7 +5,7 @@ and builds the upstream's; the policy decides; bodies stream both ways with back
 identity and its header block are computed once per connection.
 
 Rules:
-1. Reject ambiguity at the edge and re-serialize everything (docs/security.md, SMG): an invalid request
+1. Reject ambiguity at the edge and re-serialize everything (docs/security.md): an invalid request
    is answered and the connection closed, and no byte of it reaches the upstream.
 2. Requests on one connection are answered strictly in order; pipelined requests wait (bounded:
    reading pauses while one is queued).

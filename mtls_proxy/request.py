@@ -1,7 +1,7 @@
 """PURE. Validate a parsed request head and serialize the one the upstream gets.
 
 Rules:
-1. Reject ambiguity at the edge (docs/security.md, SMG): only HTTP/1.0 and 1.1; exactly one valid Host
+1. Reject ambiguity at the edge (docs/security.md): only HTTP/1.0 and 1.1; exactly one valid Host
    on HTTP/1.1; ``Transfer-Encoding`` must be exactly ``chunked`` (and never on HTTP/1.0);
    ``Expect`` only ``100-continue``; no CONNECT; origin-form, ``*`` for OPTIONS, or absolute-form
    (reduced to origin-form, its scheme never trusted).
