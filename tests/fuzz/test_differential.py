@@ -1,4 +1,5 @@
-"""The differential fuzz test: generated streams through the proxy to each upstream (oracle.py)."""
+"""INT-070: the differential fuzz test: generated streams through the proxy to each upstream
+(oracle.py); its counterexamples are replayed in test_regressions.py."""
 
 from __future__ import annotations
 
