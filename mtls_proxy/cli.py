@@ -9,14 +9,17 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mtls_proxy import __version__
-from mtls_proxy.config import OPTIONS, Config, load_config
+from mtls_proxy.config import OPTIONS, Config, load_config, parse_yaml
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.escape import for_terminal
 from mtls_proxy.loader import read_text
 from mtls_proxy.logs import setup_logging
+
+if TYPE_CHECKING:
+    from mtls_proxy.tls import Material
 
 logger = logging.getLogger("mtls_proxy")
 
@@ -71,15 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_options(check)
     explain = sub.add_parser("explain", help="would this client certificate be allowed, and why")
     explain.add_argument(
-        "--cert",
-        dest="client_cert",
+        "--client-cert",
         metavar="FILE",
-        required=True,
-        help="the client certificate (PEM, leaf first, intermediates after)",
+        help="the client certificate (PEM, leaf first, intermediates after; or one DER)",
+    )
+    explain.add_argument(
+        "--client-key",
+        metavar="FILE",
+        help="its private key (PEM, unencrypted): a whole handshake, proving the key too",
     )
     explain.add_argument("--path", default="/", help="request path to decide for (default /)")
     explain.add_argument("--method", default="GET", help="request method (default GET)")
-    _add_options(explain, skip=("cert",))
+    _add_options(explain)  # --cert/--key are the server's, as for serve (never read by explain)
     demo = sub.add_parser("demo", help="throwaway PKI + echo upstream + proxy on loopback")
     demo.add_argument(
         "--self-test",
@@ -215,7 +221,9 @@ def _check(args: argparse.Namespace) -> int:
         f"    sha256:          {material.server_sha256}",
         f"    chain:           {material.chain_len} certificate(s) in {material.cert_file}",
         f"  trusted CAs:       {len(material.ca_certs)}"
-        + (f" ({material.cacert_file})" if material.cacert_file else ""),
+        + (f" ({material.cacert_file})" if material.cacert_file else "")
+        + (f", --trust-anchors {cfg.tls.trust_anchors}" if material.ca_certs else ""),
+        *_anchor_lines(cfg, material),
         *crl_lines,
         f"  client auth:       {cfg.tls.client_auth}",
         *([f"  cert-dir:          found {', '.join(material.found)}"] if material.found else []),
@@ -229,16 +237,66 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+_SERVER_MATERIAL = ("cert", "key", "keystore", "cert-dir")
+
+
+def _explain_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
+    """The Config explain decides with. explain needs the trust and the policy, not our own
+    certificate: when no flag, variable or config key names one, stand-ins keep the config
+    valid (they are never read)."""
+    env = dict(os.environ) if env is None else env
+    flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
+    path = args.config or env.get("MTLS_PROXY_CONFIG")
+    text = read_text(path, "--config", "config") if path else None
+    tls = (parse_yaml(text, path) if text is not None and path else {}).get("tls")
+    if not any(
+        flags.get(o.name) is not None
+        or o.env in env
+        or (isinstance(tls, dict) and o.path[1] in tls)
+        for o in OPTIONS
+        if o.name in _SERVER_MATERIAL
+    ):
+        flags |= {"cert": "-", "key": "-"}
+    return load_config(text=text, filename=path or "config", env=env, flags=flags)
+
+
+def _anchor_lines(cfg: Config, material: Material) -> list[str]:
+    """One line per trusted CA (anchors.py); ConfigError when none can verify a client."""
+    from mtls_proxy import anchors
+
+    if cfg.tls.client_auth != "none" and material.cacert_file is not None:
+        why = anchors.unusable(material.ca_certs, cfg.tls.trust_anchors)
+        if why is not None:
+            raise ConfigError(
+                f"{material.cacert_file}: the trusted CAs cannot verify any client: {why}"
+            )
+    return [
+        f"    - {for_terminal(line)}"
+        for line in anchors.report(material.ca_certs, cfg.tls.trust_anchors)
+    ]
+
+
 def _explain(args: argparse.Namespace) -> int:
     from mtls_proxy.explain import explain
+    from mtls_proxy.verify import VerifierError
 
-    # explain needs the trust and the policy, not our own certificate: stand-ins keep the
-    # config valid (a --config file's tls.cert/key, if any, are not read either).
-    setattr(args, "cert", "-")  # noqa: B010 -- the option table's dest names
-    if not any(getattr(args, n, None) for n in ("key", "keystore", "cert-dir")):
-        setattr(args, "key", "-")  # noqa: B010
-    cfg = build_config(args)
-    code, report = explain(cfg, args.client_cert, args.method, args.path)
+    client_cert = args.client_cert
+    if client_cert is None:
+        # The old spelling, before explain took the server's options: still the client's
+        # certificate when nothing else says it is the server's.
+        if args.cert is None or any(getattr(args, n) for n in ("key", "keystore", "cert-dir")):
+            raise ConfigError("explain: --client-cert FILE is required")
+        print(
+            "mtls-proxy: warning: explain --cert is deprecated; use --client-cert",
+            file=sys.stderr,
+        )
+        client_cert, args.cert = args.cert, None
+    cfg = _explain_config(args)
+    try:
+        code, report = explain(cfg, client_cert, args.method, args.path, args.client_key)
+    except VerifierError as exc:  # our in-memory handshake broke: a bug, not the client's
+        print(f"mtls-proxy: error: explain could not verify: {for_terminal(exc)}", file=sys.stderr)
+        return 1
     print(report)
     return code
 

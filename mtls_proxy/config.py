@@ -100,6 +100,15 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         ("reject", "allow"),
     ),
     Opt(
+        "trust-anchors",
+        ("tls", "trust_anchors"),
+        "enum",
+        "any",
+        "any: every CA in the CA bundle is a trust anchor, an intermediate too (Java PKIX, Go); "
+        "roots: chains must end at a self-signed root of the bundle (OpenSSL's classic rule)",
+        ("any", "roots"),
+    ),
+    Opt(
         "client-auth",
         ("tls", "client_auth"),
         "enum",
@@ -262,6 +271,7 @@ class TLSConfig:
     crl: str | None = None
     crl_check: Literal["chain", "leaf"] = "chain"
     crl_expired: Literal["reject", "allow"] = "reject"
+    trust_anchors: Literal["any", "roots"] = "any"
     client_auth: ClientAuth = "require"
     min_tls_version: Literal["1.2", "1.3"] = "1.2"
     sessions: Literal["cache", "tickets"] = "cache"
@@ -536,6 +546,7 @@ def load_config(
         crl=_str(g("crl")),
         crl_check=g("crl-check"),  # type: ignore[arg-type]  # validated enum
         crl_expired=g("crl-expired"),  # type: ignore[arg-type]  # validated enum
+        trust_anchors=g("trust-anchors"),  # type: ignore[arg-type]  # validated enum
         client_auth=g("client-auth"),  # type: ignore[arg-type]  # validated enum
         min_tls_version=g("min-tls-version"),  # type: ignore[arg-type]  # validated enum
         sessions=g("tls-sessions"),  # type: ignore[arg-type]  # validated enum
@@ -605,6 +616,7 @@ _NOT_PLAIN: Final = frozenset(
         "tls-session-cache-size",
         "crl-check",
         "crl-expired",
+        "trust-anchors",
         "workers",
         "allow-all",
         "allow-anonymous",

@@ -7,6 +7,9 @@ Rules:
 2. Client certificates are always verified against the configured CAs; nothing here disables
    verification. TLS 1.0/1.1 are never enabled; TLS 1.2 uses ECDHE + AEAD suites only.
 3. Private keys and PEM bodies never reach a log line or an error message.
+4. server_context is the one description of how a client is verified: the listener uses it,
+   and so do ``explain`` and the tests (verify.py runs a handshake against a context it built).
+   The CA bundle holds CAs only (anchors.py rule 1), whatever --trust-anchors says.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from mtls_proxy.anchors import bundle_problem, crl_chain_problem
 from mtls_proxy.config import Config, TLSConfig
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.identity import rfc2253
@@ -192,11 +196,23 @@ def load_material(tls: TLSConfig, sources: dict[str, str] | None = None) -> Mate
     where = src.get("keystore" if tls.keystore is not None else "cert", "--cert")
     check_chain(chain, f"{where}: {cert_file}")
     ca_file, ca_certs = load_trust(tls, src)
-    crls: tuple[x509.CertificateRevocationList, ...] = ()
-    if tls.crl is not None:
-        crl_key = src.get("crl", "--crl")
-        crls = parse_crls(read_file(tls.crl, crl_key, "CRL"), tls.crl, crl_key, ca_certs)
+    crls = load_crls(tls, src, ca_certs)
     return Material(cert_file, key, chain, ca_file, ca_certs, found, crls)
+
+
+def load_crls(
+    tls: TLSConfig, src: dict[str, str], ca_certs: tuple[x509.Certificate, ...]
+) -> tuple[x509.CertificateRevocationList, ...]:
+    """The CRLs of --crl (none without it), checked against the trusted CAs."""
+    if tls.crl is None:
+        return ()
+    crl_key = src.get("crl", "--crl")
+    crls = parse_crls(read_file(tls.crl, crl_key, "CRL"), tls.crl, crl_key, ca_certs)
+    # An intermediate anchor would silently refuse all its clients (anchors.py rule 4).
+    problem = crl_chain_problem(ca_certs, tls.crl_check, tls.trust_anchors)
+    if problem is not None:
+        raise ConfigError(f"{crl_key}: {problem}")
+    return crls
 
 
 CLOCK_SKEW: Final = dt.timedelta(minutes=5)
@@ -248,11 +264,22 @@ def load_trust(
             )
         )
         ca_file = tls.truststore
+        _only_cas(ca_certs, ts_key, ca_file)
     elif tls.cacert is not None:
         ca_key = src.get("cacert", "--cacert")
         ca_certs = tuple(_certs(read_file(tls.cacert, ca_key, "CA bundle"), tls.cacert, ca_key))
         ca_file = tls.cacert
+        _only_cas(ca_certs, ca_key, ca_file)
     return ca_file, ca_certs
+
+
+def _only_cas(certs: tuple[x509.Certificate, ...], key: str, path: str) -> None:
+    """Refuse a bundle entry that is not a CA (anchors.py rule 1): with partial chains a leaf
+    here would be trusted by itself, and without them it hides a mistake (a client certificate
+    pasted where its CA belongs)."""
+    problem = bundle_problem(certs)
+    if problem is not None:
+        raise ConfigError(f"{key}: {path}: {problem}")
 
 
 def _pem_pair(
@@ -292,7 +319,7 @@ def _pem_pair(
     return loaded, tuple(certs)
 
 
-def _via_memfd(pem: bytes, use: Callable[[str], None]) -> None:
+def via_memfd(pem: bytes, use: Callable[[str], None]) -> None:
     """load_cert_chain and (for CRLs) load_verify_locations only take paths: hand them an
     anonymous in-memory file, so that a decrypted key never touches a disk and what OpenSSL
     reads is exactly what was validated here."""
@@ -309,7 +336,7 @@ def _load_chain_from_memory(ctx: ssl.SSLContext, material: Material) -> None:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in material.chain)
-    _via_memfd(pem, ctx.load_cert_chain)
+    via_memfd(pem, ctx.load_cert_chain)
 
 
 def openssl_checks_crls(cfg: Config, material: Material) -> bool:
@@ -359,9 +386,16 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
         )
         if cfg.strict_client_certs:
             ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+        if cfg.tls.trust_anchors == "any":
+            # Every CA of the bundle anchors a chain, an intermediate too: what Java's PKIX
+            # (a Spring truststore often holds only the issuing intermediate) and Go's
+            # crypto/tls (ghostunnel, Caddy, Traefik) do. Trusting what the operator listed
+            # is narrower than also trusting everything else its root signed; the bundle
+            # holds CAs only (load_trust), so this never pins a leaf.
+            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         if openssl_checks_crls(cfg, material):
             crl_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in material.crls)
-            _via_memfd(crl_pem, lambda path: ctx.load_verify_locations(cafile=path))
+            via_memfd(crl_pem, lambda path: ctx.load_verify_locations(cafile=path))
             ctx.verify_flags |= (
                 ssl.VERIFY_CRL_CHECK_LEAF
                 if cfg.tls.crl_check == "leaf"

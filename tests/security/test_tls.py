@@ -439,11 +439,26 @@ def test_tls013_015_strict_client_certs_refuses_no_eku_and_ca_leaves(
         assert rig.failures("bad_certificate") == 2
 
 
-def test_tls017b_an_intermediate_alone_is_not_a_trust_anchor(
-    zoo: Zoo, upstream: Upstream, tmp_path: Path
+@pytest.mark.parametrize(
+    ("mode", "accepted"),
+    [("any", True), ("roots", False)],
+    ids=["anchors any (default): trusted", "anchors roots: root needed"],
+)
+def test_tls017b_an_intermediate_alone_as_trust_anchor(
+    zoo: Zoo, upstream: Upstream, tmp_path: Path, mode: str, accepted: bool
 ) -> None:
+    """An intermediate alone in the CA bundle anchors its clients with --trust-anchors any (the
+    default: Java PKIX, Go), not with roots (OpenSSL's classic rule). Either way a client of
+    another CA under the same root is refused: trusting the intermediate is not trusting its
+    root."""
     only_inter = tmp_path / "inter.crt"
     only_inter.write_bytes(c.pem(zoo.inter.cert))
-    with _own_proxy(zoo, upstream, cacert=str(only_inter))() as p:  # type: ignore[attr-defined]
+    args = () if mode == "any" else ("--trust-anchors", mode)
+    with _own_proxy(zoo, upstream, *args, cacert=str(only_inter))() as p:  # type: ignore[attr-defined]
         rig = TlsRig(zoo, p, upstream)
-        assert rig.request(rig.ctx("via_int")) == b""  # no partial chains: the root is needed
+        for label in ("via_int", "via_int_not_sent"):  # sent or not: the bundle holds it
+            out = rig.request(rig.ctx(label))
+            assert out.startswith(b"HTTP/1.1 200") if accepted else out == b"", (label, out)
+        assert rig.request(rig.ctx("good")) == b""  # issued by the root itself
+        assert rig.request(rig.ctx("nc_ok")) == b""  # another intermediate of the same root
+        assert rig.failures("unknown_ca") == (2 if accepted else 4)
