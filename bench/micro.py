@@ -96,7 +96,13 @@ async def run(n: int, profile: bool) -> None:
     pool.idle.append(up)
     client = ClientConnection(shared, asyncio.Semaphore(10))
     client.connection_made(
-        FakeTransport({"ssl_object": FakeSSL(der), "peername": ("127.0.0.1", 5555)})
+        FakeTransport(
+            {
+                "ssl_object": FakeSSL(der),
+                "peername": ("127.0.0.1", 5555),
+                "sockname": ("127.0.0.1", 8443),
+            }
+        )
     )
 
     def cycle() -> None:

@@ -154,7 +154,7 @@ class RequestHeaders:
     upgrade: bool = False
     upgrade_values: list[bytes] = field(default_factory=list)
     connection_tokens: set[bytes] = field(default_factory=set)
-    underscored: list[bytes] = field(default_factory=list)  # names with '_' not forwarded
+    underscored: list[bytes] | None = None  # names with '_' not forwarded (rarely any)
 
     def forwarded_lines(self) -> bytes:
         """The kept headers as wire lines, with Connection-nominated ones removed."""
@@ -228,7 +228,9 @@ def split_request_headers(
             out.upgrade_values.append(value)
         elif kind == UNDERSCORE and underscores == "allow":
             kept.append((lname, name, value))
-        else:  # LOOKALIKE, or UNDERSCORE under drop/reject
+        elif out.underscored is None:  # LOOKALIKE, or UNDERSCORE under drop/reject
+            out.underscored = [name]
+        else:
             out.underscored.append(name)
     if nominated:
         out.kept = [h for h in kept if h[0] not in nominated]

@@ -366,8 +366,10 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         """A new request starts (its header deadline is set if the head arrives in pieces),
         unless the one before it closes the connection: then nothing more is read."""
-        last, t = self._last, self.transport
-        if (last is not None and last.close) or self.closed or t is None or t.is_closing():
+        # Every way the connection closes after an answer passes through one of these: an
+        # exchange marked close (refusals, Connection: close, HTTP/1.0), a drain, or the end.
+        last = self._last
+        if (last is not None and last.close) or self.draining or self.closed:
             raise _Final
         self._url, self._raw, self._in_head, self._head_bytes = b"", [], True, 0
 
@@ -735,7 +737,22 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is None:
             return
-        self._after(ex, t)
+        if self.ws_pending is not None and ex.ws_key is not None:
+            # A declined WebSocket upgrade: the held bytes are the next request (SMG-058).
+            pending, self.ws_pending = self.ws_pending, None
+            self._parser = httptools.HttpRequestParser(self)
+            self._resume("upgrade")
+            if pending and not (ex.close or self.draining):
+                asyncio.get_running_loop().call_soon(self.data_received, pending)
+        if ex.close or self.draining:
+            t.close()
+            return
+        self._resume("queue")
+        if self._queue:
+            # Next pipelined request: from the loop, not recursively (thousands may be queued).
+            asyncio.get_running_loop().call_soon(self._start_next)
+        else:
+            self._wait(_HEADER if self._in_head else _IDLE)
 
     def _record(self, ex: Exchange, aborted: bool) -> None:
         """Count and log one exchange (the access record)."""
@@ -761,25 +778,6 @@ class ClientConnection(asyncio.Protocol):
                 ex.bytes_out,
                 aborted,
             )
-
-    def _after(self, ex: Exchange, t: asyncio.Transport) -> None:
-        """The connection after a finished exchange: close, or on to the next request."""
-        if self.ws_pending is not None and ex.ws_key is not None:
-            # A declined WebSocket upgrade: the held bytes are the next request (SMG-058).
-            pending, self.ws_pending = self.ws_pending, None
-            self._parser = httptools.HttpRequestParser(self)
-            self._resume("upgrade")
-            if pending and not (ex.close or self.draining):
-                asyncio.get_running_loop().call_soon(self.data_received, pending)
-        if ex.close or self.draining:
-            t.close()
-            return
-        self._resume("queue")
-        if self._queue:
-            # Next pipelined request: from the loop, not recursively (thousands may be queued).
-            asyncio.get_running_loop().call_soon(self._start_next)
-        else:
-            self._wait(_HEADER if self._in_head else _IDLE)
 
     def _reject(self, err: ProxyError) -> None:
         """A request that cannot be parsed: answer in order, then close (rule 1)."""

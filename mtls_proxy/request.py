@@ -57,6 +57,20 @@ class Prepared:
     underscored: list[bytes] | None = None  # names with '_' that were not forwarded
 
 
+_PORT_LINES: dict[bytes, bytes] = {b"": b"\r\n"}
+
+
+def _port_line(port: bytes) -> bytes:
+    """The end of the X-Forwarded-Host line and the X-Forwarded-Port line (none for a unix
+    listener); memoised, as a listener has one port."""
+    line = _PORT_LINES.get(port)
+    if line is None:
+        line = b"\r\nX-Forwarded-Port: %s\r\n" % port
+        if len(_PORT_LINES) < 64:
+            _PORT_LINES[port] = line
+    return line
+
+
 def origin_form(method: bytes, url: bytes) -> bytes:
     """The request-target to forward (rule 1); raise BadRequest for other forms."""
     target = url
@@ -113,7 +127,7 @@ def prepare(
     host = rh.hosts[0] if rh.hosts else default_host
     if not host or b"," in host or b" " in host or b"\t" in host:
         raise BadRequest
-    out = Prepared(target, b"", underscored=rh.underscored or None)
+    out = Prepared(target, b"", underscored=rh.underscored)
     framing = b""
     if rh.transfer_encoding:
         if http10:
@@ -154,7 +168,7 @@ def prepare(
             client_ip,
             b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ",
             host,
-            b"\r\nX-Forwarded-Port: %s\r\n" % port if port else b"\r\n",
+            _port_line(port),
             block.lines,
             block.xfcc_line(rh.xfcc),
             framing,

@@ -282,3 +282,12 @@ def test_prepare_sets_forwarded_port_and_applies_the_underscore_action() -> None
         )
     with pytest.raises(AmbiguousTarget):
         prep([(b"Host", b"a")], url=b"/a/..;/b", normalize=True)
+
+
+def test_port_lines_are_memoised_within_a_bound() -> None:
+    from mtls_proxy import request
+
+    for n in range(100):
+        assert request._port_line(b"%d" % n) == b"\r\nX-Forwarded-Port: %d\r\n" % n
+    assert len(request._PORT_LINES) <= 64
+    assert request._port_line(b"") == b"\r\n"
