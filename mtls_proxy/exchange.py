@@ -63,6 +63,7 @@ class Exchange:
         "length",
         "method",
         "path",
+        "reason",
         "response_started",
         "rule",
         "sent",
@@ -90,6 +91,7 @@ class Exchange:
         self.status = self.upstream_status = 0
         self.decision = "deny"
         self.rule: str | None = None
+        self.reason: str | None = None  # why the policy denies (deny and audit), for the log
         self.start = time.monotonic()
 
     def fail(self, err: ProxyError) -> None:

@@ -164,6 +164,7 @@ class AccessLog:
         bytes_in: int,
         bytes_out: int,
         aborted: bool,
+        reason: str | None = None,
     ) -> None:
         """Queue the access record of one request (the hot-path form of record())."""
         ts = self._time(time.time())
@@ -173,7 +174,8 @@ class AccessLog:
                 f'"msg": "access", {conn}, "method": {_json_value(method)}, '
                 f'"path": {_json_value(path)}, "status": {status}, "upstream_status": '
                 f'{upstream_status or "null"}, "decision": "{decision}", "rule": '
-                f'{_json_value(rule)}, "duration_ms": {duration_ms}, "bytes_in": {bytes_in}, '
+                f'{_json_value(rule)}, "reason": {_json_value(reason)}, "duration_ms": '
+                f'{duration_ms}, "bytes_in": {bytes_in}, '
                 f'"bytes_out": {bytes_out}'
                 f"{_ABORTED if aborted else ''}}}\n"
             )
@@ -181,7 +183,8 @@ class AccessLog:
             line = (
                 f"{ts} INFO mtls_proxy.access: {conn} method={text_log_field(method)} "
                 f"path={text_log_field(path)} status={status} upstream_status={upstream_status} "
-                f"decision={decision} rule={text_log_field(rule)} duration_ms={duration_ms} "
+                f"decision={decision} rule={text_log_field(rule)} reason={text_log_field(reason)} "
+                f"duration_ms={duration_ms} "
                 f"bytes_in={bytes_in} "
                 f"bytes_out={bytes_out}{' aborted' if aborted else ''}\n"
             )

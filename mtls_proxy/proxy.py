@@ -532,14 +532,7 @@ class ClientConnection(asyncio.Protocol):
         d = self._decide(ex)
         ex.decision, ex.rule = d.kind, d.rule
         if d.kind in ("deny", "audit"):
-            logger.info(
-                "request denied" if d.kind == "deny" else "audit: request would be denied",
-                extra={
-                    "peer": self.peer.subject if self.peer else None,
-                    "reason": d.reason,
-                    "path": ex.path.decode("latin-1"),
-                },
-            )
+            ex.reason = d.reason  # one record per request: the access record says why
         if not d.allowed:
             # A body we will not read makes the connection unusable: close after answering.
             ex.close = ex.close or (ex.has_body and not ex.body_done)
@@ -777,6 +770,7 @@ class ClientConnection(asyncio.Protocol):
                 ex.bytes_in,
                 ex.bytes_out,
                 aborted,
+                ex.reason,
             )
 
     def _reject(self, err: ProxyError) -> None:

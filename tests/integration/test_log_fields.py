@@ -1,0 +1,83 @@
+"""Issue 14 item 4: every log line keeps its fields (real proxy, real TLS clients)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from pathlib import Path
+
+from mtls_proxy.logs import AccessLog
+from tests.helpers import ALLOWED_URI, Pki, Proxy, Upstream, client_ctx, get, run_proxy
+
+POLICY = f"""
+allow:
+  - uri: {ALLOWED_URI}
+routes:
+  - path_prefix: /admin
+    allow:
+      - cn: client-other
+"""
+
+
+def _access(p: Proxy, n: int) -> list[dict[str, object]]:
+    """The access records, once *n* of them are written (they leave in batches)."""
+    deadline = time.monotonic() + 5
+    while True:
+        recs = [r for r in p.records() if r.get("msg") == "access"]
+        if len(recs) >= n or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.02)
+
+
+def test_a_denied_request_has_one_record_the_access_record_with_its_reason(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    up = f"http://127.0.0.1:{upstream.port}"
+    with run_proxy(tp, up, "--policy", str(policy), default_policy=False) as p:
+        good = client_ctx(tp, "good")
+        assert get(p.port, good, "/admin/x")[0] == 403
+        assert get(p.port, good, "/ok")[0] == 200
+        denied, allowed = _access(p, 2)
+        records = p.records()
+    assert denied["decision"] == "deny" and denied["status"] == 403
+    assert "route * /admin" in str(denied["reason"])
+    assert allowed["decision"] == "allow" and allowed["reason"] is None
+    # The access record is the only record of the denial.
+    assert not [r for r in records if "denied" in str(r.get("msg"))], records
+
+
+def test_an_audited_request_logs_its_reason_in_the_access_record_only(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY + "audit: true\n")
+    up = f"http://127.0.0.1:{upstream.port}"
+    with run_proxy(tp, up, "--policy", str(policy), default_policy=False) as p:
+        assert get(p.port, client_ctx(tp, "good"), "/admin")[0] == 200
+        (rec,) = _access(p, 1)
+        records = p.records()
+    assert rec["decision"] == "audit" and "route * /admin" in str(rec["reason"])
+    assert not [r for r in records if "audit:" in str(r.get("msg"))], records
+
+
+def test_the_access_record_reason_is_escaped_in_text_and_json() -> None:
+    async def run(fmt: str) -> str:
+        out = io.StringIO()
+        log = AccessLog(fmt, out)
+        conn = log.connection_fields(None, "127.0.0.1")
+        args = ("GET", "/", 403, 0, "deny", None, 1.0, 0, 0, False)
+        log.request(conn, *args, reason='no rule "x"\nmatched')
+        log.request(conn, *args[:4], "allow", "r", 1.0, 0, 0, False, reason=None)
+        await asyncio.sleep(0)
+        return out.getvalue()
+
+    denied, allowed = (json.loads(line) for line in asyncio.run(run("json")).splitlines())
+    assert denied["reason"] == 'no rule "x"\nmatched' and allowed["reason"] is None
+    text = asyncio.run(run("text")).splitlines()
+    assert len(text) == 2
+    assert ' reason="no rule \\"x\\"\\x0amatched" ' in text[0], text[0]
+    assert " reason=None " in text[1], text[1]
