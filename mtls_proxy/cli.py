@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtls_proxy import __version__
-from mtls_proxy.config import OPTIONS, Config, load_config, parse_yaml
+from mtls_proxy.config import OPTIONS, Config, load_config, parse_yaml, unknown_env
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.escape import for_terminal
 from mtls_proxy.loader import read_text
@@ -46,9 +46,18 @@ def _add_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None
             )
 
 
+def _warn_unknown_env(env: dict[str, str]) -> None:
+    """Unknown MTLS_PROXY_* variables, a stderr line each; not in workers (the master said it)."""
+    if "MTLS_PROXY_WORKER_FD" in env:
+        return
+    for warning in unknown_env(env):
+        print(f"mtls-proxy: warning: {for_terminal(warning)}", file=sys.stderr)
+
+
 def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
     """Config from the parsed flags, the environment and the config file (flag > env > file)."""
     env = dict(os.environ) if env is None else env
+    _warn_unknown_env(env)
     flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
     path = args.config or env.get("MTLS_PROXY_CONFIG")
     text = None
@@ -245,6 +254,7 @@ def _explain_config(args: argparse.Namespace, env: dict[str, str] | None = None)
     certificate: when no flag, variable or config key names one, stand-ins keep the config
     valid (they are never read)."""
     env = dict(os.environ) if env is None else env
+    _warn_unknown_env(env)
     flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
     path = args.config or env.get("MTLS_PROXY_CONFIG")
     text = read_text(path, "--config", "config") if path else None

@@ -328,6 +328,26 @@ def parse_yaml(text: str, filename: str) -> dict[str, object]:
     return data
 
 
+# Read by the CLI and the worker processes rather than an option: known, never warned about.
+_OTHER_ENV: Final = frozenset({"MTLS_PROXY_CONFIG", "MTLS_PROXY_WORKER_FD"})
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """One warning per ``MTLS_PROXY_*`` variable that no option reads (a typo would otherwise
+    leave the default in force silently). Warnings, not errors: a variable meant for another
+    version of the proxy must not stop this one."""
+    known = {o.env for o in OPTIONS} | _OTHER_ENV
+    # Matched without the shared prefix, which would make every name look close to every other.
+    suffixes = {k.removeprefix(ENV_PREFIX) for k in known}
+    warnings = []
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), sorted(suffixes), n=1)
+            hint = f" (did you mean {ENV_PREFIX + close[0]!r}?)" if close else ""
+            warnings.append(f"{name}: unknown environment variable, ignored{hint}")
+    return warnings
+
+
 def _did_you_mean(key: str, options: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -467,8 +487,11 @@ def parse_upstream(text: str) -> Upstream:
         return Upstream(text, "unix", path=path)
     m = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?/?", text)
     if m is None:
+        # HOST:PORT is what --listen takes, so it is the likely slip here: name the fix.
+        bare = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d+/?", text)
+        hint = f"; did you mean http://{text}?" if bare else ""
         raise ValueError(
-            f"expected http://host:port, https://host:port or unix:/path (got {text!r})"
+            f"expected http://host:port, https://host:port or unix:/path (got {text!r}){hint}"
         )
     scheme = m.group(1)
     host = m.group(2).strip("[]")
@@ -571,7 +594,7 @@ def load_config(
     else:
         _check_policy(c, tls, policy, rules_src)
     upstream = g("upstream")
-    if upstream is None:
+    if upstream is None and c.sources["upstream"] == "default":  # a bad value: reported by g
         c.problems.append(
             "--upstream is required (or upstream: in the config file, or MTLS_PROXY_UPSTREAM)"
         )

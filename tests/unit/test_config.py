@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtls_proxy.config import Address, load_config, parse_address, parse_upstream
+from mtls_proxy.config import Address, load_config, parse_address, parse_upstream, unknown_env
 from mtls_proxy.errors import ConfigError
 
 BASE = {
@@ -246,3 +246,31 @@ def test_cert_dir_and_stores_need_no_pem_paths() -> None:
         }
     )
     assert (c.tls.keystore, c.tls.truststore, c.tls.keystore_alias) == ("k.p12", "t.jks", "app")
+
+
+def test_unknown_env_warns_once_per_variable_with_a_suggestion() -> None:
+    env = {
+        "MTLS_PROXY_LISTN": "x",
+        "MTLS_PROXY_LISTEN": "0.0.0.0:1",
+        "MTLS_PROXY_CONFIG": "c.yaml",
+        "MTLS_PROXY_WORKER_FD": "3",
+        "MTLS_PROXY_ZZZZZZZZ": "1",
+        "HOME": "/",
+    }
+    assert unknown_env(env) == [
+        "MTLS_PROXY_LISTN: unknown environment variable, ignored "
+        "(did you mean 'MTLS_PROXY_LISTEN'?)",
+        "MTLS_PROXY_ZZZZZZZZ: unknown environment variable, ignored",
+    ]
+
+
+def test_upstream_without_a_scheme_is_one_problem_with_a_hint() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(
+            flags={"upstream": "127.0.0.1:8080", "cert": "c", "key": "k", "cacert": "ca"},
+            env={"MTLS_PROXY_ALLOW_ALL": "1"},
+        )
+    assert exc.value.problems == [
+        "--upstream: expected http://host:port, https://host:port or unix:/path "
+        "(got '127.0.0.1:8080'); did you mean http://127.0.0.1:8080?"
+    ]

@@ -1,0 +1,54 @@
+"""Issue 14 item 5, the friction list: each rough edge of the CLI, run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from tests.helpers import ALLOWED_URI, Pki, proxy_cmd
+
+
+def run(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        proxy_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def material(tp: Pki) -> list[str]:
+    return ["--cert", tp.crt("server"), "--key", tp.key("server"), "--cacert", tp.ca]
+
+
+def test_upstream_without_a_scheme_is_one_error_with_a_hint(tp: Pki) -> None:
+    r = run("check", "--upstream", "127.0.0.1:8080", *material(tp), "--allow-uri", ALLOWED_URI)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, r.stderr
+    assert "--upstream" in errors[0] and "did you mean http://127.0.0.1:8080?" in errors[0]
+    assert "is required" not in r.stderr
+
+
+def test_unknown_environment_variable_is_a_warning_with_a_suggestion(tp: Pki) -> None:
+    env = {
+        **os.environ,
+        "MTLS_PROXY_IDLE_TIMOUT": "5",
+        "MTLS_PROXY_BOGUS": "1",
+        "MTLS_PROXY_CONFIG": "",  # known (the config file), never warned about
+    }
+    r = run(
+        "check",
+        "--upstream",
+        "http://127.0.0.1:9",
+        *material(tp),
+        "--allow-uri",
+        ALLOWED_URI,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr  # a warning: the exit code is unchanged
+    warnings = [line for line in r.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 2, r.stderr
+    assert "MTLS_PROXY_BOGUS" in warnings[0]
+    assert "MTLS_PROXY_IDLE_TIMOUT" in warnings[1]
+    assert "did you mean 'MTLS_PROXY_IDLE_TIMEOUT'?" in warnings[1]
+    assert "MTLS_PROXY_CONFIG" not in r.stderr
