@@ -72,11 +72,20 @@ def raise_fd_limit(max_connections: int) -> None:
             )
 
 
-def bind(addr: Address, backlog: int = 1024, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking listening socket on *addr* (SO_REUSEPORT for --workers)."""
-    infos = socket.getaddrinfo(
-        addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+def bind(
+    addr: Address, backlog: int = 1024, reuse_port: bool = False, option: str = ""
+) -> socket.socket:
+    """A non-blocking listening socket on *addr* (SO_REUSEPORT for --workers).
+
+    A failure is an OSError naming *option* and the address: the bare "[Errno 98] Address
+    already in use" does not say which of the two listeners could not bind."""
+    where = f"{option} {addr}" if option else str(addr)
+    try:
+        infos = socket.getaddrinfo(
+            addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise OSError(f"{where}: {_reason(exc)}") from exc  # the errno stays in the cause
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -86,10 +95,16 @@ def bind(addr: Address, backlog: int = 1024, reuse_port: bool = False) -> socket
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(f"{where}: {_reason(exc)}") from exc  # the errno stays in the cause
     return sock
+
+
+def _reason(exc: OSError) -> str:
+    """The reason without the errno, lower case: 'address already in use'."""
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
 
 
 def _material_key(material: Material) -> tuple[object, ...]:
@@ -358,12 +373,12 @@ class ProxyServer:
                 admin_app(self), access_log=None, handle_signals=False
             )
             await self.admin_runner.setup()
-            admin_sock = bind(self.cfg.admin, backlog=128)  # our own socket: port 0 works
+            admin_sock = bind(self.cfg.admin, backlog=128, option="--admin")  # port 0 works
             await web.SockSite(self.admin_runner, admin_sock).start()
             h, p = admin_sock.getsockname()[:2]
             self.admin_address = f"{h}:{p}"
         raise_fd_limit(self.cfg.max_connections)
-        self.sock = bind(self.cfg.listen, reuse_port=self.reuse_port)
+        self.sock = bind(self.cfg.listen, reuse_port=self.reuse_port, option="--listen")
         self.listening = True
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         self._start_watching()

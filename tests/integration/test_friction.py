@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+
+import pytest
 
 from tests.helpers import ALLOWED_URI, Pki, proxy_cmd
 
@@ -52,3 +55,24 @@ def test_unknown_environment_variable_is_a_warning_with_a_suggestion(tp: Pki) ->
     assert "MTLS_PROXY_IDLE_TIMOUT" in warnings[1]
     assert "did you mean 'MTLS_PROXY_IDLE_TIMEOUT'?" in warnings[1]
     assert "MTLS_PROXY_CONFIG" not in r.stderr
+
+
+@pytest.mark.parametrize("busy", ["--listen", "--admin"])
+def test_address_in_use_names_the_option_and_the_address(tp: Pki, busy: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        ports = {"--listen": "127.0.0.1:0", "--admin": "127.0.0.1:0", busy: addr}
+        r = run(
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:9",
+            *material(tp),
+            "--allow-all",
+            *(item for pair in ports.items() for item in pair),
+            timeout=30,
+        )
+    assert r.returncode == 1, r.stderr  # docs/cli.md: 1 = could not start
+    assert f"mtls-proxy: error: {busy} {addr}: address already in use" in r.stderr, r.stderr
+    assert "Errno" not in r.stderr
