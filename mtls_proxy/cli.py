@@ -67,6 +67,17 @@ def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) ->
     return load_config(text=text, filename=path or "config", env=env, flags=flags)
 
 
+def _port(text: str) -> int:
+    """A TCP port 0-65535, for argparse (a usage error, exit 2, otherwise)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 0-65535: {port}")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtls-proxy",
@@ -100,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         "--self-test",
         action="store_true",
         help="run the allowed/denied/no-cert checks, print them, exit 0 if all pass",
+    )
+    demo.add_argument(
+        "--port",
+        type=_port,
+        help="the proxy's port on 127.0.0.1 (default 8443; 0 picks a free one; "
+        "--self-test always uses a free one unless given)",
     )
     pki = sub.add_parser("pki", help="development PKI")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)
@@ -391,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args)
         from mtls_proxy.demo import run_demo
 
-        return run_demo(self_test=args.self_test)
+        return run_demo(self_test=args.self_test, port=args.port)
     except ConfigError as exc:
         for problem in exc.problems:  # may name a subject, an alias or a path: escaped
             print(f"mtls-proxy: error: {for_terminal(problem)}", file=sys.stderr)

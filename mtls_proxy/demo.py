@@ -108,7 +108,7 @@ def _self_test(port: int, d: Path) -> bool:
     return ok
 
 
-async def _run(d: Path, self_test: bool) -> int:
+async def _run(d: Path, self_test: bool, port: int) -> int:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", _echo)
     runner = web.AppRunner(app, access_log=None)
@@ -118,7 +118,7 @@ async def _run(d: Path, self_test: bool) -> int:
     up_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     cfg = load_config(
         flags={
-            "listen": "127.0.0.1:0" if self_test else "127.0.0.1:8443",
+            "listen": f"127.0.0.1:{port}",
             "admin": "127.0.0.1:0",
             "upstream": f"http://127.0.0.1:{up_port}",
             "cert": str(d / "server.crt"),
@@ -138,7 +138,20 @@ async def _run(d: Path, self_test: bool) -> int:
             await server.shutdown()
             return 0 if ok else 1
         serving = asyncio.get_running_loop().create_task(server.run())
-        await server.started.wait()
+        started = asyncio.get_running_loop().create_task(server.started.wait())
+        # run() fails in start() when the port is taken, and then never sets `started`:
+        # waiting for `started` alone hung silently (deaf to Ctrl-C, whose handler run() owns).
+        await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if not server.started.is_set():
+            try:
+                serving.result()  # start() failed: this raises its error
+            except OSError as exc:
+                cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                raise OSError(
+                    f"demo --port {port}: 127.0.0.1:{port}: {cause.strerror or cause}; "
+                    "choose another with --port N, or --port 0 for a free one"
+                ) from exc
         port = server.address[1]
         base = f"curl --cacert {d}/ca.crt https://localhost:{port}/hello"
         print(
@@ -162,17 +175,24 @@ Ctrl-C to stop.""",
         await runner.cleanup()
 
 
-def run_demo(self_test: bool = False) -> int:
-    """Entry point of ``mtls-proxy demo``."""
+def run_demo(self_test: bool = False, port: int | None = None) -> int:
+    """Entry point of ``mtls-proxy demo``: the proxy on 127.0.0.1:*port* (default 8443; a free
+    port for the self-test, or with 0)."""
+    if port is None:
+        port = 0 if self_test else 8443
     from mtls_proxy.cli import run_async
 
     setup_logging("text", "warning" if self_test else "info")
     d = Path(tempfile.mkdtemp(prefix="mtls-proxy-demo-"))
+    served = False
     try:
         make_demo_pki(d)
-        return run_async(lambda: _run(d, self_test))
+        code = run_async(lambda: _run(d, self_test, port))
+        served = True
+        return code
     finally:
-        if self_test:
+        # Kept only after a demo that ran: its curl commands name these files.
+        if self_test or not served:
             shutil.rmtree(d, ignore_errors=True)
         else:
             print(f"certificates left in {d}", file=sys.stderr)

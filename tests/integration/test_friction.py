@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 
@@ -76,3 +78,46 @@ def test_address_in_use_names_the_option_and_the_address(tp: Pki, busy: str) -> 
     assert r.returncode == 1, r.stderr  # docs/cli.md: 1 = could not start
     assert f"mtls-proxy: error: {busy} {addr}: address already in use" in r.stderr, r.stderr
     assert "Errno" not in r.stderr
+
+
+def test_demo_on_a_busy_port_says_which_and_exits() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("demo", "--port", str(port), timeout=60)  # it used to hang, deaf to Ctrl-C
+    assert r.returncode == 1, r.stderr
+    assert f"demo --port {port}: 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "--port 0 for a free one" in r.stderr
+    assert "certificates left" not in r.stderr
+
+
+def test_demo_port_0_picks_a_free_port_and_the_curl_commands_use_it() -> None:
+    proc = subprocess.Popen(
+        proxy_cmd("demo", "--port", "0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C to stop." in line:
+                break
+        text = "".join(lines)
+        m = re.search(r"proxy on https://localhost:(\d+)", text)
+        assert m is not None, text
+        port = int(m.group(1))
+        assert port not in (0, 8443)
+        curls = [line for line in lines if "curl " in line]
+        assert len(curls) == 3 and all(f"https://localhost:{port}/hello" in c for c in curls)
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # it listens there
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
