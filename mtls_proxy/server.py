@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from mtls_proxy import __version__
+from mtls_proxy import __version__, handshakes
 from mtls_proxy.admin import admin_app, material_status, rfc3339
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.identity import rfc2253
@@ -533,13 +533,17 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         proto = ClientConnection(self.shared, self._slots)
         client = "-"
+        # What the client shows (SNI, version, leaf) is captured for the log of a failure: the
+        # transport's callbacks run in a copy of this task's context (handshakes.py).
+        handshakes.watch(ctx := self.ctx)
+        handshakes.SEEN.set(seen := handshakes.Seen())
         try:
             client = str(conn.getpeername()[0])
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.connect_accepted_socket(
                 lambda: proto,
                 conn,
-                ssl=self.ctx,
+                ssl=ctx,
                 ssl_handshake_timeout=self.cfg.handshake_timeout,
                 ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT,
             )
@@ -549,14 +553,17 @@ class ProxyServer:
                 proto.transport.abort()
             raise
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
-            self._handshake_failed(classify_handshake_error(exc), client, exc)
+            seen.done = True
+            self._handshake_failed(classify_handshake_error(exc), client, exc, seen)
             conn.close()
             if proto.transport is None:  # connection_made never ran, so neither will lost
                 self._slots.release()
             return
+        seen.done = True
         if proto.refused is not None:  # found after the handshake (strict.py, revocation.py)
-            self._handshake_failed(proto.refused[0], client, proto.refused[1])
+            self._handshake_failed(proto.refused[0], client, proto.refused[1], seen)
             return
+        seen.leaf = None  # the connection's context keeps *seen*: not its certificate
         self.metrics.handshake("ok")
         self.metrics.connections.inc()
         sslobj = proto.transport.get_extra_info("ssl_object") if proto.transport else None
@@ -565,7 +572,9 @@ class ProxyServer:
         if self.shared.draining:
             proto.drain()
 
-    def _handshake_failed(self, reason: str, client: str, exc: BaseException | str) -> None:
+    def _handshake_failed(
+        self, reason: str, client: str, exc: BaseException | str, seen: handshakes.Seen
+    ) -> None:
         self.metrics.handshake("failed", reason)
         suppressed = self._handshake_log.allow(time.monotonic())
         if suppressed is not None:
@@ -581,6 +590,9 @@ class ProxyServer:
                     "reason": reason,
                     "client": client,
                     "error": str(error)[:300],
+                    # The SNI, TLS version and the leaf's SHA-256, subject and issuer (if the
+                    # client sent one): names only, never the certificate.
+                    **seen.fields(),
                     "suppressed": suppressed,
                 },
             )

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import time
 from pathlib import Path
 
+import pytest
+from cryptography import x509
+
+from mtls_proxy.identity import rfc2253
 from mtls_proxy.logs import AccessLog
-from tests.helpers import ALLOWED_URI, Pki, Proxy, Upstream, client_ctx, get, run_proxy
+from tests.helpers import (
+    ALLOWED_URI,
+    Pki,
+    Proxy,
+    Upstream,
+    client_ctx,
+    get,
+    handshake_rejected,
+    run_proxy,
+)
 
 POLICY = f"""
 allow:
@@ -81,3 +95,33 @@ def test_the_access_record_reason_is_escaped_in_text_and_json() -> None:
     assert len(text) == 2
     assert ' reason="no rule \\"x\\"\\x0amatched" ' in text[0], text[0]
     assert " reason=None " in text[1], text[1]
+
+
+def _failed(p: Proxy, n: int) -> list[dict[str, object]]:
+    deadline = time.monotonic() + 5
+    while True:
+        recs = [r for r in p.records() if r.get("msg") == "handshake failed"]
+        if len(recs) >= n or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("tls13", [True, False])
+def test_handshake_failed_names_the_presented_leaf_sni_and_version(
+    tp: Pki, upstream: Upstream, loop: str, tls13: bool
+) -> None:
+    leaf = x509.load_pem_x509_certificate(Path(tp.crt("expired")).read_bytes())
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
+        handshake_rejected(p.port, client_ctx(tp, "expired", tls13=tls13))
+        handshake_rejected(p.port, client_ctx(tp, None, tls13=tls13))
+        expired, anonymous = _failed(p, 2)
+        logs = "".join(p.logs)
+    version = "TLSv1.3" if tls13 else "TLSv1.2"
+    assert expired["reason"] == "expired" and expired["sni"] == "localhost"
+    assert expired["tls_version"] == version
+    assert expired["peer_sha256"] == hashlib.sha256(tp.der("expired")).hexdigest()
+    assert expired["peer"] == rfc2253(leaf.subject) == "CN=client-expired"
+    assert expired["peer_issuer"] == rfc2253(leaf.issuer)
+    assert anonymous["reason"] == "no_certificate" and anonymous["sni"] == "localhost"
+    assert anonymous["tls_version"] == version and "peer_sha256" not in anonymous
+    assert "BEGIN" not in logs and "PRIVATE" not in logs
