@@ -59,7 +59,9 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         "http://host:port, https://host:port or unix:/path",
     ),
     Opt("cert", ("tls", "cert"), "path", None, "PEM server certificate, leaf then intermediates"),
-    Opt("key", ("tls", "key"), "path", None, "PEM private key of --cert"),
+    Opt(
+        "key", ("tls", "key"), "path", None, "PEM private key of --cert (default: the --cert file)"
+    ),
     Opt("key-password", ("tls", "key_password"), "secret", None, "password of an encrypted --key"),
     Opt("keystore", ("tls", "keystore"), "path", None, "PKCS12/JKS keystore: key + chain"),
     Opt("keystore-password", ("tls", "keystore_password"), "secret", None, "keystore password"),
@@ -575,6 +577,11 @@ def load_config(
         sessions=g("tls-sessions"),  # type: ignore[arg-type]  # validated enum
         session_cache_size=int(g("tls-session-cache-size")),  # type: ignore[call-overload]  # validated int
     )
+    if tls.cert_dir is None and tls.keystore is None and tls.cert is not None and tls.key is None:
+        # One PEM file holding the certificate and its key (HAProxy's form, a common export):
+        # the key is read from --cert. tls.py says so when that file holds no key.
+        tls = dataclasses.replace(tls, key=tls.cert)
+        c.sources["key"] = c.sources["cert"]
     policy_section = data.get("policy")
     section = policy_section if isinstance(policy_section, dict) else {}
     allow_all, anonymous = bool(g("allow-all")), bool(g("allow-anonymous"))

@@ -56,8 +56,15 @@ def _check_key(key: object, where: str) -> PrivateKey:
     return key
 
 
+def _bad_password(password: bytes | None, option: str) -> str:
+    """Why a store would not open: "wrong password" misleads when none was given at all."""
+    if password is None:
+        return f"the store is password-protected and no password was given ({option})"
+    return "wrong password (the store's integrity check failed, or the file is corrupt)"
+
+
 def _load_pkcs12(
-    data: bytes, password: bytes | None, alias: str | None, where: str
+    data: bytes, password: bytes | None, alias: str | None, where: str, secret_option: str
 ) -> tuple[KeyMaterial | None, list[x509.Certificate]]:
     try:
         p12 = pkcs12.load_pkcs12(data, password)
@@ -68,7 +75,7 @@ def _load_pkcs12(
     except ValueError as exc:
         text = str(exc).lower()
         if "password" in text or "mac" in text:
-            raise ConfigError(f"{where}: wrong password (or a corrupt PKCS12 file)") from None
+            raise ConfigError(f"{where}: {_bad_password(password, secret_option)}") from None
         raise ConfigError(
             f"{where}: not a readable PKCS12 keystore (truncated or corrupt: {exc})"
         ) from None
@@ -82,15 +89,13 @@ def _load_pkcs12(
     return KeyMaterial(key, (p12.cert.certificate, *others)), []
 
 
-def _jks(data: bytes, password: bytes | None, where: str) -> object:
+def _jks(data: bytes, password: bytes | None, where: str, secret_option: str) -> object:
     import jks
 
     try:
         return jks.KeyStore.loads(data, (password or b"").decode("utf-8", "replace"))
     except jks.util.KeystoreSignatureException:
-        raise ConfigError(
-            f"{where}: wrong password (the keystore's integrity check failed)"
-        ) from None
+        raise ConfigError(f"{where}: {_bad_password(password, secret_option)}") from None
     except jks.util.DecryptionFailureException:
         raise ConfigError(f"{where}: wrong key password") from None
     except (jks.util.BadKeystoreFormatException, ValueError, IndexError, EOFError) as exc:
@@ -100,9 +105,9 @@ def _jks(data: bytes, password: bytes | None, where: str) -> object:
 
 
 def _load_jks(
-    data: bytes, password: bytes | None, alias: str | None, where: str
+    data: bytes, password: bytes | None, alias: str | None, where: str, secret_option: str
 ) -> tuple[KeyMaterial | None, list[x509.Certificate]]:
-    ks = _jks(data, password, where)
+    ks = _jks(data, password, where, secret_option)
     keys = dict(ks.private_keys)  # type: ignore[attr-defined]  # pyjks has no type hints
     trusted = [x509.load_der_x509_certificate(e.cert) for e in ks.certs.values()]  # type: ignore[attr-defined]  # pyjks
     if not keys:
@@ -125,7 +130,11 @@ def _load_jks(
 
 
 def load_keystore(
-    data: bytes, password: bytes | None, alias: str | None, where: str
+    data: bytes,
+    password: bytes | None,
+    alias: str | None,
+    where: str,
+    secret_option: str = "--keystore-password",  # noqa: S107 -- an option name, no secret
 ) -> KeyMaterial:
     """The key and chain of a PKCS12 or JKS keystore; ConfigError naming *where* otherwise."""
     fmt = store_format(data)
@@ -134,7 +143,7 @@ def load_keystore(
     if fmt == "pem":
         raise ConfigError(f"{where}: this is a PEM file; give it with --cert/--key instead")
     loaded, _ = (_load_jks if fmt in ("jks", "jceks") else _load_pkcs12)(
-        data, password, alias, where
+        data, password, alias, where, secret_option
     )
     if loaded is None:
         raise ConfigError(f"{where}: contains no private key (is it a truststore?)")
@@ -149,7 +158,12 @@ def load_keystore(
     return loaded
 
 
-def load_truststore(data: bytes, password: bytes | None, where: str) -> list[x509.Certificate]:
+def load_truststore(
+    data: bytes,
+    password: bytes | None,
+    where: str,
+    secret_option: str = "--truststore-password",  # noqa: S107 -- an option name, no secret
+) -> list[x509.Certificate]:
     """The trusted certificates of a PKCS12/JKS truststore (or a PEM bundle)."""
     fmt = store_format(data)
     if not fmt:
@@ -160,9 +174,9 @@ def load_truststore(data: bytes, password: bytes | None, where: str) -> list[x50
         except ValueError:
             certs = []
     elif fmt in ("jks", "jceks"):
-        _, certs = _load_jks(data, password, None, where)
+        _, certs = _load_jks(data, password, None, where, secret_option)
     else:
-        loaded, certs = _load_pkcs12(data, password, None, where)
+        loaded, certs = _load_pkcs12(data, password, None, where, secret_option)
         if loaded is not None:
             certs = [*loaded.chain[1:], *certs]
     if not certs:

@@ -115,6 +115,15 @@ def _certs(data: bytes, path: str, key: str) -> list[x509.Certificate]:
     except ValueError:
         certs = []
     if not certs:
+        try:
+            x509.load_der_x509_certificate(data)
+        except ValueError:
+            pass
+        else:  # the binary form (a .cer/.der from Windows or Java): name it and the way out
+            raise ConfigError(
+                f"{key}: {path}: a DER (binary) certificate; PEM is needed: convert it with "
+                f"'openssl x509 -inform der -in {path} -out {path}.pem'"
+            )
         raise ConfigError(
             f"{key}: {path}: not a PEM certificate file (no parsable "
             "'-----BEGIN CERTIFICATE-----' block)"
@@ -288,6 +297,12 @@ def _pem_pair(
     cert_key, key_key = src.get("cert", "--cert"), src.get("key", "--key")
     certs = _certs(read_file(tls.cert, cert_key, "certificate"), str(tls.cert), cert_key)
     key_data = read_file(tls.key, key_key, "private key")
+    if key_key == cert_key and tls.key == tls.cert and b"PRIVATE KEY-----" not in key_data:
+        # No --key was given, so config.py looked for the key in the --cert file (rule 1).
+        raise ConfigError(
+            f"{cert_key}: {tls.cert}: holds no private key, and no --key was given; "
+            "give the key's file with --key (or one PEM file holding both as --cert)"
+        )
     password = resolve_password(tls.key_password, src.get("key-password", "--key-password"))
     try:
         loaded = serialization.load_pem_private_key(key_data, password)

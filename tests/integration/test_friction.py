@@ -7,9 +7,11 @@ import re
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from mtls_proxy import pki
 from tests.helpers import ALLOWED_URI, Pki, proxy_cmd
 
 
@@ -121,3 +123,57 @@ def test_demo_port_0_picks_a_free_port_and_the_curl_commands_use_it() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _check(tp: Pki, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("check", "--upstream", "http://127.0.0.1:9", "--allow-all", *args)
+
+
+def test_one_pem_with_certificate_and_key_as_cert_is_enough(tp: Pki, tmp_path: Path) -> None:
+    both = tmp_path / "both.pem"
+    both.write_bytes(Path(tp.crt("server")).read_bytes() + Path(tp.key("server")).read_bytes())
+    r = _check(tp, "--cert", str(both), "--cacert", tp.ca)
+    assert r.returncode == 0, r.stderr
+    r = _check(tp, "--cert", tp.crt("server"), "--cacert", tp.ca)  # no key anywhere
+    assert r.returncode == 2
+    assert f"--cert: {tp.crt('server')}: holds no private key, and no --key was given" in r.stderr
+
+
+def test_a_der_certificate_as_cert_is_named_with_the_conversion(tp: Pki, tmp_path: Path) -> None:
+    der = tmp_path / "server.cer"
+    der.write_bytes(tp.der("server"))
+    r = _check(tp, "--cert", str(der), "--key", tp.key("server"), "--cacert", tp.ca)
+    assert r.returncode == 2
+    assert f"--cert: {der}: a DER (binary) certificate; PEM is needed" in r.stderr
+    assert f"openssl x509 -inform der -in {der} -out {der}.pem" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["p12", "jks"])
+def test_a_store_without_its_password_says_no_password_was_given(
+    tp: Pki, tmp_path: Path, fmt: str
+) -> None:
+    out = pki.export(tp.dir, "server", fmt, "S3cret", tmp_path / fmt)
+    r = _check(tp, "--keystore", str(out / f"keystore.{fmt}"), "--cacert", tp.ca)
+    assert r.returncode == 2
+    assert "password-protected and no password was given (--keystore-password)" in r.stderr
+    r = _check(
+        tp,
+        "--cert",
+        tp.crt("server"),
+        "--key",
+        tp.key("server"),
+        "--truststore",
+        str(out / f"truststore.{fmt}"),
+    )
+    assert r.returncode == 2
+    assert "password-protected and no password was given (--truststore-password)" in r.stderr
+    r = _check(
+        tp,
+        "--keystore",
+        str(out / f"keystore.{fmt}"),
+        "--keystore-password",
+        "wrong",
+        "--cacert",
+        tp.ca,
+    )
+    assert r.returncode == 2 and "wrong password" in r.stderr
