@@ -78,6 +78,19 @@ def _port(text: str) -> int:
     return port
 
 
+def _days(text: str) -> int:
+    """--days of pki issue: 0 or less would write a certificate that is already expired."""
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1 (got {days}: the certificate would be expired when written)"
+        )
+    return days
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtls-proxy",
@@ -131,7 +144,9 @@ def _parser() -> argparse.ArgumentParser:
         issue.add_argument(f"--{flag}", action="append", default=[])
     issue.add_argument("--cn")
     issue.add_argument("--o")
-    issue.add_argument("--days", type=int, default=825)
+    issue.add_argument(
+        "--days", type=_days, default=825, help="validity in days, at least 1 (default 825)"
+    )
     issue.add_argument("--key-type", choices=["ec", "rsa", "ed25519"], default="ec")
     revoke = pki_sub.add_parser("revoke", help="add NAME to DIR/crl.pem")
     revoke.add_argument("name")
@@ -390,7 +405,8 @@ def _pki_store(args: argparse.Namespace, directory: Path) -> int:
         secret = (resolve_password(literal, "--password") or b"").decode()
     out = pki.export(directory, name, args.format, secret, Path(args.out) if args.out else None)
     print(f"wrote {out}")
-    print(pki.spring_properties(out.resolve(), args.format, secret, name))
+    client = pki.is_client_only(pki.load_issued(directory, name).cert)
+    print(pki.spring_properties(out.resolve(), args.format, secret, name, client=client))
     return 0
 
 

@@ -274,8 +274,23 @@ def revoke(directory: Path, name: str, now: dt.datetime | None = None) -> Path:
     return crl_path
 
 
-def spring_properties(out: Path, fmt: str, password: str, alias: str) -> str:
-    """The Spring Boot properties that use what export() wrote."""
+def is_client_only(cert: x509.Certificate) -> bool:
+    """True for a client certificate: its EKU allows clientAuth and not serverAuth."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False  # any purpose: the server side, as before
+    return ExtendedKeyUsageOID.CLIENT_AUTH in eku and ExtendedKeyUsageOID.SERVER_AUTH not in eku
+
+
+def spring_properties(
+    out: Path, fmt: str, password: str, alias: str, *, client: bool = False
+) -> str:
+    """The Spring Boot properties that use what export() wrote: a server's (``server.ssl.*``)
+    or, for a client certificate, an SSL bundle for RestClient/WebClient and the JVM's
+    ``javax.net.ssl.*`` system properties (a client has no use for ``server.ssl``)."""
+    if client:
+        return _client_properties(out, fmt, password, alias)
     if fmt == "pem":
         return "\n".join(
             [
@@ -307,6 +322,45 @@ def spring_properties(out: Path, fmt: str, password: str, alias: str) -> str:
             f"spring.ssl.bundle.jks.mtls.truststore.password={password}",
             f"spring.ssl.bundle.jks.mtls.truststore.type={typ}",
             "server.ssl.bundle=mtls",
+        ]
+    )
+
+
+def _client_properties(out: Path, fmt: str, password: str, alias: str) -> str:
+    use = [
+        '# use it: RestClient.builder().apply(restClientSsl.fromBundle("mtls")),',
+        '# WebClient.builder().apply(webClientSsl.fromBundle("mtls")) or',
+        '# restTemplateBuilder.sslBundle(sslBundles.getBundle("mtls"))',
+    ]
+    if fmt == "pem":  # javax.net.ssl reads keystores only: no system properties for PEM
+        return "\n".join(
+            [
+                "# Spring Boot 3.1+ client SSL bundle",
+                f"spring.ssl.bundle.pem.mtls.keystore.certificate=file:{out}/tls.crt",
+                f"spring.ssl.bundle.pem.mtls.keystore.private-key=file:{out}/tls.key",
+                f"spring.ssl.bundle.pem.mtls.truststore.certificate=file:{out}/ca.crt",
+                *use,
+            ]
+        )
+    ext, typ = ("p12", "PKCS12") if fmt == "p12" else ("jks", "JKS")
+    return "\n".join(
+        [
+            "# Spring Boot 3.1+ client SSL bundle",
+            f"spring.ssl.bundle.jks.mtls.key.alias={alias}",
+            f"spring.ssl.bundle.jks.mtls.keystore.location=file:{out}/keystore.{ext}",
+            f"spring.ssl.bundle.jks.mtls.keystore.password={password}",
+            f"spring.ssl.bundle.jks.mtls.keystore.type={typ}",
+            f"spring.ssl.bundle.jks.mtls.truststore.location=file:{out}/truststore.{ext}",
+            f"spring.ssl.bundle.jks.mtls.truststore.password={password}",
+            f"spring.ssl.bundle.jks.mtls.truststore.type={typ}",
+            *use,
+            "# or JVM-wide (HttpsURLConnection, java.net.http.HttpClient): system properties",
+            f"-Djavax.net.ssl.keyStore={out}/keystore.{ext}",
+            f"-Djavax.net.ssl.keyStorePassword={password}",
+            f"-Djavax.net.ssl.keyStoreType={typ}",
+            f"-Djavax.net.ssl.trustStore={out}/truststore.{ext}",
+            f"-Djavax.net.ssl.trustStorePassword={password}",
+            f"-Djavax.net.ssl.trustStoreType={typ}",
         ]
     )
 

@@ -177,3 +177,31 @@ def test_a_store_without_its_password_says_no_password_was_given(
         tp.ca,
     )
     assert r.returncode == 2 and "wrong password" in r.stderr
+
+
+def test_pki_issue_refuses_days_below_1(tmp_path: Path) -> None:
+    assert run("pki", "init", str(tmp_path)).returncode == 0
+    for days in ("-1", "0"):
+        r = run("pki", "issue", "client", "c", "--dir", str(tmp_path), "--days", days)
+        assert r.returncode == 2, r.stderr
+        assert "--days: must be at least 1" in r.stderr
+        assert not (tmp_path / "c.crt").exists()
+
+
+def test_pki_export_of_a_client_prints_client_side_properties(tmp_path: Path) -> None:
+    assert run("pki", "init", str(tmp_path)).returncode == 0
+    for kind, name in (("client", "app"), ("server", "srv")):
+        assert run("pki", "issue", kind, name, "--dir", str(tmp_path)).returncode == 0
+    r = run("pki", "export", "app", "--dir", str(tmp_path), "--password", "pw")
+    assert r.returncode == 0, r.stderr
+    store = tmp_path.resolve() / "app-export"
+    assert "server.ssl" not in r.stdout
+    assert f"spring.ssl.bundle.jks.mtls.keystore.location=file:{store}/keystore.p12" in r.stdout
+    assert "spring.ssl.bundle.jks.mtls.key.alias=app" in r.stdout
+    assert f"-Djavax.net.ssl.keyStore={store}/keystore.p12" in r.stdout
+    assert f"-Djavax.net.ssl.trustStore={store}/truststore.p12" in r.stdout
+    r = run("pki", "export", "app", "--dir", str(tmp_path), "--format", "pem")
+    assert r.returncode == 0, r.stderr
+    assert "server.ssl" not in r.stdout and "spring.ssl.bundle.pem.mtls.keystore" in r.stdout
+    r = run("pki", "export", "srv", "--dir", str(tmp_path), "--password", "pw")
+    assert "server.ssl.client-auth=need" in r.stdout and "javax.net.ssl" not in r.stdout
