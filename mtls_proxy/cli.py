@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
 import os
 import sys
@@ -151,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     revoke = pki_sub.add_parser("revoke", help="add NAME to DIR/crl.pem")
     revoke.add_argument("name")
     revoke.add_argument("--dir", required=True)
+    crl = pki_sub.add_parser("crl", help="re-sign DIR/crl.pem: same entries, a new nextUpdate")
+    crl.add_argument("--dir", required=True)
+    crl.add_argument(
+        "--days", type=_days, default=7, help="nextUpdate this many days out (default 7)"
+    )
     export = pki_sub.add_parser("export", help="keystore/truststore for Spring Boot or PEM")
     export.add_argument("name")
     export.add_argument("--dir", required=True)
@@ -253,6 +259,16 @@ def _check(args: argparse.Namespace) -> int:
             + (f", next update {rfc3339(nu)}" if nu else "")
             + (" EXPIRED" if material.crls_expired() else "")
         ]
+        if nu is not None and nu - dt.datetime.now(dt.UTC) < dt.timedelta(hours=24):
+            # A warning, not a failure: the CRL is still good now; past nextUpdate it costs the
+            # clients of its CA (--crl-expired reject), so say it before that happens.
+            when = "has passed" if material.crls_expired() else "is less than 24 h away"
+            print(
+                f"mtls-proxy: warning: {cfg.source('crl')}: {for_terminal(cfg.tls.crl)}: the "
+                f"CRL nextUpdate {rfc3339(nu)} {when}; re-sign the CRL (development PKI: "
+                "mtls-proxy pki crl --dir DIR)",
+                file=sys.stderr,
+            )
     lines = [
         "configuration OK" + (f" ({cfg.config_file})" if cfg.config_file else ""),
         f"  listen:            {cfg.listen}",
@@ -352,6 +368,13 @@ def _pki(args: argparse.Namespace) -> int:
         print(f"wrote {directory}/root.crt, root.key, intermediate.crt, intermediate.key, ca.crt")
         return 0
     directory = Path(args.dir)
+    if args.pki_command == "crl":
+        try:
+            path, count = pki.refresh_crls(directory, args.days)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--dir: {directory}: cannot re-sign the CRLs ({exc})") from None
+        print(f"wrote {path}: {count} revoked certificate(s), next update in {args.days} day(s)")
+        return 0
     if args.pki_command in ("revoke", "export"):
         return _pki_store(args, directory)
     try:

@@ -225,13 +225,13 @@ def load_issued(directory: Path, name: str) -> Issued:
 
 
 def _sign_crl(
-    ca: Issued, revoked: Sequence[x509.RevokedCertificate], now: dt.datetime
+    ca: Issued, revoked: Sequence[x509.RevokedCertificate], now: dt.datetime, days: int = 7
 ) -> x509.CertificateRevocationList:
     b = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.cert.subject)
         .last_update(now)
-        .next_update(now + 7 * _DAY)
+        .next_update(now + days * _DAY)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
             critical=False,
@@ -247,21 +247,10 @@ def revoke(directory: Path, name: str, now: dt.datetime | None = None) -> Path:
     (leaves) and the root's (the intermediate; ``revoke intermediate``). Both are always written,
     so that ``--crl-check chain`` (every CA of a chain needs a CRL) works; entries are kept."""
     now = now or dt.datetime.now(dt.UTC)
-    inter = load_issuer(directory)
-    root = load_issued(directory, "root")
+    inter, root, entries = _crl_entries(directory)
     leaf = x509.load_pem_x509_certificates((directory / f"{name}.crt").read_bytes())[0]
     if leaf.issuer not in (inter.cert.subject, root.cert.subject):
         raise ValueError(f"{directory / (name + '.crt')}: not issued by this PKI's CAs")
-    crl_path = directory / "crl.pem"
-    entries: dict[x509.Name, dict[int, x509.RevokedCertificate]] = {
-        inter.cert.subject: {},
-        root.cert.subject: {},
-    }
-    if crl_path.exists():
-        for block in _CRL_BLOCK.findall(crl_path.read_bytes()):
-            old = x509.load_pem_x509_crl(block)
-            for r in old:
-                entries.setdefault(old.issuer, {})[r.serial_number] = r
     entries.setdefault(leaf.issuer, {}).setdefault(
         leaf.serial_number,
         x509.RevokedCertificateBuilder()
@@ -269,7 +258,45 @@ def revoke(directory: Path, name: str, now: dt.datetime | None = None) -> Path:
         .revocation_date(now)
         .build(),
     )
-    crls = [_sign_crl(ca, list(entries[ca.cert.subject].values()), now) for ca in (inter, root)]
+    return _write_crls(directory, inter, root, entries, now, 7)
+
+
+def refresh_crls(
+    directory: Path, days: int = 7, now: dt.datetime | None = None
+) -> tuple[Path, int]:
+    """Re-sign DIR/crl.pem with the same revoked entries and a nextUpdate *days* out (a CRL past
+    its nextUpdate makes the proxy refuse its CA's clients); returns the path and the number
+    of entries. Without a crl.pem, writes empty CRLs of both CAs."""
+    inter, root, entries = _crl_entries(directory)
+    now = now or dt.datetime.now(dt.UTC)
+    path = _write_crls(directory, inter, root, entries, now, days)
+    return path, sum(len(e) for e in entries.values())
+
+
+_Entries = dict[x509.Name, dict[int, x509.RevokedCertificate]]
+
+
+def _crl_entries(directory: Path) -> tuple[Issued, Issued, _Entries]:
+    """The two CAs and the entries already revoked in DIR/crl.pem, by issuer and serial."""
+    inter = load_issuer(directory)
+    root = load_issued(directory, "root")
+    entries: _Entries = {inter.cert.subject: {}, root.cert.subject: {}}
+    crl_path = directory / "crl.pem"
+    if crl_path.exists():
+        for block in _CRL_BLOCK.findall(crl_path.read_bytes()):
+            old = x509.load_pem_x509_crl(block)
+            for r in old:
+                entries.setdefault(old.issuer, {})[r.serial_number] = r
+    return inter, root, entries
+
+
+def _write_crls(
+    directory: Path, inter: Issued, root: Issued, entries: _Entries, now: dt.datetime, days: int
+) -> Path:
+    crls = [
+        _sign_crl(ca, list(entries[ca.cert.subject].values()), now, days) for ca in (inter, root)
+    ]
+    crl_path = directory / "crl.pem"
     crl_path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls))
     return crl_path
 

@@ -205,3 +205,47 @@ def test_pki_export_of_a_client_prints_client_side_properties(tmp_path: Path) ->
     assert "server.ssl" not in r.stdout and "spring.ssl.bundle.pem.mtls.keystore" in r.stdout
     r = run("pki", "export", "srv", "--dir", str(tmp_path), "--password", "pw")
     assert "server.ssl.client-auth=need" in r.stdout and "javax.net.ssl" not in r.stdout
+
+
+def _crl_serials(path: Path) -> set[int]:
+    from cryptography import x509
+
+    blocks = path.read_bytes().split(b"-----END X509 CRL-----")[:-1]
+    return {
+        r.serial_number
+        for b in blocks
+        for r in x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n")
+    }
+
+
+def test_pki_crl_re_signs_and_check_warns_near_next_update(tmp_path: Path) -> None:
+    import datetime as dt
+
+    d = str(tmp_path)
+    assert run("pki", "init", d).returncode == 0
+    for kind, name in (("server", "srv"), ("client", "gone")):
+        assert run("pki", "issue", kind, name, "--dir", d, "--dns", "localhost").returncode == 0
+    assert run("pki", "revoke", "gone", "--dir", d).returncode == 0
+    revoked = _crl_serials(tmp_path / "crl.pem")
+    assert len(revoked) == 1
+    args = ["--upstream", "http://127.0.0.1:9", "--allow-all"]
+    args += ["--cert", f"{d}/srv.crt", "--key", f"{d}/srv.key", "--cacert", f"{d}/ca.crt"]
+    args += ["--crl", f"{d}/crl.pem"]
+
+    r = run("pki", "crl", "--dir", d, "--days", "1")
+    assert r.returncode == 0, r.stderr
+    assert "1 revoked certificate(s), next update in 1 day(s)" in r.stdout
+    assert _crl_serials(tmp_path / "crl.pem") == revoked  # the same entries, re-signed
+    r = run("check", *args)
+    assert r.returncode == 0, r.stderr  # a warning, not a failure
+    assert f"--crl: {d}/crl.pem: the CRL nextUpdate" in r.stderr
+    assert "is less than 24 h away" in r.stderr and "mtls-proxy pki crl --dir DIR" in r.stderr
+
+    assert run("pki", "crl", "--dir", d, "--days", "30").returncode == 0
+    r = run("check", *args)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+    pki.refresh_crls(tmp_path, 1, now=dt.datetime.now(dt.UTC) - dt.timedelta(days=2))
+    r = run("check", *args)
+    assert r.returncode == 0 and "has passed" in r.stderr, r.stderr
+    assert run("pki", "crl", "--dir", d, "--days", "0").returncode == 2
