@@ -99,8 +99,11 @@ def _traefik_dn(name: x509.Name) -> str:
 
 
 def traefik(peer: PeerIdentity) -> list[tuple[str, str]]:
-    """``X-Forwarded-Tls-Client-Cert`` (URL-escaped PEM body) and ``-Info`` (URL-escaped
-    ``Subject="..";Issuer="..";NB="..";NA="..";SAN=".."``), as Traefik sends them."""
+    """``X-Forwarded-Tls-Client-Cert`` (the PEM body: base64 without BEGIN/END lines and line
+    breaks, not URL-escaped) and ``-Info`` (URL-escaped
+    ``Subject="..";Issuer="..";NB="..";NA="..";SAN=".."``), as Traefik v3 sends them. Traefik
+    v2 URL-escaped the certificate too; v3 dropped that, and apps decode v3's form (base64 is
+    printable ASCII already, rule 1)."""
     cert = x509.load_der_x509_certificate(peer.der)
     sans = [*peer.dns, *peer.email, *peer.ip, *peer.uri]
     info = (
@@ -110,6 +113,6 @@ def traefik(peer: PeerIdentity) -> list[tuple[str, str]]:
         f'SAN="{",".join(_traefik_value(v) for v in sans)}"'
     )
     return [
-        ("X-Forwarded-Tls-Client-Cert", quote(_b64(peer.der), safe="")),
+        ("X-Forwarded-Tls-Client-Cert", _b64(peer.der)),
         ("X-Forwarded-Tls-Client-Cert-Info", quote(info, safe="")),
     ]
