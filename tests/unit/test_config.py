@@ -274,3 +274,33 @@ def test_upstream_without_a_scheme_is_one_problem_with_a_hint() -> None:
         "--upstream: expected http://host:port, https://host:port or unix:/path "
         "(got '127.0.0.1:8080'); did you mean http://127.0.0.1:8080?"
     ]
+
+
+def _comment_of(text: str, key: str) -> str:
+    """The comment lines just above top-level *key* in example.yaml, its inline comment and the
+    comment lines that continue it."""
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{key}:"))
+    above = []
+    for line in reversed(lines[:at]):
+        if not line.startswith("#"):
+            break
+        above.insert(0, line)
+    tail = [lines[at].partition("#")[2]]
+    for line in lines[at + 1 :]:
+        if not (line.startswith(" ") and line.strip().startswith("#")):
+            break
+        tail.append(line)
+    return " ".join([*above, *tail])
+
+
+def test_example_yaml_comments_say_what_the_code_does() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "config" / "example.yaml").read_text()
+    workers = _comment_of(text, "workers")
+    # workers.py serves one port with N processes (SO_REUSEPORT); no "only 1" limit any more.
+    assert "only 1" not in workers and "SO_REUSEPORT" in workers
+    reload = _comment_of(text, "reload_interval")
+    # server.py watches the files' directories whatever reload_interval says; 0 adds no polling.
+    assert "only on SIGHUP" not in reload and "watched" in reload and "SIGHUP" in reload
