@@ -327,7 +327,8 @@ def test_export_prints_spring_properties_and_revoke_writes_a_crl(tp: Pki, tmp_pa
     )
     r = mtls("pki", "export", "app", "--dir", str(d), "--format", "p12", "--password", "pw1")
     assert r.returncode == 0, r.stderr
-    assert "server.ssl.key-store-type=PKCS12" in r.stdout
+    # A client certificate: client-side properties (issue 14 item 5), never server.ssl.*
+    assert "-Djavax.net.ssl.keyStoreType=PKCS12" in r.stdout and "server.ssl" not in r.stdout
     assert "spring.ssl.bundle.jks.mtls.truststore.location=file:" in r.stdout
     assert mtls("pki", "export", "app", "--dir", str(d), "--format", "jks").returncode == 2
     r = mtls("pki", "revoke", "app", "--dir", str(d))
