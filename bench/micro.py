@@ -61,6 +61,12 @@ class FakeSSL:
     def getpeercert(self, binary_form: bool = False) -> bytes:
         return self.der
 
+    def version(self) -> str:
+        return "TLSv1.3"
+
+    def cipher(self) -> tuple[str, str, int]:
+        return ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)
+
 
 async def run(n: int, profile: bool) -> None:
     from cryptography.hazmat.primitives import serialization

@@ -64,16 +64,21 @@ class Exchange:
         "method",
         "path",
         "reason",
+        "request_id",
         "response_started",
         "rule",
         "sent",
+        "sent_at",
         "start",
         "started",
         "status",
         "upstream",
+        "upstream_ms",
         "upstream_status",
         "ws_key",
     )
+
+    sent_at: float  # when the head went upstream (monotonic): set by the dispatch, read after
 
     def __init__(self, method: bytes, path: bytes, http10: bool) -> None:
         self.method, self.path, self.http10 = method, path, http10
@@ -92,6 +97,8 @@ class Exchange:
         self.decision = "deny"
         self.rule: str | None = None
         self.reason: str | None = None  # why the policy denies (deny and audit), for the log
+        self.request_id = b""  # as forwarded upstream in X-Request-Id (request.py rule 3)
+        self.upstream_ms: float | None = None  # from then to the response head
         self.start = time.monotonic()
 
     def fail(self, err: ProxyError) -> None:

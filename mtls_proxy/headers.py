@@ -18,6 +18,7 @@ Rules:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -122,7 +123,7 @@ UNDERSCORE_ACTIONS: Final[tuple[str, ...]] = ("drop", "reject", "allow")
 # ("Content_Length") is a look-alike: never interpreted, never forwarded (llhttp frames the body
 # by the exact name, so acting on the look-alike would make two readings of one request).
 KEEP, DROP, HOST, CONNECTION, LENGTH, CODING, EXPECT, XFCC_IN, UPGRADE = range(9)
-UNDERSCORE, LOOKALIKE = 9, 10
+UNDERSCORE, LOOKALIKE, REQUEST_ID = 9, 10, 11
 _EXACT: Final[dict[bytes, int]] = {
     b"host": HOST,
     b"connection": CONNECTION,
@@ -131,7 +132,11 @@ _EXACT: Final[dict[bytes, int]] = {
     b"expect": EXPECT,
     XFCC: XFCC_IN,
     b"upgrade": UPGRADE,
+    b"x-request-id": REQUEST_ID,  # the proxy forwards its own (request.py)
 }
+# A client's X-Request-Id is honoured only in this shape (else the proxy makes one): it goes to
+# the upstream and the access log verbatim.
+_REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _PROTECTED: Final[frozenset[bytes]] = IDENTITY_NAMES | HOP_BY_HOP | FORWARDING_NAMES | set(_EXACT)
 
 
@@ -155,6 +160,7 @@ class RequestHeaders:
     upgrade_values: list[bytes] = field(default_factory=list)
     connection_tokens: set[bytes] = field(default_factory=set)
     underscored: list[bytes] | None = None  # names with '_' not forwarded (rarely any)
+    request_id: bytes | None = None  # the client's X-Request-Id if there is exactly one, valid
 
     def forwarded_lines(self) -> bytes:
         """The kept headers as wire lines, with Connection-nominated ones removed."""
@@ -226,6 +232,9 @@ def split_request_headers(
         elif kind == UPGRADE:
             out.upgrade = True
             out.upgrade_values.append(value)
+        elif kind == REQUEST_ID:
+            # Two copies: neither is honoured (b"" is never valid).
+            out.request_id = b"" if out.request_id is not None else value
         elif kind == UNDERSCORE and underscores == "allow":
             kept.append((lname, name, value))
         elif out.underscored is None:  # LOOKALIKE, or UNDERSCORE under drop/reject
@@ -234,6 +243,8 @@ def split_request_headers(
             out.underscored.append(name)
     if nominated:
         out.kept = [h for h in kept if h[0] not in nominated]
+    if out.request_id is not None and _REQUEST_ID.fullmatch(out.request_id) is None:
+        out.request_id = None
     return out
 
 

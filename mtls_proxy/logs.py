@@ -135,21 +135,34 @@ class AccessLog:
             asyncio.get_running_loop().call_soon(self.flush)
         self._lines.append(line)
 
-    def connection_fields(self, peer: PeerIdentity | None, client: str) -> str:
+    def connection_fields(
+        self,
+        peer: PeerIdentity | None,
+        client: str,
+        client_port: int | None = None,
+        tls_version: str | None = None,
+        cipher: str | None = None,
+        sni: str | None = None,
+    ) -> str:
         """The part of every record that is fixed for one connection, encoded once: the
-        client's address, and its certificate's SHA-256, subject and SPIFFE ID (or nulls)."""
+        client's address and port, its certificate's SHA-256, subject and SPIFFE ID, the TLS
+        version and cipher, and the SNI the client sent (nulls where there is none)."""
         sha = peer.sha256 if peer else None
         subject = peer.subject if peer else None
         spiffe = peer.spiffe_id if peer else None
+        fields = {
+            "client": client,
+            "client_port": client_port,
+            "peer_sha256": sha,
+            "peer": subject,
+            "spiffe_id": spiffe,
+            "tls_version": tls_version,
+            "cipher": cipher,
+            "sni": sni,
+        }
         if self._json:
-            return (
-                f'"client": {_json_value(client)}, "peer_sha256": {_json_value(sha)}, '
-                f'"peer": {_json_value(subject)}, "spiffe_id": {_json_value(spiffe)}'
-            )
-        return (
-            f"client={text_log_field(client)} peer_sha256={sha} peer={text_log_field(subject)} "
-            f"spiffe_id={text_log_field(spiffe)}"
-        )
+            return ", ".join(f'"{k}": {_json_value(v)}' for k, v in fields.items())
+        return " ".join(f"{k}={text_log_field(v)}" for k, v in fields.items())
 
     def request(
         self,
@@ -165,27 +178,35 @@ class AccessLog:
         bytes_out: int,
         aborted: bool,
         reason: str | None = None,
+        request_id: str = "-",
+        upstream_ms: float | None = None,
     ) -> None:
-        """Queue the access record of one request (the hot-path form of record())."""
+        """Queue the access record of one request (the hot-path form of record()).
+
+        *request_id* and *method* are written as they are: the one is [A-Za-z0-9._-]
+        (headers.py) or the proxy's, the other a name from llhttp's table of methods (or "-")."""
         ts = self._time(time.time())
         if self._json:
             line = (
                 f'{{"time": "{ts}", "level": "info", "logger": "mtls_proxy.access", '
-                f'"msg": "access", {conn}, "method": {_json_value(method)}, '
+                f'"msg": "access", {conn}, "request_id": "{request_id}", '
+                f'"method": "{method}", '
                 f'"path": {_json_value(path)}, "status": {status}, "upstream_status": '
                 f'{upstream_status or "null"}, "decision": "{decision}", "rule": '
-                f'{_json_value(rule)}, "reason": {_json_value(reason)}, "duration_ms": '
-                f'{duration_ms}, "bytes_in": {bytes_in}, '
+                f'{_json_value(rule)}, "reason": '
+                f'{"null" if reason is None else _json_value(reason)}, "duration_ms": '
+                f'{duration_ms}, "upstream_ms": {"null" if upstream_ms is None else upstream_ms}, '
+                f'"bytes_in": {bytes_in}, '
                 f'"bytes_out": {bytes_out}'
                 f"{_ABORTED if aborted else ''}}}\n"
             )
         else:
             line = (
-                f"{ts} INFO mtls_proxy.access: {conn} method={text_log_field(method)} "
+                f"{ts} INFO mtls_proxy.access: {conn} request_id={request_id} "
+                f"method={text_log_field(method)} "
                 f"path={text_log_field(path)} status={status} upstream_status={upstream_status} "
                 f"decision={decision} rule={text_log_field(rule)} reason={text_log_field(reason)} "
-                f"duration_ms={duration_ms} "
-                f"bytes_in={bytes_in} "
+                f"duration_ms={duration_ms} upstream_ms={upstream_ms} bytes_in={bytes_in} "
                 f"bytes_out={bytes_out}{' aborted' if aborted else ''}\n"
             )
         if not self._lines:

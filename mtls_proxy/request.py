@@ -7,6 +7,8 @@ Rules:
    (reduced to origin-form, its scheme never trusted).
 2. Re-serialize, never splice: the upstream head is built from validated parts, with the proxy's
    own framing, forwarding headers and the connection's identity block appended last.
+3. Every forwarded request carries exactly one ``X-Request-Id``: the client's if it sent one
+   valid value (headers.py), else the one the caller made; it is also the access record's.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Prepared:
     ws_key: bytes | None = None  # a WebSocket upgrade the proxy will tunnel after a valid 101
     length: int = 0  # the Content-Length the parser frames the body with (not chunked)
     underscored: list[bytes] | None = None  # names with '_' that were not forwarded
+    request_id: bytes = b""  # as forwarded in X-Request-Id (rule 3)
 
 
 _PORT_LINES: dict[bytes, bytes] = {b"": b"\r\n"}
@@ -102,8 +105,11 @@ def prepare(
     normalize: bool = False,
     port: bytes = b"",
     underscores: UnderscoreAction = "drop",
+    request_id: bytes = b"-",
 ) -> Prepared:
     """Validate one request head and build the upstream head; raise a ProxyError to refuse.
+
+    *request_id* is forwarded unless the client sent a valid X-Request-Id (rule 3).
 
     *normalize* (the policy has routes): the path is normalized and forwarded as normalized,
     so that the route decided on is the path the upstream serves (paths.py).
@@ -127,7 +133,7 @@ def prepare(
     host = rh.hosts[0] if rh.hosts else default_host
     if not host or b"," in host or b" " in host or b"\t" in host:
         raise BadRequest
-    out = Prepared(target, b"", underscored=rh.underscored)
+    out = Prepared(target, b"", underscored=rh.underscored, request_id=rh.request_id or request_id)
     framing = b""
     if rh.transfer_encoding:
         if http10:
@@ -169,6 +175,9 @@ def prepare(
             b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ",
             host,
             _port_line(port),
+            b"X-Request-Id: ",
+            out.request_id,
+            b"\r\n",
             block.lines,
             block.xfcc_line(rh.xfcc),
             framing,

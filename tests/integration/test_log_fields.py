@@ -20,8 +20,10 @@ from tests.helpers import (
     Proxy,
     Upstream,
     client_ctx,
+    connect,
     get,
     handshake_rejected,
+    read_response,
     run_proxy,
 )
 
@@ -125,3 +127,39 @@ def test_handshake_failed_names_the_presented_leaf_sni_and_version(
     assert anonymous["reason"] == "no_certificate" and anonymous["sni"] == "localhost"
     assert anonymous["tls_version"] == version and "peer_sha256" not in anonymous
     assert "BEGIN" not in logs and "PRIVATE" not in logs
+
+
+def test_access_records_carry_request_id_client_port_tls_sni_and_upstream_ms(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
+        with connect(p.port, client_ctx(tp, "good", tls13=True)) as s:
+            port = s.getsockname()[1]
+            cipher = s.cipher()
+            buf = bytearray()
+            for extra in (
+                "",
+                "X-Request-Id: client.id-1\r\nx-request-id: two\r\n",
+                "X-Request-Id: ok_2\r\n",
+            ):
+                s.sendall(f"GET /r HTTP/1.1\r\nHost: a\r\n{extra}\r\n".encode())
+                assert read_response(s, buf)[0] == 200
+        recs = _access(p, 3)
+    sent = [seen.one("x-request-id") for seen in upstream.seen]
+    assert [r["request_id"] for r in recs] == sent
+    assert sent[2] == "ok_2"  # the client's, valid and alone: forwarded, no second copy
+    ours = sent[:2]  # the proxy's (the second request sent two): one prefix per connection
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ours) and ours[0] != ours[1]
+    assert ours[0][:12] == ours[1][:12]
+    for r in recs:
+        assert r["client_port"] == port and r["tls_version"] == "TLSv1.3"
+        assert r["cipher"] == cipher[0] and r["sni"] == "localhost"
+        assert isinstance(r["upstream_ms"], float) and 0 <= r["upstream_ms"] <= r["duration_ms"]
+
+
+def test_a_denied_request_has_a_request_id_and_no_upstream_ms(tp: Pki, upstream: Upstream) -> None:
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
+        assert get(p.port, client_ctx(tp, "other"), "/x")[0] == 403
+        (rec,) = _access(p, 1)
+    assert rec["upstream_ms"] is None and len(str(rec["request_id"])) == 16
+    assert not upstream.seen

@@ -73,7 +73,7 @@ def test_prepare_builds_the_upstream_head() -> None:
     assert p.path == b"/p?q=1" and p.has_body and not p.chunked and not p.expect
     assert p.head == (
         b"POST /p?q=1 HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\nX-Forwarded-For: 10.0.0.9\r\n"
-        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: svc\r\n"
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: svc\r\nX-Request-Id: -\r\n"
         b"X-Client-Subject: CN=c\r\nx-forwarded-client-cert: Hash=1\r\n"
         b"Content-Length: 3\r\n\r\n"
     )
