@@ -691,6 +691,7 @@ class ClientConnection(asyncio.Protocol):
         conn.close()
         if ex.response_started:
             self.shared.metrics.upstream_errors.labels(kind=kind).inc()
+            self._log_upstream_error(ex, kind, exc.public_message, "body")
             ex.close = True
             self._finish(ex, aborted=True)
             return
@@ -702,14 +703,24 @@ class ClientConnection(asyncio.Protocol):
             return
         self._upstream_failed(ex, exc, kind)
 
+    def _log_upstream_error(self, ex: Exchange, kind: str, error: str, stage: str) -> None:
+        """One record per upstream failure: which upstream, what kind (the label of
+        upstream_errors_total), at which stage (before the response head or in the body), and
+        the request_id that joins it to the access record."""
+        logger.warning(
+            "upstream error",
+            extra={
+                "upstream": self.shared.cfg.upstream.url,
+                "kind": kind,
+                "stage": stage,
+                "error": error,
+                "request_id": ex.request_id.decode(),
+            },
+        )
+
     def _upstream_failed(self, ex: Exchange, exc: ProxyError, kind: str) -> None:
         self.shared.metrics.upstream_errors.labels(kind=kind).inc()
-        logger.warning(
-            "upstream %s: %s",
-            kind,
-            exc.public_message,
-            extra={"upstream": self.shared.cfg.upstream.url},
-        )
+        self._log_upstream_error(ex, kind, exc.public_message, "head")
         ex.status = exc.status
         ex.close = ex.close or not ex.body_done
         self._out.append(
@@ -726,10 +737,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.response_started:
             # Silent inside the body: the response cannot be completed; the client sees it cut.
             self.shared.metrics.upstream_errors.labels(kind="timeout").inc()
-            logger.warning(
-                "upstream timeout: the response body stalled",
-                extra={"upstream": self.shared.cfg.upstream.url},
-            )
+            self._log_upstream_error(ex, "timeout", "the response body stalled", "body")
             ex.close = True
             self._finish(ex, aborted=True)
             return

@@ -170,7 +170,9 @@ class Master:
         except TimeoutError:
             w.ready = False
         if not w.ready:
-            logger.error("worker %d (pid %d) did not become ready", w.index, w.proc.pid)
+            logger.error(
+                "worker did not become ready", extra={"worker": w.index, "pid": w.proc.pid}
+            )
 
     async def refresh(self) -> None:
         """Collect every worker's samples (a worker that does not answer in 2 s is skipped)."""
@@ -217,17 +219,33 @@ class Master:
         while not self.stopping.is_set():
             for w in self.workers:
                 if w.proc is not None and w.proc.poll() is not None and not self.draining:
+                    code = w.proc.returncode
                     logger.error(
-                        "worker %d (pid %d) exited with %s; restarting",
-                        w.index,
-                        w.proc.pid,
-                        w.proc.returncode,
+                        "worker exited; restarting",
+                        extra={
+                            "worker": w.index,
+                            "pid": w.proc.pid,
+                            "exit_code": code if code >= 0 else None,
+                            "signal": _signal_name(-code) if code < 0 else None,
+                        },
                     )
                     w.ready = False
                     await self.start_worker(w)
+                    logger.info(
+                        "worker restarted",
+                        extra={"worker": w.index, "pid": w.proc.pid, "ready": w.ready},
+                    )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.5):
                     await self.stopping.wait()
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL for 9; the number itself for a signal without a name (a real-time one)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 async def run_master(cfg: Config, material: Material, argv: list[str]) -> int:

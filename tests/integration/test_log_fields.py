@@ -6,6 +6,9 @@ import asyncio
 import hashlib
 import io
 import json
+import os
+import signal
+import socket
 import time
 from pathlib import Path
 
@@ -163,3 +166,36 @@ def test_a_denied_request_has_a_request_id_and_no_upstream_ms(tp: Pki, upstream:
         (rec,) = _access(p, 1)
     assert rec["upstream_ms"] is None and len(str(rec["request_id"])) == 16
     assert not upstream.seen
+
+
+def test_an_upstream_error_record_names_the_upstream_the_kind_and_the_request(
+    tp: Pki, loop: str
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+        with run_proxy(tp, dead, loop=loop) as p:
+            assert get(p.port, client_ctx(tp, "good"), "/x", "X-Request-Id: trace-7\r\n")[0] == 502
+            (rec,) = _access(p, 1)
+            (err,) = [r for r in p.records() if str(r.get("msg")).startswith("upstream")]
+    assert err["msg"] == "upstream error" and err["upstream"] == dead
+    assert err["kind"] == "connect" and err["stage"] == "head" and err["error"]
+    assert err["request_id"] == rec["request_id"] == "trace-7"
+
+
+def test_a_worker_restart_is_logged_with_fields(tp: Pki, upstream: Upstream) -> None:
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--workers", "2") as p:
+        ready = next(r for r in p.records() if r.get("msg") == "ready")
+        victim = ready["workers"][0]  # type: ignore[index]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(r.get("msg") == "worker restarted" for r in p.records()):
+                break
+            time.sleep(0.1)
+        records = p.records()
+    (exited,) = [r for r in records if r.get("msg") == "worker exited; restarting"]
+    (restarted,) = [r for r in records if r.get("msg") == "worker restarted"]
+    assert exited["worker"] == 0 and exited["pid"] == victim
+    assert exited["signal"] == "SIGKILL" and exited["exit_code"] is None
+    assert restarted["worker"] == 0 and restarted["pid"] != victim and restarted["ready"] is True
