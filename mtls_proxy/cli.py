@@ -183,7 +183,7 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]], loop: str = "auto") 
 
 
 def c_parsers_problem() -> str | None:
-    """SECURITY.md DEP-02: the pure-Python HTTP parsers give different, weaker verdicts (most
+    """docs/security.md, DEP-02: the pure-Python HTTP parsers give different, weaker verdicts (most
     historical aiohttp smuggling CVEs were there). The data plane parses with httptools
     (llhttp, C); the admin port with aiohttp, which must be its C parser too."""
     import aiohttp.http_parser as hp

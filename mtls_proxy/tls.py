@@ -435,7 +435,7 @@ def upstream_context(cafile: str | None = None) -> ssl.SSLContext:
     return ctx
 
 
-# OpenSSL X509_V_ERR_* codes -> the SPEC's handshake failure reasons.
+# OpenSSL X509_V_ERR_* codes -> the handshake failure reasons of docs/metrics.md.
 _VERIFY_REASONS: Final = {
     10: "expired",
     9: "expired",
