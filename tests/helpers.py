@@ -456,6 +456,27 @@ def connect(port: int, ctx: ssl.SSLContext, timeout: float = 10) -> ssl.SSLSocke
     return ctx.wrap_socket(raw, server_hostname="localhost")
 
 
+def send_and_read(
+    port: int, ctx: ssl.SSLContext, payload: bytes, timeout: float = 5, per_byte: bool = False
+) -> bytes:
+    """Send exact bytes over TLS (one record per byte with *per_byte*); read until the proxy
+    closes or goes quiet for *timeout*."""
+    with connect(port, ctx, timeout=timeout) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if per_byte:
+            for i in range(len(payload)):
+                s.sendall(payload[i : i + 1])
+        else:
+            s.sendall(payload)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (TimeoutError, ssl.SSLError, ConnectionError):
+            pass
+    return out
+
+
 def read_response(
     s: ssl.SSLSocket, buf: bytearray, head_only: bool = False
 ) -> tuple[int, dict[str, str], bytes]:

@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from tests.helpers import Pki, Upstream, client_ctx, connect, run_proxy
+from tests.helpers import Pki, Upstream, client_ctx, run_proxy, send_and_read
 
 P = b"POST / HTTP/1.1\r\nHost: a\r\n"
 CASES = [
@@ -44,15 +44,7 @@ CASES = [
 
 
 def exchange(port: int, ctx: ssl.SSLContext, payload: bytes) -> bytes:
-    with connect(port, ctx, timeout=5) as s:
-        s.sendall(payload)
-        out = b""
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except (TimeoutError, ssl.SSLError, ConnectionError):
-            pass
-    return out
+    return send_and_read(port, ctx, payload)
 
 
 @pytest.mark.parametrize(("name", "payload", "status"), CASES, ids=[c[0] for c in CASES])

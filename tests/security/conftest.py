@@ -5,7 +5,6 @@ forwarded request."""
 from __future__ import annotations
 
 import re
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -13,7 +12,16 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.helpers import Pki, Proxy, Seen, Upstream, client_ctx, connect, run_proxy, run_upstream
+from tests.helpers import (
+    Pki,
+    Proxy,
+    Seen,
+    Upstream,
+    client_ctx,
+    run_proxy,
+    run_upstream,
+    send_and_read,
+)
 
 HOP_BY_HOP = {
     "connection",
@@ -71,20 +79,7 @@ class Rig:
     def exchange(self, payload: bytes, timeout: float = 5, per_byte: bool = False) -> bytes:
         """Send exact bytes over mTLS with the good client; read until close or timeout.
         *per_byte*: one TLS record per byte (SMG-066)."""
-        with connect(self.port, self.good(), timeout=timeout) as s:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if per_byte:
-                for i in range(len(payload)):
-                    s.sendall(payload[i : i + 1])
-            else:
-                s.sendall(payload)
-            out = b""
-            try:
-                while chunk := s.recv(65536):
-                    out += chunk
-            except (TimeoutError, ssl.SSLError, ConnectionError):
-                pass
-        return out
+        return send_and_read(self.port, self.good(), payload, timeout, per_byte)
 
     def new_requests(self, before: int) -> list[Seen]:
         """Requests the upstream parsed since *before* (waits briefly for stragglers)."""

@@ -35,6 +35,7 @@ from tests.helpers import (
     read_response,
     run_proxy,
     run_upstream,
+    send_and_read,
 )
 from tests.security import certs as c
 from tests.security.conftest import assert_canon
@@ -71,16 +72,7 @@ class IntRig:
 
     def exchange(self, payload: bytes, label: str | None = "good", timeout: float = 3) -> bytes:
         """Send *payload* in one write; read until the proxy closes or goes quiet."""
-        with connect(self.proxy.port, self.ctx(label), timeout=timeout) as s:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.sendall(payload)
-            out = b""
-            try:
-                while chunk := s.recv(65536):
-                    out += chunk
-            except (TimeoutError, ssl.SSLError, ConnectionError):
-                pass
-        return out
+        return send_and_read(self.proxy.port, self.ctx(label), payload, timeout)
 
     def one(self, payload: bytes, label: str | None = "good") -> tuple[int, list[Seen]]:
         """Send one request (Connection: close expected in *payload*); status and what the
