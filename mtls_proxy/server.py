@@ -39,6 +39,7 @@ from mtls_proxy.tls import (
     upstream_context,
 )
 from mtls_proxy.upstream import UpstreamPool
+from mtls_proxy.verify import revocation_view
 
 if TYPE_CHECKING:
     from mtls_proxy.config import Address, Config
@@ -214,21 +215,9 @@ class ProxyServer:
         )
 
     def _set_revocation(self, material: Material) -> None:
-        """With --crl-expired allow and a stale CRL, OpenSSL is not given the CRLs (it would
-        refuse every client of that CA, and cannot relax one issuer only): revocation.py checks
-        them after each handshake, and with needs_crls refuses a chain whose CAs lack a CRL, as
-        OpenSSL's --crl-check chain/leaf would: only the stale CRL's own issuer is relaxed
-        (revocation.py rule 6)."""
-        self.shared.revocation = (
-            None
-            if self._crl_mode or not material.crls
-            else TrustView.build(
-                material.ca_certs,
-                material.crls,
-                leaf_only=self.cfg.tls.crl_check == "leaf",
-                needs_crls=True,
-            )
-        )
+        """The CRLs checked after each handshake (--crl-expired allow with a stale CRL): the
+        view explain uses too (verify.revocation_view), so that the two agree."""
+        self.shared.revocation = revocation_view(self.cfg, material)
 
     def _check_crl_expiry(self) -> None:
         """Time passes without a reload: a CRL can go stale while loaded."""

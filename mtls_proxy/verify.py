@@ -101,7 +101,11 @@ def listener_context(
 
 
 def revocation_view(cfg: Config, material: Material) -> TrustView | None:
-    """The CRLs the listener enforces after the handshake, if any (server.py _set_revocation)."""
+    """The CRLs the listener enforces after the handshake, if any: with --crl-expired allow
+    and a stale CRL, OpenSSL is not given the CRLs (it would refuse every client of that CA,
+    and cannot relax one issuer only); revocation.py checks them after each handshake, and
+    with needs_crls refuses a chain whose CAs lack a CRL, as OpenSSL's chain/leaf mode would
+    (revocation.py rule 6). Used by the listener (server.py) and by explain."""
     if openssl_checks_crls(cfg, material) or not material.crls:
         return None
     return TrustView.build(
