@@ -214,7 +214,14 @@ class ClientConnection(asyncio.Protocol):
             if self.refused is not None:
                 self.sslobj = None  # its session is not kept (connection_lost)
                 self.closed = True
-                self.transport.abort()  # type: ignore[union-attr]  # set just above
+                # The handshake is over (TLS 1.3: our Finished went first), so no alert can
+                # name the reason: an HTTP 403 does, ahead of the request, as nginx answers a
+                # certificate refused after its handshake with a 400 page. Never forwarded.
+                reason, why = self.refused
+                answer = error_response(
+                    403, "client_certificate_refused", f"{reason}: {why}", False, True
+                )
+                t.refuse(answer)  # type: ignore[attr-defined]  # tlsconn.TLSServerLayer
                 return
         self._wait(_IDLE)
         if shared.draining:

@@ -38,6 +38,7 @@ from mtls_proxy.tls import (
     server_context,
     upstream_context,
 )
+from mtls_proxy.tlsconn import TLSServerLayer
 from mtls_proxy.upstream import UpstreamPool
 from mtls_proxy.verify import revocation_view
 
@@ -526,25 +527,31 @@ class ProxyServer:
         # transport's callbacks run in a copy of this task's context (handshakes.py).
         handshakes.watch(ctx := self.ctx)
         handshakes.SEEN.set(seen := handshakes.Seen())
+        layer: TLSServerLayer | None = None
         try:
             client = str(conn.getpeername()[0])
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await loop.connect_accepted_socket(
-                lambda: proto,
-                conn,
-                ssl=ctx,
-                ssl_handshake_timeout=self.cfg.handshake_timeout,
-                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT,
-            )
+            # Our own TLS layer (tlsconn.py), so that a refused client receives the alert.
+            tls = TLSServerLayer(ctx, proto)
+            await loop.connect_accepted_socket(lambda: tls, conn)
+            layer = tls  # the transport owns the socket from here
+            done, _ = await asyncio.wait((layer.handshake,), timeout=self.cfg.handshake_timeout)
+            if not done:
+                layer.handshake.cancel()
+                layer.abort()
+                raise TimeoutError("the TLS handshake took longer than --handshake-timeout")
+            layer.handshake.result()  # raises the handshake's error
         except asyncio.CancelledError:  # shutdown: handshakes are not drained
             conn.close()
-            if proto.transport is not None:
-                proto.transport.abort()
+            if layer is not None:
+                layer.handshake.cancel()
+                layer.abort()
             raise
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
             seen.done = True
             self._handshake_failed(classify_handshake_error(exc), client, exc, seen)
-            conn.close()
+            if layer is None:
+                conn.close()
             if proto.transport is None:  # connection_made never ran, so neither will lost
                 self._slots.release()
             return

@@ -545,14 +545,46 @@ def get(
     return request(port, ctx, f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n".encode())
 
 
+def alert_name(exc: ssl.SSLError) -> str:
+    """The TLS alert an SSLError reports: OpenSSL's reason is SSLV3_ALERT_<name>/TLSV1_ALERT_..."""
+    reason = exc.reason or ""
+    return reason.split("_ALERT_", 1)[1] if "_ALERT_" in reason else f"not an alert: {reason}"
+
+
+def refused_after_handshake(response: bytes) -> str | None:
+    """The reason label of the 403 the proxy sends a client its checks refuse after the
+    handshake (--strict-client-certs, --crl-expired allow), or None for any other bytes."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 403 ") or b"Connection: close" not in head:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("error") != "client_certificate_refused":
+        return None
+    return str(doc["reason"]).split(":", 1)[0]
+
+
 def handshake_rejected(port: int, ctx: ssl.SSLContext) -> str:
-    """Connect, write a request and read: return how the proxy refused (raises if it answered)."""
+    """Connect, write a request and read: the TLS alert the proxy refused with (its name, e.g.
+    UNKNOWN_CA), "403 <reason>" for a refusal after the handshake, else how the connection
+    ended; raises if it answered anything else."""
+    data = b""
     try:
         with connect(port, ctx) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            data = s.recv(65536)  # TLS 1.3: a rejected client cert surfaces here, not at connect
-    except (ssl.SSLError, ConnectionError) as exc:
+            # TLS 1.3: a rejected client cert surfaces here, not at connect
+            while chunk := s.recv(65536):
+                data += chunk
+    except ssl.SSLError as exc:
+        if not data:
+            return alert_name(exc)
+    except ConnectionError as exc:
         return type(exc).__name__
+    refused = refused_after_handshake(data)
+    if refused is not None:
+        return f"403 {refused}"
     if data:
         raise AssertionError(f"expected a failed handshake, got a response: {data[:200]!r}")
     return "eof"

@@ -599,3 +599,74 @@ def test_empty_truststore_is_refused(tmp_path: Path, stores: dict[str, Path]) ->
         "changeit",
     )
     assert r.returncode == 2 and "contains no trusted certificates" in r.stderr
+
+
+@needs_keytool
+def test_a_refused_java_client_reads_the_reason(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Issue 14: Java's "Received fatal alert: unknown_ca", not "header parser received no
+    bytes" (the alert is sent before the close, tlsconn.py)."""
+    d, other = tmp_path / "pki", tmp_path / "other"
+    for args in (
+        ("pki", "init", str(d)),
+        ("pki", "issue", "server", "proxy", "--dir", str(d), "--dns", "localhost"),
+        ("pki", "init", str(other)),  # a CA the proxy does not trust
+        ("pki", "issue", "client", "stranger", "--dir", str(other), "--uri", "spiffe://x/y"),
+        (
+            "pki",
+            "export",
+            "stranger",
+            "--dir",
+            str(other),
+            "--format",
+            "p12",
+            "--password",
+            "changeit",
+            "--out",
+            str(other / "p12"),
+        ),
+        (
+            "pki",
+            "export",
+            "proxy",
+            "--dir",
+            str(d),
+            "--format",
+            "jks",
+            "--password",
+            "changeit",
+            "--out",
+            str(d / "jks"),
+        ),
+    ):
+        r = mtls(*args)
+        assert r.returncode == 0, (args, r.stderr)
+    src = tmp_path / "Call.java"
+    src.write_text(JAVA_CLIENT)
+    with run_proxy(
+        tp,
+        f"http://127.0.0.1:{upstream.port}",
+        "--cert",
+        str(d / "proxy.crt"),
+        "--key",
+        str(d / "proxy.key"),
+        "--cacert",
+        str(d / "ca.crt"),
+        extra_cert_args=False,
+    ) as p:
+        r = subprocess.run(
+            [
+                "java",
+                str(src),
+                f"https://localhost:{p.port}/",
+                str(other / "p12" / "keystore.p12"),
+                str(d / "jks" / "truststore.jks"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert r.returncode != 0
+    assert "Received fatal alert: unknown_ca" in r.stderr, r.stderr[-2000:]
+    assert upstream.seen == []

@@ -1,8 +1,8 @@
 """docs/security.md, TLS: TLS handshake and X.509 cases (TLS-001 .. TLS-047).
 
-A rejected client never reaches HTTP: its request gets no response (TLS 1.3 reports the alert on
-the first read), the upstream sees nothing, the proxy keeps serving, and the handshake counter
-of the expected reason moves (MET-01)."""
+A rejected client never reaches HTTP: it reads the TLS alert that names the reason (TLS 1.3
+reports it on the first read, after the client's Finished), the upstream sees nothing, the proxy
+keeps serving, and the handshake counter of the expected reason moves (MET-01)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
 from cryptography.x509.oid import NameOID
 
-from tests.helpers import Pki, Proxy, Upstream, run_proxy, run_upstream
+from tests.helpers import (
+    Pki,
+    Proxy,
+    Upstream,
+    alert_name,
+    refused_after_handshake,
+    run_proxy,
+    run_upstream,
+)
 from tests.security import certs as c
 from tests.security.certs import DAY, NOW, Cert
 
@@ -174,6 +182,20 @@ class TlsRig:
         except (ssl.SSLError, ConnectionError, TimeoutError):
             return b""
 
+    def refusal(self, ctx: ssl.SSLContext) -> str:
+        """Handshake, write a request, read: the alert the proxy sent (its name), or how else
+        the connection ended. Fails if a response came back."""
+        try:
+            raw = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=5)
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: proxy.test\r\nConnection: close\r\n\r\n")
+                data = s.recv(65536)  # TLS 1.3: the alert comes after the client's Finished
+        except ssl.SSLError as exc:
+            return alert_name(exc)
+        except (ConnectionError, TimeoutError) as exc:
+            return type(exc).__name__
+        raise AssertionError(f"expected a refusal, got {data[:200]!r}")
+
     def failures(self, reason: str) -> float:
         prefix = f'mtls_proxy_handshakes_total{{reason="{reason}",result="failed"}}'
         for line in self.proxy.admin_get("/metrics")[1].splitlines():
@@ -206,42 +228,45 @@ def trig(zoo: Zoo) -> Iterator[TlsRig]:
 
 
 T12, T13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
-# (id, client fixture, TLS version, expected handshake-failure reason)
-REJECTED: list[tuple[str, str | None, ssl.TLSVersion | None, str]] = [
-    ("TLS-001", None, T13, "no_certificate"),
-    ("TLS-002", None, T12, "no_certificate"),
-    ("TLS-003", "selfsigned", None, "unknown_ca"),
-    ("TLS-004", "untrusted", None, "unknown_ca"),
-    ("TLS-005", "untrusted_with_root", None, "unknown_ca"),
-    ("TLS-006", "spoofed_issuer", None, "unknown_ca"),
-    ("TLS-007", "expired", None, "expired"),
-    ("TLS-008", "notyetvalid", None, "expired"),
-    ("TLS-009 intermediate", "expired_intermediate", None, "expired"),
-    ("TLS-009 root", "expired_root", None, "expired"),
-    ("TLS-010", "serverauth_only", None, "bad_certificate"),
-    ("TLS-011", "codesigning", None, "bad_certificate"),
-    ("TLS-012", "any_eku", None, "bad_certificate"),
-    ("TLS-014", "ku_certsign_only", None, "bad_certificate"),
-    ("TLS-016", "unknown_critical", None, "bad_certificate"),
-    ("TLS-017", "via_int_not_sent", None, "unknown_ca"),
-    ("TLS-020", "pathlen_violation", None, "bad_certificate"),
-    ("TLS-021 violation", "nc_violation", None, "bad_certificate"),
-    ("TLS-022", "ncdn_violation", None, "bad_certificate"),
-    ("TLS-028", "sha1", None, "bad_certificate"),
-    ("TLS-029", "rsa1024", None, "bad_certificate"),
-    ("TLS-041", "oversized", None, "protocol"),
+# (id, client fixture, TLS version, expected handshake-failure reason, the TLS alert the client
+# reads: its name in OpenSSL's error reason, SSLV3_/TLSV1_ALERT_<name>)
+REJECTED: list[tuple[str, str | None, ssl.TLSVersion | None, str, str]] = [
+    ("TLS-001", None, T13, "no_certificate", "CERTIFICATE_REQUIRED"),  # 116
+    ("TLS-002", None, T12, "no_certificate", "HANDSHAKE_FAILURE"),  # 40
+    ("TLS-003", "selfsigned", None, "unknown_ca", "UNKNOWN_CA"),  # 48
+    ("TLS-004", "untrusted", None, "unknown_ca", "UNKNOWN_CA"),
+    ("TLS-005", "untrusted_with_root", None, "unknown_ca", "UNKNOWN_CA"),
+    ("TLS-006", "spoofed_issuer", None, "unknown_ca", "UNKNOWN_CA"),
+    ("TLS-007", "expired", None, "expired", "CERTIFICATE_EXPIRED"),  # 45
+    ("TLS-008", "notyetvalid", None, "expired", "BAD_CERTIFICATE"),  # 42
+    ("TLS-009 intermediate", "expired_intermediate", None, "expired", "CERTIFICATE_EXPIRED"),
+    ("TLS-009 root", "expired_root", None, "expired", "CERTIFICATE_EXPIRED"),
+    ("TLS-010", "serverauth_only", None, "bad_certificate", "UNSUPPORTED_CERTIFICATE"),  # 43
+    ("TLS-011", "codesigning", None, "bad_certificate", "UNSUPPORTED_CERTIFICATE"),
+    ("TLS-012", "any_eku", None, "bad_certificate", "UNSUPPORTED_CERTIFICATE"),
+    ("TLS-014", "ku_certsign_only", None, "bad_certificate", "UNSUPPORTED_CERTIFICATE"),
+    ("TLS-016", "unknown_critical", None, "bad_certificate", "CERTIFICATE_UNKNOWN"),  # 46
+    ("TLS-017", "via_int_not_sent", None, "unknown_ca", "UNKNOWN_CA"),
+    ("TLS-020", "pathlen_violation", None, "bad_certificate", "UNKNOWN_CA"),
+    ("TLS-021 violation", "nc_violation", None, "bad_certificate", "CERTIFICATE_UNKNOWN"),
+    ("TLS-022", "ncdn_violation", None, "bad_certificate", "CERTIFICATE_UNKNOWN"),
+    ("TLS-028", "sha1", None, "bad_certificate", "BAD_CERTIFICATE"),
+    ("TLS-029", "rsa1024", None, "bad_certificate", "BAD_CERTIFICATE"),
+    ("TLS-041", "oversized", None, "protocol", "ILLEGAL_PARAMETER"),  # 47
 ]
 
 
 @pytest.mark.parametrize(
-    ("label", "version", "reason"), [r[1:] for r in REJECTED], ids=[r[0] for r in REJECTED]
+    ("label", "version", "reason", "alert"),
+    [r[1:] for r in REJECTED],
+    ids=[r[0] for r in REJECTED],
 )
 def test_rejected_at_the_handshake(
-    trig: TlsRig, label: str | None, version: ssl.TLSVersion | None, reason: str
+    trig: TlsRig, label: str | None, version: ssl.TLSVersion | None, reason: str, alert: str
 ) -> None:
     before_seen = len(trig.upstream.seen)
     before = trig.failures(reason)
-    assert trig.request(trig.ctx(label, version=version)) == b""
+    assert trig.refusal(trig.ctx(label, version=version)) == alert
     assert len(trig.upstream.seen) == before_seen
     assert trig.failures(reason) == before + 1
     assert trig.request(trig.ctx("good")).startswith(b"HTTP/1.1 200")  # still serving
@@ -432,7 +457,8 @@ def test_tls013_015_strict_client_certs_refuses_no_eku_and_ca_leaves(
     with _own_proxy(zoo, upstream, "--strict-client-certs")() as p:  # type: ignore[attr-defined]
         rig = TlsRig(zoo, p, upstream)
         for label in ("no_eku", "ca_true"):
-            assert rig.request(rig.ctx(label)) == b"", label
+            # After the handshake: no alert can name the reason, a 403 does (never forwarded).
+            assert refused_after_handshake(rig.request(rig.ctx(label))) == "bad_certificate"
         # TLS-043: every good fixture still passes with the strict checks on.
         for label in ("good", "via_int", "rsa2048"):
             assert rig.request(rig.ctx(label)).startswith(b"HTTP/1.1 200"), label
