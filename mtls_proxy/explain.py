@@ -43,6 +43,7 @@ from mtls_proxy.verify import (
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.DOTALL)
 _REFUSED = "decision:     denied at the TLS handshake (nothing reaches HTTP)"
+_REFUSED_AFTER = "decision:     DENIED 403 right after the handshake (nothing reaches the upstream)"
 
 
 def read_chain(cert_file: str) -> list[bytes]:
@@ -163,6 +164,9 @@ def _trust_lines(verdict: Verdict, crl: str, n_crls: int, with_key: bool) -> lis
     else:
         detail = f": {esc(verdict.message)}" if verdict.chain else ""
         lines.append(f"handshake:    refused, reason {verdict.reason}{detail}")
+        if verdict.alert is not None:
+            sees = verdict.alert if verdict.alert == "HTTP 403" else f"TLS alert {verdict.alert}"
+            lines.append(f"client reads: {sees}")
     return lines
 
 
@@ -194,7 +198,7 @@ def explain(
                 "certificate (reason no_certificate); the answer above is a TLS 1.2 client's"
             )
         if not verdict.accepted:
-            lines.append(_REFUSED)
+            lines.append(_REFUSED_AFTER if verdict.alert == "HTTP 403" else _REFUSED)
             return 3, "\n".join(lines)
     policy = load_policy(cfg)
     asked = f"{esc(method)} {esc(path)}"

@@ -47,7 +47,7 @@ from mtls_proxy.strict import strict_refusal
 from mtls_proxy.tls import Material, classify_handshake_error, openssl_checks_crls, server_context
 
 SERVER_NAME: Final = "verifier.mtls-proxy.invalid"
-_HANDSHAKE = 22
+_ALERT, _HANDSHAKE = 21, 22
 _CERTIFICATE, _CERTIFICATE_REQUEST, _SERVER_HELLO_DONE = 11, 13, 14
 _MAX_RECORD: Final = 16384
 # What an OpenSSL 3 client offers for TLS 1.2 with ECDHE + AEAD (the only suites the listener
@@ -69,6 +69,9 @@ class Verdict:
     reason: str | None  # None: accepted; else the handshakes_total reason label
     message: str  # OpenSSL's verify message, or the post-handshake check's
     chain: tuple[bytes, ...] = ()  # the chain OpenSSL verified, leaf first, DER (when it did)
+    # What a refused client reads: the TLS alert's name (as OpenSSL reports it on the client
+    # side, e.g. "unknown_ca"), or "HTTP 403" for a refusal after the handshake.
+    alert: str | None = None
 
     @property
     def accepted(self) -> bool:
@@ -127,23 +130,62 @@ def after_handshake(cfg: Config, view: TrustView | None, verdict: Verdict) -> Ve
     try:
         chain = [x509.load_der_x509_certificate(d) for d in verdict.chain]
     except ValueError as exc:  # OpenSSL took it, cryptography cannot read it: fail closed
-        return Verdict("other", f"the chain cannot be read for the checks ({exc})", verdict.chain)
+        return Verdict(
+            "other", f"the chain cannot be read for the checks ({exc})", verdict.chain, _AFTER
+        )
     if cfg.strict_client_certs:
         problem = strict_refusal(chain[0])
         if problem is not None:
-            return Verdict("bad_certificate", f"--strict-client-certs: {problem}", verdict.chain)
+            return Verdict(
+                "bad_certificate", f"--strict-client-certs: {problem}", verdict.chain, _AFTER
+            )
     if view is not None:
         reason = view.refuses(chain)
         if reason is not None:
             return Verdict(
-                reason, "refused by the CRLs enforced after the handshake", verdict.chain
+                reason, "refused by the CRLs enforced after the handshake", verdict.chain, _AFTER
             )
     return verdict
 
 
-def _refused(exc: BaseException) -> Verdict:
+# A refusal after the handshake is an HTTP answer (proxy.py), no alert can be sent then.
+_AFTER: Final = "HTTP 403"
+# TLS alert descriptions (RFC 8446 6.2) a verification can end with.
+_ALERTS: Final = {
+    40: "handshake_failure",
+    42: "bad_certificate",
+    43: "unsupported_certificate",
+    44: "certificate_revoked",
+    45: "certificate_expired",
+    46: "certificate_unknown",
+    47: "illegal_parameter",
+    48: "unknown_ca",
+    49: "access_denied",
+    50: "decode_error",
+    51: "decrypt_error",
+    70: "protocol_version",
+    80: "internal_error",
+    116: "certificate_required",
+}
+
+
+def alert_of(exc: ssl.SSLError) -> str | None:
+    """The alert a client-side SSLError reports: OpenSSL's reason is SSLV3_ALERT_<NAME>,
+    TLSV1_ALERT_<NAME> or TLSV13_ALERT_<NAME>."""
+    reason = exc.reason or ""
+    return reason.split("_ALERT_", 1)[1].lower() if "_ALERT_" in reason else None
+
+
+def _alert_record(flight: bytes) -> str | None:
+    """The alert in a plaintext TLS record (TLS 1.2 before ChangeCipherSpec), if any."""
+    if len(flight) >= 7 and flight[0] == _ALERT:
+        return _ALERTS.get(flight[6], f"alert {flight[6]}")
+    return None
+
+
+def _refused(exc: BaseException, alert: str | None) -> Verdict:
     message = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
-    return Verdict(classify_handshake_error(exc), str(message))
+    return Verdict(classify_handshake_error(exc), str(message), alert=alert)
 
 
 # -- rule 3: the chain alone -----------------------------------------------------------------
@@ -233,11 +275,23 @@ def check_chain(ctx: ssl.SSLContext, ders: Sequence[bytes]) -> Verdict:
         # Waiting for the ClientKeyExchange: the chain passed.
         return Verdict(None, "ok", verified_ders(server))
     except (ssl.SSLError, OSError) as exc:
-        return _refused(exc)
+        return _refused(exc, _alert_record(outgoing.read()))
     raise VerifierError("the handshake completed without a key exchange")
 
 
 # -- rule 4: a whole handshake ---------------------------------------------------------------
+def _client_reads(peer: ssl.SSLObject, c_in: ssl.MemoryBIO, flight: bytes) -> str | None:
+    """The alert the client side reports once it reads the server's last flight (encrypted in
+    TLS 1.3: only the client can name it)."""
+    c_in.write(flight)
+    try:
+        peer.do_handshake()
+        peer.read(1)
+    except ssl.SSLError as exc:
+        return alert_of(exc)
+    return None
+
+
 def client_context(material: Material) -> ssl.SSLContext:
     """A client that trusts the verifier's throwaway identity and imposes nothing of its own
     (security level 0): the listener's decision is what is observed."""
@@ -267,7 +321,7 @@ def handshake(ctx: ssl.SSLContext, client: ssl.SSLContext) -> Verdict:
         except ssl.SSLWantReadError:
             pass
         except (ssl.SSLError, OSError) as exc:
-            return _refused(exc)
+            return _refused(exc, _client_reads(peer, c_in, s_out.read()))
         else:
             return Verdict(None, "ok", verified_ders(server))
         c_in.write(s_out.read())

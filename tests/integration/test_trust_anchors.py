@@ -203,9 +203,21 @@ def test_explain_reports_the_listeners_reason_and_checks_the_key(tp: Pki, tmp_pa
     assert r.returncode == 3
     assert "trust:        UNTRUSTED: certificate has expired" in r.stdout
     assert "handshake:    refused, reason expired" in r.stdout
+    assert "client reads: TLS alert certificate_expired" in r.stdout  # what curl/Java print
     r = mtls("explain", "--client-cert", tp.crt("server_eku"), *base)
     assert "handshake:    refused, reason bad_certificate" in r.stdout
     assert "unsuitable certificate purpose" in r.stdout
+    assert "client reads: TLS alert unsupported_certificate" in r.stdout
+    # Refused after the handshake (--strict-client-certs: no EKU): a 403, not an alert.
+    root = c.ca(c.name("Root"))
+    (tmp_path / "root.crt").write_bytes(c.pem(root.cert))
+    crt, key = c.write(tmp_path, "no_eku", c.leaf(root, eku=()))
+    strict = [*server(tp), "--cacert", str(tmp_path / "root.crt"), "--allow-all"]
+    for with_key in ([], ["--client-key", key]):
+        r = mtls("explain", "--client-cert", crt, *with_key, *strict, "--strict-client-certs")
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "client reads: HTTP 403" in r.stdout, r.stdout
+        assert "decision:     DENIED 403 right after the handshake" in r.stdout
     r = mtls("explain", "--client-cert", tp.crt("good"), "--client-key", tp.key("other"), *base)
     assert r.returncode == 2 and f"--client-key: {tp.key('other')}: OpenSSL cannot use" in r.stderr
     der = tmp_path / "good.der"

@@ -40,6 +40,7 @@ from tests.helpers import (
     Pki,
     Proxy,
     Upstream,
+    alert_name,
     make_test_pki,
     proxy_cmd,
     refused_after_handshake,
@@ -75,7 +76,14 @@ def explain_verdict(
     assert len(lines) == 1, stdout + stderr
     m = re.match(r"handshake:\s+(accepted|refused, reason (\w+))", lines[0])
     assert m is not None, lines[0]
-    return "accepted" if m.group(2) is None else f"refused:{m.group(2)}"
+    if m.group(2) is None:
+        return "accepted"
+    # What the client reads: "client reads: TLS alert unknown_ca" or "client reads: HTTP 403".
+    reads = [
+        x.split(":", 1)[1].strip() for x in stdout.splitlines() if x.startswith("client reads:")
+    ]
+    alert = reads[0].removeprefix("TLS alert ") if reads else "nothing"
+    return f"refused:{m.group(2)}:{alert}"
 
 
 def _failures(proxy: Proxy) -> dict[str, float]:
@@ -100,6 +108,7 @@ def handshake_verdict(proxy: Proxy, server_ca: str, crt: str, key: str, tls12: b
     except ssl.SSLError:
         return "client-cannot-load"
     out = b""
+    alert = "nothing"
     try:
         with (
             socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw,
@@ -108,19 +117,23 @@ def handshake_verdict(proxy: Proxy, server_ca: str, crt: str, key: str, tls12: b
             s.sendall(b"GET / HTTP/1.1\r\nHost: parity.test\r\nConnection: close\r\n\r\n")
             while chunk := s.recv(65536):
                 out += chunk
-    except (ssl.SSLError, OSError):
+    except ssl.SSLError as exc:
+        alert = alert_name(exc).lower()
+    except OSError:
         pass
     if out.startswith(b"HTTP/1.1 200"):
         return "accepted"
     # Refused by a check after the handshake: a 403 naming the reason, counted the same way.
     assert not out or refused_after_handshake(out), out[:200]
+    if out:
+        alert = "HTTP 403"
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # the counter moves as the listener closes
         after = _failures(proxy)
         moved = [r for r, n in after.items() if n > before.get(r, 0)]
         if moved:
             assert len(moved) == 1, moved
-            return f"refused:{moved[0]}"
+            return f"refused:{moved[0]}:{alert}"
         time.sleep(0.02)
     raise AssertionError("refused, but no handshake failure was counted")
 
@@ -291,7 +304,7 @@ def test_explain_gives_the_listeners_verdict_and_reason_for_every_zoo_certificat
     differ = [r for r in rows if not r.keyless == r.keyed == r.listener]
     assert not differ, "\n".join(map(str, differ))
     assert len(rows) >= 80
-    seen = {r.listener for r in rows}
+    seen = {":".join(r.listener.split(":")[:2]) for r in rows}  # without the alert
     # The comparison covers every kind of answer the listener gives a presented certificate.
     assert {
         "accepted",
@@ -306,7 +319,8 @@ def test_explain_gives_the_listeners_verdict_and_reason_for_every_zoo_certificat
     # The two disagreements found in issue 14, now one answer each:
     assert by[("pki", "cnonly")] == "accepted"  # CN-only: was UNTRUSTED in explain
     assert by[("zoo intermediate-only bundle, anchors any", "via_int")] == "accepted"
-    assert by[("zoo intermediate-only bundle, anchors roots", "via_int")] == "refused:unknown_ca"
+    roots = by[("zoo intermediate-only bundle, anchors roots", "via_int")]
+    assert roots == "refused:unknown_ca:unknown_ca"
 
 
 # -- x509-limbo ------------------------------------------------------------------------------
@@ -396,11 +410,16 @@ def test_x509_limbo_vectors_get_the_same_verdict_from_explain_and_the_listener(
     assert not differ, "\n".join(map(str, differ))
     assert len(rows) >= 0.95 * len(_limbo_cases())
     outcomes = {r.listener.split(":")[0] for r in rows}
+    # Refused rows carry the alert the client read, and explain named the same one.
+    assert all(r.listener.count(":") == 2 for r in rows if r.listener.startswith("refused"))
     assert {"accepted", "refused", "error"} <= outcomes, outcomes
     # A TLS 1.3 client cannot sign with a DSA or P-192 key: it sends no certificate.
     by = {r.id: r for r in rows}
     dsa = by["webpki::forbidden-dsa-leaf"]
-    assert (dsa.keyless, dsa.listener) == ("refused:bad_certificate", "refused:no_certificate")
+    assert (dsa.keyless, dsa.listener) == (
+        "refused:bad_certificate:unsupported_certificate",
+        "refused:no_certificate:certificate_required",
+    )
 
 
 # -- the verifier's own edges ----------------------------------------------------------------
