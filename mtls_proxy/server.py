@@ -48,8 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SWEEP_INTERVAL: Final = 0.25
-# How long a closing connection waits for the client's close_notify (asyncio's default is 30 s:
-# a client that ignores "Connection: close" would hold its slot, and a drain, that long).
 # A reload reads a few small local files in milliseconds: one still reading after 10 s is on a
 # hung mount (or a file that blocks), and is abandoned and counted as failed (loader.py rule 3).
 RELOAD_TIMEOUT: Final = 10.0
