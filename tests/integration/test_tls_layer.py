@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from tests.helpers import (
     alert_name,
     client_ctx,
     connect,
+    proxy_cmd,
     read_response,
     run_proxy,
 )
@@ -118,3 +120,59 @@ def test_a_closing_answer_ends_with_close_notify(tp: Pki, upstream: Upstream, lo
             assert read_response(s, buf)[0] == 200
             # b"" only after a close_notify: a bare FIN raises SSLEOFError here.
             assert s.recv(100) == b""
+
+
+def test_the_readmes_troubleshooting_shows_what_curl_and_explain_print(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    """README "Troubleshooting" quotes real output: the same lines come out of curl and
+    explain today (dates, hashes and paths aside)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    quoted = section.split("$ mtls-proxy explain", 1)[1].split("```", 1)[0].splitlines()[1:]
+    r = subprocess.run(
+        proxy_cmd(
+            "explain",
+            "--client-cert",
+            tp.crt("rogue"),
+            "--cert",
+            tp.crt("server"),
+            "--key",
+            tp.key("server"),
+            "--cacert",
+            tp.ca,
+            "--allow-all",
+            "--upstream",
+            "http://127.0.0.1:1",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 3, r.stderr
+    got = r.stdout.splitlines()
+    assert [x.split(":", 1)[0] for x in got] == [x.split(":", 1)[0] for x in quoted]
+    assert got[-4:] == quoted[-4:]  # trust, handshake, client reads, decision: word for word
+    for line in section.splitlines():
+        if line.startswith("curl: (56)") and "alert unknown ca" in line:
+            break
+    else:
+        pytest.fail("no curl line with the unknown_ca alert in the README")
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--cacert",
+                tp.ca,
+                "--cert",
+                tp.crt("rogue"),
+                "--key",
+                tp.key("rogue"),
+                f"https://localhost:{p.port}/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert out.stderr.strip() == line.strip()
