@@ -12,7 +12,10 @@ else is relaxed.
 Rules:
 1. The input is the *verified* chain from the handshake: leaf first, trust anchor last.
 2. Anchored: some certificate of the chain past the leaf is, by subject and public key, one of
-   the CAs trusted now. Only removals can fail this; it is not a second path validation.
+   the CAs trusted now (``--trust-anchors any``: OpenSSL's partial chains end at any CA of the
+   bundle); with ``--trust-anchors roots`` (``roots_only``) it must be the chain's last one,
+   its self-signed root, as OpenSSL demands. Only removals can fail this; it is not a second
+   path validation.
 3. Checked certificates: every certificate of the chain (``crl_check: chain``: OpenSSL's
    CRL_CHECK_ALL checks the anchor too) or only the leaf (``crl_check: leaf``). A certificate's
    issuer is the next one of the chain; the anchor (self-signed) is its own issuer.
@@ -72,6 +75,7 @@ class TrustView:
     crls: dict[bytes, CRLs] = field(default_factory=dict)
     leaf_only: bool = False
     needs_crls: bool = False
+    roots_only: bool = False  # rule 2
     # (issuer name, issuer certificate) -> the CRLs that count for it (rule 4): one signature
     # check per CRL and issuer, not one per handshake.
     _counting: dict[tuple[bytes, x509.Certificate], CRLs] = field(
@@ -85,6 +89,7 @@ class TrustView:
         crls: Sequence[x509.CertificateRevocationList],
         leaf_only: bool = False,
         needs_crls: bool = False,
+        roots_only: bool = False,
     ) -> TrustView:
         """Index *cas* by (subject, key) and *crls* by issuer."""
         by_issuer: dict[bytes, list[x509.CertificateRevocationList]] = {}
@@ -95,6 +100,7 @@ class TrustView:
             {k: tuple(v) for k, v in by_issuer.items()},
             leaf_only,
             needs_crls,
+            roots_only,
         )
 
     def refuses(self, chain: Sequence[x509.Certificate]) -> str | None:
@@ -102,7 +108,8 @@ class TrustView:
         (``unknown_ca``, ``revoked``, or ``other`` for a missing CRL: rule 6)."""
         if not chain:
             return None
-        if len(chain) > 1 and not any(_key(c) in self.anchors for c in chain[1:]):
+        issuers = chain[-1:] if self.roots_only else chain[1:]
+        if len(chain) > 1 and not any(_key(c) in self.anchors for c in issuers):
             return "unknown_ca"
         checked = self._checked(chain)
         if _revoked(checked):

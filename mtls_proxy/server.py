@@ -318,7 +318,13 @@ class ProxyServer:
     def _recheck_open_connections(self, material: Material) -> None:
         """Trust changed: a client that the new CAs or CRLs refuse loses its open connections
         now (docs/security.md, RLD-07, RLD-10; revocation.py)."""
-        view = TrustView.build(material.ca_certs, material.crls, self.cfg.tls.crl_check == "leaf")
+        tls = self.cfg.tls
+        view = TrustView.build(
+            material.ca_certs,
+            material.crls,
+            leaf_only=tls.crl_check == "leaf",
+            roots_only=tls.trust_anchors == "roots",
+        )
         for conn in list(self.shared.connections):
             chain = conn.verified_chain()
             reason = "unknown_ca" if chain is None else view.refuses(chain)

@@ -539,6 +539,15 @@ def request(port: int, ctx: ssl.SSLContext, raw: bytes) -> tuple[int, dict[str, 
         return read_response(s, bytearray(), head_only=raw.startswith(b"HEAD "))
 
 
+def ask(s: ssl.SSLSocket, path: str) -> int | None:
+    """One request on an open connection: its status, or None when the connection is gone."""
+    try:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        return read_response(s, bytearray())[0]
+    except (ConnectionError, ssl.SSLError, OSError):
+        return None
+
+
 def get(
     port: int, ctx: ssl.SSLContext, path: str = "/", headers: str = ""
 ) -> tuple[int, dict[str, str], bytes]:

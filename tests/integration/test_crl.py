@@ -18,6 +18,7 @@ from tests.helpers import (
     Pki,
     Proxy,
     Upstream,
+    ask,
     client_ctx,
     connect,
     get,
@@ -52,15 +53,6 @@ def make_crl(
 
 def serial(tp: Pki, name: str) -> int:
     return x509.load_pem_x509_certificates(Path(tp.crt(name)).read_bytes())[0].serial_number
-
-
-def ask(s: ssl.SSLSocket, path: str) -> int | None:
-    """One request on an open connection: its status, or None when the connection is gone."""
-    try:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
-        return read_response(s, bytearray())[0]
-    except (ConnectionError, ssl.SSLError, OSError):
-        return None
 
 
 @pytest.fixture

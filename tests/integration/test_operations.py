@@ -22,6 +22,7 @@ from tests.helpers import (
     ALLOWED_URI,
     Pki,
     Upstream,
+    ask,
     client_ctx,
     connect,
     get,
@@ -30,7 +31,6 @@ from tests.helpers import (
     request,
     run_proxy,
 )
-from tests.integration.test_crl import ask
 from tests.integration.test_reload import (
     kubelet_write,
     material_args,

@@ -10,14 +10,18 @@ import ssl
 import time
 from pathlib import Path
 
+import pytest
+
 from mtls_proxy import pki
 from tests.helpers import (
     Pki,
     Proxy,
     Upstream,
+    ask,
     client_ctx,
     connect,
     get,
+    handshake_rejected,
     read_response,
     resume_and_request,
     run_proxy,
@@ -225,3 +229,40 @@ def test_without_watchfiles_sighup_still_reloads(
         assert not any("Traceback" in line for line in p.logs)
         p.proc.send_signal(signal.SIGHUP)
         wait_reload(p, 1, "success")
+
+
+@pytest.mark.parametrize("anchors", ["roots", "any"])
+def test_a_reload_that_keeps_only_the_intermediate_cuts_as_the_handshake_would(
+    tp: Pki, upstream: Upstream, tmp_path: Path, anchors: str
+) -> None:
+    """The bundle loses the clients' root but keeps their intermediate: with
+    --trust-anchors roots OpenSSL now refuses them, so their open connections are cut too
+    (they were kept: the re-check took any CA of the chain as its anchor); with `any` the
+    intermediate is an anchor and both stay."""
+    d = material_dir(tp, tmp_path)
+    other_root = pki.make_ca("unrelated root")
+    with run_proxy(
+        tp,
+        f"http://127.0.0.1:{upstream.port}",
+        *material_args(d),
+        "--trust-anchors",
+        anchors,
+        extra_cert_args=False,
+    ) as p:
+        ctx = client_ctx(tp, "good", tls13=True)
+        s = connect(p.port, ctx)
+        s.sendall(b"GET /before HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert read_response(s, bytearray())[0] == 200
+        bundle = other_root.cert_pem(with_chain=False) + (tp.dir / "intermediate.crt").read_bytes()
+        (d / "ca.crt").write_bytes(bundle)
+        p.proc.send_signal(signal.SIGHUP)
+        wait_reload(p, 1, "success")
+        cut = p.metric('mtls_proxy_connections_cut_total{reason="unknown_ca"}')
+        with s:
+            status = ask(s, "/after")
+        if anchors == "roots":
+            assert (cut, status) == (1, None)
+            assert handshake_rejected(p.port, client_ctx(tp, "good")) == "UNKNOWN_CA"
+        else:
+            assert (cut, status) == (0, 200)
+            assert get(p.port, client_ctx(tp, "good"))[0] == 200

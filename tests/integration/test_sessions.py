@@ -17,6 +17,7 @@ from tests.helpers import (
     Pki,
     Proxy,
     Upstream,
+    ask,
     client_ctx,
     connect,
     make_test_pki,
@@ -24,7 +25,6 @@ from tests.helpers import (
     resume_and_request,
     run_proxy,
 )
-from tests.integration.test_crl import ask
 from tests.integration.test_reload import wait_reload
 
 

@@ -51,8 +51,12 @@ def test_removed_anchor_refuses() -> None:
     # Same subject, another key: not the same CA.
     impostor = pki.make_ca("root")
     assert TrustView.build([impostor.cert], []).refuses(CHAIN) == "unknown_ca"
-    # An intermediate trusted directly is an anchor too.
+    # An intermediate trusted directly is an anchor too (--trust-anchors any) ...
     assert TrustView.build([INTER.cert], []).refuses(CHAIN) is None
+    # ... but not with --trust-anchors roots: OpenSSL wants the chain's root in the bundle.
+    other_root = [other.cert, INTER.cert]
+    assert TrustView.build(other_root, [], roots_only=True).refuses(CHAIN) == "unknown_ca"
+    assert TrustView.build([ROOT.cert], [], roots_only=True).refuses(CHAIN) is None
 
 
 def test_revoked_leaf_and_intermediate() -> None:
