@@ -48,9 +48,14 @@ def reserve_port(cfg: Config) -> socket.socket:
     )
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(sockaddr)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        # Named as a single process names it (server.bind): which option, which address.
+        raise OSError(f"--listen {cfg.listen}: {(exc.strerror or str(exc)).lower()}") from exc
     return sock
 
 
@@ -254,6 +259,13 @@ async def run_master(cfg: Config, material: Material, argv: list[str]) -> int:
 
     master = Master(cfg, material, argv)
     reserved = reserve_port(cfg)
+    # Both ports are bound before any worker starts: a port in use is an error naming its
+    # option, with no worker left behind holding our stderr.
+    try:
+        admin_sock = bind(cfg.admin, backlog=128, option="--admin") if cfg.admin else None
+    except OSError:
+        reserved.close()
+        raise
     master.port = reserved.getsockname()[1]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -261,12 +273,11 @@ async def run_master(cfg: Config, material: Material, argv: list[str]) -> int:
     loop.add_signal_handler(signal.SIGHUP, master.forward_hup)
     await asyncio.gather(*(master.start_worker(w) for w in master.workers))
     runner, admin_address = None, None
-    if cfg.admin is not None:
+    if admin_sock is not None:
         runner = web.AppRunner(admin_app(master), access_log=None, handle_signals=False)
         await runner.setup()
-        sock = bind(cfg.admin, backlog=128)
-        await web.SockSite(runner, sock).start()
-        admin_address = "{}:{}".format(*sock.getsockname()[:2])
+        await web.SockSite(runner, admin_sock).start()
+        admin_address = "{}:{}".format(*admin_sock.getsockname()[:2])
     logger.info(
         "ready",
         extra={

@@ -61,8 +61,13 @@ def test_unknown_environment_variable_is_a_warning_with_a_suggestion(tp: Pki) ->
     assert "MTLS_PROXY_CONFIG" not in r.stderr
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("busy", ["--listen", "--admin"])
-def test_address_in_use_names_the_option_and_the_address(tp: Pki, busy: str) -> None:
+def test_address_in_use_names_the_option_and_the_address(
+    tp: Pki, busy: str, workers: str
+) -> None:
+    """With --workers 2 the master bound the admin port after starting its workers: the bare
+    errno, and the workers lived on (a caller reading stderr waited for ever)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -75,6 +80,8 @@ def test_address_in_use_names_the_option_and_the_address(tp: Pki, busy: str) -> 
             *material(tp),
             "--allow-all",
             *(item for pair in ports.items() for item in pair),
+            "--workers",
+            workers,
             timeout=30,
         )
     assert r.returncode == 1, r.stderr  # docs/cli.md: 1 = could not start
