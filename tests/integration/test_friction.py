@@ -63,9 +63,7 @@ def test_unknown_environment_variable_is_a_warning_with_a_suggestion(tp: Pki) ->
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("busy", ["--listen", "--admin"])
-def test_address_in_use_names_the_option_and_the_address(
-    tp: Pki, busy: str, workers: str
-) -> None:
+def test_address_in_use_names_the_option_and_the_address(tp: Pki, busy: str, workers: str) -> None:
     """With --workers 2 the master bound the admin port after starting its workers: the bare
     errno, and the workers lived on (a caller reading stderr waited for ever)."""
     with socket.socket() as taken:
