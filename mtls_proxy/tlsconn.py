@@ -185,7 +185,13 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data or self._closing or self._raw is None:
             return
-        self._ssl.write(data)
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError:
+            # The session is broken (a fatal alert read in the same turn): nothing more can go
+            # out; the caller (often the upstream's side) must not see a TLS error.
+            self.abort()
+            return
         self._raw.write(self._outgoing.read())
 
     def writelines(self, list_of_data: Any) -> None:
