@@ -35,6 +35,7 @@ _AGAIN: Final = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # read and dropped for up to this long: closing with unread data would make the kernel send a
 # reset, which can overtake the alert (nginx's lingering close, for the same reason).
 LINGER: Final = 1.0
+LINGER_MAX: Final = 60.0  # a response still being written is given this long in all
 
 
 class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
@@ -56,6 +57,7 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
         self._scheduled = False  # a delivery of buffered plaintext is due (resume_reading)
         self._lingering = False  # our side is shut down: input is dropped (_linger)
         self._timer: asyncio.TimerHandle | None = None
+        self._waited = 0.0
 
     # -- the TCP transport's protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -141,7 +143,23 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
             return
         self._lingering = True
         raw.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(LINGER, raw.abort)
+        # Input is dropped from now on: read it even if the app had paused reading, or the
+        # client's FIN is never seen and its unread bytes make the final close a reset.
+        raw.resume_reading()
+        self._waited = 0.0
+        self._timer = asyncio.get_running_loop().call_later(LINGER, self._linger_end)
+
+    def _linger_end(self) -> None:
+        """LINGER seconds after our last byte left user space (a slow reader still drains the
+        response, up to LINGER_MAX), then close whatever the client does."""
+        raw = self._raw
+        if raw is None:
+            return
+        self._waited += LINGER
+        if raw.get_write_buffer_size() and self._waited < LINGER_MAX:
+            self._timer = asyncio.get_running_loop().call_later(LINGER, self._linger_end)
+            return
+        raw.abort()
 
     def _deliver(self) -> None:
         """Hand decrypted data to the app until OpenSSL has none or the app pauses (rule 4)."""
