@@ -176,3 +176,32 @@ def test_the_readmes_troubleshooting_shows_what_curl_and_explain_print(
             timeout=30,
         )
     assert out.stderr.strip() == line.strip()
+
+
+def test_a_closing_response_is_whole_although_reading_was_paused(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    """Red team of tlsconn, F1: a pipelined request behind a `Connection: close` download
+    pauses reading; the linger must still read (and drop) it and wait for the response to
+    leave, or the final close resets the connection with megabytes unsent."""
+    size = 6_000_000
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.connect(("127.0.0.1", p.port))
+        raw.settimeout(20)
+        ctx = client_ctx(tp, "good")
+        with ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as s:
+            s.sendall(
+                b"GET /download?bytes=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size
+            )
+            time.sleep(0.2)
+            s.sendall(b"GET /a HTTP/1.1\r\n")  # pauses reading: nothing after a closing request
+            time.sleep(0.2)
+            s.sendall(b"Host: x\r\n\r\n")  # stays unread in the kernel
+            buf = bytearray()
+            while chunk := s.recv(16384):  # SSLEOFError without close_notify, reset: fail
+                buf += chunk
+                time.sleep(len(chunk) / (1024 * 1024))  # a 1 MB/s reader
+    body = bytes(buf).partition(b"\r\n\r\n")[2]
+    assert len(body) == size
