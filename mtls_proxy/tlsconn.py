@@ -255,8 +255,9 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
 
     def refuse(self, answer: bytes) -> None:
         """Refuse the client after the handshake: send *answer* (an HTTP response) and close
-        without close_notify, so that OpenSSL drops the session (it keeps only sessions whose
-        connection it shut down): a refused client cannot resume it."""
+        without close_notify, so that OpenSSL drops the cached session when the connection is
+        freed (after the linger; a ticket-mode session is not dropped). A client that resumes
+        meanwhile is checked again in connection_made and refused the same way."""
         if self._closing:
             return
         self.write(answer)
