@@ -406,12 +406,22 @@ def test_x509_limbo_vectors_get_the_same_verdict_from_explain_and_the_listener(
     ours: Pki, tmp_path: Path, upstream: Upstream
 ) -> None:
     rows = run_limbo(ours, tmp_path, upstream)
-    differ = [r for r in rows if not (r.keyless == r.listener_tls12 and r.keyed == r.listener)]
+
+    def same(explained: str, seen: str) -> bool:
+        # A client that fails on its own (e.g. OpenSSL's decode_error on a vector's malformed
+        # key) reads no alert: then only the verdict and reason are compared.
+        if ":not an alert" in seen:
+            return explained.rsplit(":", 1)[0] == seen.split(":not an alert", 1)[0]
+        return explained == seen
+
+    differ = [
+        r for r in rows if not (same(r.keyless, r.listener_tls12) and same(r.keyed, r.listener))
+    ]
     assert not differ, "\n".join(map(str, differ))
     assert len(rows) >= 0.95 * len(_limbo_cases())
     outcomes = {r.listener.split(":")[0] for r in rows}
     # Refused rows carry the alert the client read, and explain named the same one.
-    assert all(r.listener.count(":") == 2 for r in rows if r.listener.startswith("refused"))
+    assert all(r.listener.count(":") >= 2 for r in rows if r.listener.startswith("refused"))
     assert {"accepted", "refused", "error"} <= outcomes, outcomes
     # A TLS 1.3 client cannot sign with a DSA or P-192 key: it sends no certificate.
     by = {r.id: r for r in rows}
