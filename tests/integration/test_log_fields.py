@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import io
 import json
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from mtls_proxy import pki
 from mtls_proxy.identity import rfc2253
 from mtls_proxy.logs import AccessLog
 from tests.helpers import (
@@ -199,3 +202,51 @@ def test_a_worker_restart_is_logged_with_fields(tp: Pki, upstream: Upstream) -> 
     assert exited["worker"] == 0 and exited["pid"] == victim
     assert exited["signal"] == "SIGKILL" and exited["exit_code"] is None
     assert restarted["worker"] == 0 and restarted["pid"] != victim and restarted["ready"] is True
+
+
+def _expired(
+    tp: Pki, tmp_path: Path, name: str, dns: list[str] | None = None, ou: list[str] | None = None
+) -> tuple[str, bytes]:
+    """An expired client leaf (so the handshake fails) written as NAME in *tmp_path*."""
+    now = dt.datetime.now(dt.UTC)
+    leaf = pki.issue(
+        pki.load_issuer(tp.dir),
+        "client",
+        f"client-{name}",
+        not_before=now - dt.timedelta(days=3),
+        not_after=now - dt.timedelta(days=1),
+        dns=dns or [],
+        ou=ou or [],
+    )
+    pki.write_pair(tmp_path, name, leaf)
+    return name, leaf.cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_handshake_failed_keeps_the_hash_of_a_huge_leaf_and_cuts_its_names(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A leaf of tens of KB (many SANs, a huge subject) or too large to keep at all: the record
+    always has peer_sha256; peer and peer_issuer are cut to 1024 characters and end in '...'."""
+    names = [f"host{i:04d}-{'a' * 50}.example.test" for i in range(600)]
+    cases = [
+        _expired(tp, tmp_path, "many-sans", dns=names),  # ~45 KB, a short subject
+        _expired(tp, tmp_path, "huge-subject", ou=[f"{'u' * 60}{i}" for i in range(600)]),
+        _expired(tp, tmp_path, "too-large", dns=names + names[:400]),  # over 64 KiB: not kept
+    ]
+    assert 40_000 < len(cases[0][1]) < 65_536 < len(cases[2][1])
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
+        for name, _ in cases:
+            ctx = client_ctx(tp, None)
+            ctx.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+            handshake_rejected(p.port, ctx)
+        many, huge, large = _failed(p, 3)
+    for rec, (_, der) in zip((many, huge, large), cases, strict=True):
+        assert rec["reason"] == "expired", rec
+        assert rec["peer_sha256"] == hashlib.sha256(der).hexdigest(), rec
+    assert many["peer"] == "CN=client-many-sans"
+    peer = str(huge["peer"])
+    assert len(peer) == 1024 + 3 and peer.endswith("...") and peer.startswith("CN=client-huge")
+    assert (
+        huge["peer_issuer"] == many["peer_issuer"] == rfc2253(pki.load_issuer(tp.dir).cert.subject)
+    )
+    assert large["peer"] is None and large["peer_issuer"] is None  # never parsed
