@@ -250,3 +250,43 @@ def test_handshake_failed_keeps_the_hash_of_a_huge_leaf_and_cuts_its_names(
         huge["peer_issuer"] == many["peer_issuer"] == rfc2253(pki.load_issuer(tp.dir).cert.subject)
     )
     assert large["peer"] is None and large["peer_issuer"] is None  # never parsed
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nno colon here\r\n\r\n", 400),  # llhttp refuses it
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431),  # a line
+        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-N: 1\r\n" * 120 + b"\r\n", 431),  # --max-headers
+        (b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n", 408),  # the head never ends: --header-timeout
+    ],
+    ids=["bad-header", "long-line", "too-many", "long-target", "pipelined", "slow-head"],
+)
+def test_a_request_refused_while_its_head_is_parsed_has_one_access_record(
+    tp: Pki, upstream: Upstream, loop: str, payload: bytes, status: int
+) -> None:
+    """As nginx logs its 400s: the access record, with the peer, the client, a request id and
+    the reason; and no second record of the same refusal."""
+    up = f"http://127.0.0.1:{upstream.port}"
+    with run_proxy(tp, up, "--header-timeout", "0.5", loop=loop) as p:
+        with connect(p.port, client_ctx(tp, "good")) as s:
+            port = s.getsockname()[1]
+            s.sendall(payload)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        n = 2 if payload.count(b"GET") == 2 else 1
+        recs = _access(p, n)
+        time.sleep(0.2)  # a second record of the same refusal would be written by now
+        records = p.records()
+    assert answer.rsplit(b"HTTP/1.1 ", 1)[1][:3] == str(status).encode()
+    assert len(recs) == n and [r for r in records if r.get("msg") == "access"] == recs
+    rec = recs[-1]
+    assert rec["status"] == status and rec["decision"] == "deny" and rec["reason"]
+    assert rec["peer_sha256"] == hashlib.sha256(tp.der("good")).hexdigest()
+    assert rec["peer"] and rec["client"] == "127.0.0.1" and rec["client_port"] == port
+    assert len(str(rec["request_id"])) == 16 and rec["upstream_status"] is None
+    others = [r for r in records if r.get("msg") not in ("access", "ready", "stopped")]
+    assert not [r for r in others if "request" in str(r.get("msg"))], others
