@@ -102,7 +102,7 @@ def test_the_access_record_reason_is_escaped_in_text_and_json() -> None:
     text = asyncio.run(run("text")).splitlines()
     assert len(text) == 2
     assert ' reason="no rule \\"x\\"\\x0amatched" ' in text[0], text[0]
-    assert " reason=None " in text[1], text[1]
+    assert " reason=- " in text[1] and " upstream_status=- " in text[1], text[1]
 
 
 def _failed(p: Proxy, n: int) -> list[dict[str, object]]:
