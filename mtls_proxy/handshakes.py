@@ -15,6 +15,10 @@ Rules:
 4. The record always names the leaf by its SHA-256, whatever its size; its subject and issuer are
    cut to 1024 characters, a cut value ending in ``...`` (a client chooses their length, the log
    line must stay readable and bounded).
+5. The SNI is kept as the client sent it, one character per byte (latin-1: a byte outside ASCII
+   is U+0080..U+00FF), never escaped here: each log format escapes it once (escape.py, JSON),
+   so the byte 0xff (``\\xff`` in text, ``\\u00ff`` in JSON) never reads as the typed text
+   ``\\xff`` (``\\\\xff``, ``"\\\\xff"``).
 """
 
 from __future__ import annotations
@@ -127,7 +131,9 @@ def client_hello_sni(msg: bytes) -> str | None:
         if kind == 0:  # server_name: a list of (name_type, name); host_name is type 0
             if _u(msg, at + 2, 1) == 0:
                 name = msg[at + 5 : at + 5 + _u(msg, at + 3, 2)]
-                return name[:255].decode("ascii", "backslashreplace")
+                # One character per byte (rule 5): escaping here ("backslashreplace") made the
+                # byte 0xff and the typed text "\xff" the same string.
+                return name[:255].decode("latin-1")
             return None
         at += size
     return None

@@ -9,6 +9,7 @@ import queue
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -158,3 +159,57 @@ def test_text_records_have_the_keys_and_values_of_json_records(tp: Pki, upstream
             else:
                 assert t[key] == value, (key, t, j)
         assert TIME.fullmatch(str(t["time"])) and TIME.fullmatch(str(j["time"])), (t, j)
+
+
+def _hello_with_sni(sni: bytes) -> bytes:
+    """A real TLS ClientHello record whose server_name is *sni*, bytes as they are (Python's
+    client only sends IDNA names: another name of the same length is swapped in)."""
+    stand_in = "q" * (len(sni) - 5) + ".test"
+    ctx = ssl.create_default_context()
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=stand_in)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    record = out.read()
+    assert record.count(stand_in.encode()) == 1
+    return record.replace(stand_in.encode(), sni)
+
+
+def _send_hello(port: int, sni: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(_hello_with_sni(sni))
+        raw.settimeout(5)
+        with contextlib.suppress(OSError):
+            raw.recv(65536)  # the ServerHello; then the client leaves: handshake failed
+
+
+RAW_BYTE = b"a\xffb.test"  # a byte that is no UTF-8 (nor ASCII)
+TYPED = b"a\\xffb.test"  # the text a\xffb.test, typed as it is
+
+
+def test_an_sni_byte_and_its_escape_typed_as_text_are_logged_apart(
+    tp: Pki, upstream: Upstream
+) -> None:
+    url = f"http://127.0.0.1:{upstream.port}"
+    with run_proxy(tp, url) as p:
+        for sni in (RAW_BYTE, TYPED):
+            _send_hello(p.port, sni)
+        deadline = time.monotonic() + 5
+        while len(recs := [r for r in p.records() if r.get("msg") == "handshake failed"]) < 2:
+            assert time.monotonic() < deadline, p.logs
+            time.sleep(0.05)
+        json_lines = [line for line in p.logs if '"handshake failed"' in line]
+    raw, typed = (r["sni"] for r in recs)
+    assert raw != typed
+    assert typed == TYPED.decode()  # the text as it was sent
+    assert raw == "a\xffb.test"  # one character per byte: U+00FF is the byte 0xff
+    assert '"sni": "a\\u00ffb.test"' in json_lines[0] and '"sni": "a\\\\xffb.test"' in json_lines[1]
+    with run_text_proxy(tp, url) as (port, lines):
+        for sni in (RAW_BYTE, TYPED):
+            _send_hello(port, sni)
+        deadline = time.monotonic() + 5
+        while len(text := [line for line in list(lines) if " handshake failed " in line]) < 2:
+            assert time.monotonic() < deadline, lines
+            time.sleep(0.05)
+    assert " sni=a\\xffb.test " in text[0] and " sni=a\\\\xffb.test " in text[1], text
+    assert [parse_text(line)["sni"] for line in text] == [raw, typed]

@@ -45,7 +45,9 @@ def test_client_hello_sni_other_name_type_and_raw_bytes() -> None:
     at = hello.index(b"abc.test")
     assert client_hello_sni(hello[: at - 3] + b"\x01" + hello[at - 2 :]) is None
     forged = hello[:at] + b"a\nb\xff.tes" + hello[at + 8 :]
-    assert client_hello_sni(forged) == "a\nb\\xff.tes"
+    assert client_hello_sni(forged) == "a\nb\xff.tes"  # one character per byte, unescaped
+    typed = hello[:at] + b"a\\xff.ts" + hello[at + 8 :]  # the text a\xff.ts, as typed
+    assert client_hello_sni(typed) == "a\\xff.ts"
 
 
 def test_certificate_leaf() -> None:
