@@ -243,6 +243,10 @@ def split_request_headers(
             out.underscored.append(name)
     if nominated:
         out.kept = [h for h in kept if h[0] not in nominated]
+        if b"x-request-id" in nominated:
+            # Hop-by-hop by the client's own declaration (rule 1): meant for this hop, so it is
+            # not the request's id for the upstream; the proxy makes one (request.py rule 3).
+            out.request_id = None
     if out.request_id is not None and _REQUEST_ID.fullmatch(out.request_id) is None:
         out.request_id = None
     return out
