@@ -45,3 +45,18 @@ def test_an_x_request_id_the_client_names_in_connection_is_hop_by_hop_not_honour
     assert _ours(up1) and _ours(up2) and up1 != up2, ids
     assert (up1, up2) == (log1, log2)
     assert up3 == log3 == "end-3"
+
+
+def test_a_valid_x_request_id_with_surrounding_whitespace_is_honoured_trimmed(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    ids = _ids(
+        tp,
+        upstream,
+        loop,
+        "X-Request-Id:   abc-123  \r\n",
+        "X-Request-Id:\tdef.456\t \r\n",
+        "X-Request-Id:  a b  \r\n",  # invalid once trimmed: the proxy's own
+    )
+    assert ids[0] == ("abc-123", "abc-123") and ids[1] == ("def.456", "def.456"), ids
+    assert _ours(ids[2][0]) and ids[2][0] == ids[2][1]
