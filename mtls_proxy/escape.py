@@ -15,12 +15,16 @@ Rules:
    (a homoglyph shows as its code point: U+0430 is not an ``a``).
 3. Text log fields (``key=value``, logfmt): a value that is empty or holds a space, ``"`` or
    ``=`` is double-quoted, with ``\\"`` for a quote, so it cannot add a field of its own.
-4. The JSON log needs nothing from here: ``json.dumps(..., ensure_ascii=True)`` and
+4. A text log field has the value of the JSON record's field: null is ``-`` (nginx's empty
+   variable), and the text ``-`` is quoted (``"-"``) so the two never read alike; booleans are
+   ``true``/``false``; a list or mapping is its JSON text (then rules 1-3).
+5. The JSON log needs nothing from here: ``json.dumps(..., ensure_ascii=True)`` and
    ``encode_basestring_ascii`` already write rules 1-2 in JSON's syntax.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Final
 
@@ -55,9 +59,15 @@ def for_text_log(value: object) -> str:
 
 
 def text_log_field(value: object) -> str:
-    """*value* for a text log ``key=value`` field (rules 1-3)."""
+    """*value* for a text log ``key=value`` field (rules 1-4)."""
+    if value is None:
+        return "-"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, list | tuple | dict):
+        value = json.dumps(value, default=str, ensure_ascii=False)
     text = _escape(value)
-    if text and _NEEDS_QUOTES.search(text) is None:
+    if text and text != "-" and _NEEDS_QUOTES.search(text) is None:
         return text
     return '"' + text.replace('"', '\\"') + '"'
 

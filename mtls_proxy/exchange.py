@@ -96,13 +96,15 @@ class Exchange:
         self.status = self.upstream_status = 0
         self.decision = "deny"
         self.rule: str | None = None
-        self.reason: str | None = None  # why the policy denies (deny and audit), for the log
+        self.reason: str | None = None  # why the policy denies or the proxy refused (the log)
         self.request_id = b""  # as forwarded upstream in X-Request-Id (request.py rule 3)
         self.upstream_ms: float | None = None  # from then to the response head
         self.start = time.monotonic()
 
     def fail(self, err: ProxyError) -> None:
-        """Turn this exchange into a final error response (sent when it is first in line)."""
+        """Turn this exchange into a final error response (sent when it is first in line); the
+        access record's reason is what the client is told."""
         self.status = err.status
+        self.reason = err.public_message
         self.close = True
         self.body = [error_response(err.status, err.error, err.public_message, self.is_head, True)]

@@ -134,8 +134,8 @@ _EXACT: Final[dict[bytes, int]] = {
     b"upgrade": UPGRADE,
     b"x-request-id": REQUEST_ID,  # the proxy forwards its own (request.py)
 }
-# A client's X-Request-Id is honoured only in this shape (else the proxy makes one): it goes to
-# the upstream and the access log verbatim.
+# A client's X-Request-Id is honoured only in this shape, once the whitespace around it is
+# trimmed (else the proxy makes one): it goes to the upstream and the access log verbatim.
 _REQUEST_ID: Final = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 _PROTECTED: Final[frozenset[bytes]] = IDENTITY_NAMES | HOP_BY_HOP | FORWARDING_NAMES | set(_EXACT)
 
@@ -243,8 +243,17 @@ def split_request_headers(
             out.underscored.append(name)
     if nominated:
         out.kept = [h for h in kept if h[0] not in nominated]
-    if out.request_id is not None and _REQUEST_ID.fullmatch(out.request_id) is None:
-        out.request_id = None
+        if b"x-request-id" in nominated:
+            # Hop-by-hop by the client's own declaration (rule 1): meant for this hop, so it is
+            # not the request's id for the upstream; the proxy makes one (request.py rule 3).
+            out.request_id = None
+    rid = out.request_id
+    if rid is not None and _REQUEST_ID.fullmatch(rid) is None:
+        # RFC 9110 section 5.5: whitespace around a field value is not part of it (llhttp drops
+        # only the leading). Trimmed here, when the value fails as it came: the common case
+        # pays nothing.
+        rid = rid.strip(b" \t")
+        out.request_id = rid if _REQUEST_ID.fullmatch(rid) is not None else None
     return out
 
 

@@ -1,7 +1,9 @@
 """Logging setup: one JSON object per line (default) or plain text.
 
 Either way one record is one line: values from certificates, clients and secrets go through
-escape.py (JSON's own string escapes do the same job in the JSON format).
+escape.py (JSON's own string escapes do the same job in the JSON format). A text record is the
+JSON record written differently: ``TIME LEVEL LOGGER: MSG`` and then every other key, in the same
+order, as ``key=value`` with the same value (escape.py rule 4: null is ``-``); the same UTC time.
 """
 
 from __future__ import annotations
@@ -26,15 +28,22 @@ _STD: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) 
 }
 
 
+def _utc(created: float) -> str:
+    """A record's time in both formats: RFC 3339 UTC with milliseconds, as AccessLog._time."""
+    return (
+        dt.datetime.fromtimestamp(created, dt.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
 class JsonFormatter(logging.Formatter):
     """Formats records as JSON with time, level, logger, msg and any `extra` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render *record* as one JSON line."""
         out: dict[str, object] = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
+            "time": _utc(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -54,7 +63,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render *record* as one line."""
         parts = [
-            f"{self.formatTime(record)} {record.levelname} {record.name}: "
+            f"{_utc(record.created)} {record.levelname} {record.name}: "
             + for_text_log(record.getMessage())
         ]
         for key, value in record.__dict__.items():
@@ -127,7 +136,7 @@ class AccessLog:
             )
         else:
             line = (
-                f"{ts} INFO mtls_proxy.access: "
+                f"{ts} INFO mtls_proxy.access: access "
                 + " ".join(f"{k}={text_log_field(v)}" for k, v in fields.items())
                 + "\n"
             )
@@ -183,7 +192,7 @@ class AccessLog:
     ) -> None:
         """Queue the access record of one request (the hot-path form of record()).
 
-        *request_id* and *method* are written as they are: the one is [A-Za-z0-9._-]
+        In JSON, *request_id* and *method* are written as they are: the one is [A-Za-z0-9._-]
         (headers.py) or the proxy's, the other a name from llhttp's table of methods (or "-")."""
         ts = self._time(time.time())
         if self._json:
@@ -201,13 +210,17 @@ class AccessLog:
                 f"{_ABORTED if aborted else ''}}}\n"
             )
         else:
+            # The JSON record's keys and values (escape.py rule 4): 0 and None are its nulls.
             line = (
-                f"{ts} INFO mtls_proxy.access: {conn} request_id={request_id} "
+                f"{ts} INFO mtls_proxy.access: access {conn} "
+                f"request_id={text_log_field(request_id)} "  # a client's may be "-"
                 f"method={text_log_field(method)} "
-                f"path={text_log_field(path)} status={status} upstream_status={upstream_status} "
+                f"path={text_log_field(path)} status={status} "
+                f"upstream_status={upstream_status or '-'} "
                 f"decision={decision} rule={text_log_field(rule)} reason={text_log_field(reason)} "
-                f"duration_ms={duration_ms} upstream_ms={upstream_ms} bytes_in={bytes_in} "
-                f"bytes_out={bytes_out}{' aborted' if aborted else ''}\n"
+                f"duration_ms={duration_ms} "
+                f"upstream_ms={'-' if upstream_ms is None else upstream_ms} bytes_in={bytes_in} "
+                f"bytes_out={bytes_out}{' aborted=true' if aborted else ''}\n"
             )
         if not self._lines:
             asyncio.get_running_loop().call_soon(self.flush)

@@ -837,22 +837,19 @@ class ClientConnection(asyncio.Protocol):
             self._out.extend(last.body)
             self._finish(last)
             return
-        if self._queue:
-            ex = Exchange(b"-", self._url or b"-", False)
-            ex.body_done = True
-            ex.fail(err)
-            self._queue.append(ex)
-            self._pause("error")
+        # A head refused before it was complete (400, 414, 431, 408) is an exchange of its own,
+        # so that it has what every answered request has: one access record, with the peer and
+        # a request id (nginx logs its 400s in the access log), and the request metrics.
+        ex = Exchange(b"-", self._url or b"-", False)
+        self._rid += 1
+        ex.request_id = b"%b%04x" % (self._rid_prefix, self._rid)
+        ex.body_done = True
+        ex.fail(err)
+        self._queue.append(ex)
+        if len(self._queue) > 1:
+            self._pause("error")  # answered after the requests before it (rule 2)
             return
-        logger.info(
-            "bad request: %s", err.public_message, extra={"client": self.client_ip.decode()}
-        )
-        self.shared.metrics.request("deny", err.status)
-        if self.transport is not None:
-            self.transport.write(
-                error_response(err.status, err.error, err.public_message, False, True)
-            )
-            self.transport.close()
+        self._start(ex)
 
     # -- flow control ----------------------------------------------------------------------
     def _pause(self, reason: str) -> None:

@@ -8,7 +8,8 @@ Rules:
 2. Re-serialize, never splice: the upstream head is built from validated parts, with the proxy's
    own framing, forwarding headers and the connection's identity block appended last.
 3. Every forwarded request carries exactly one ``X-Request-Id``: the client's if it sent one
-   valid value (headers.py), else the one the caller made; it is also the access record's.
+   valid value (headers.py) that its ``Connection`` header does not name, else the one the
+   caller made; it is also the access record's.
 """
 
 from __future__ import annotations

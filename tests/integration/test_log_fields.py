@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import io
 import json
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from mtls_proxy import pki
 from mtls_proxy.identity import rfc2253
 from mtls_proxy.logs import AccessLog
 from tests.helpers import (
@@ -99,7 +102,7 @@ def test_the_access_record_reason_is_escaped_in_text_and_json() -> None:
     text = asyncio.run(run("text")).splitlines()
     assert len(text) == 2
     assert ' reason="no rule \\"x\\"\\x0amatched" ' in text[0], text[0]
-    assert " reason=None " in text[1], text[1]
+    assert " reason=- " in text[1] and " upstream_status=- " in text[1], text[1]
 
 
 def _failed(p: Proxy, n: int) -> list[dict[str, object]]:
@@ -199,3 +202,91 @@ def test_a_worker_restart_is_logged_with_fields(tp: Pki, upstream: Upstream) -> 
     assert exited["worker"] == 0 and exited["pid"] == victim
     assert exited["signal"] == "SIGKILL" and exited["exit_code"] is None
     assert restarted["worker"] == 0 and restarted["pid"] != victim and restarted["ready"] is True
+
+
+def _expired(
+    tp: Pki, tmp_path: Path, name: str, dns: list[str] | None = None, ou: list[str] | None = None
+) -> tuple[str, bytes]:
+    """An expired client leaf (so the handshake fails) written as NAME in *tmp_path*."""
+    now = dt.datetime.now(dt.UTC)
+    leaf = pki.issue(
+        pki.load_issuer(tp.dir),
+        "client",
+        f"client-{name}",
+        not_before=now - dt.timedelta(days=3),
+        not_after=now - dt.timedelta(days=1),
+        dns=dns or [],
+        ou=ou or [],
+    )
+    pki.write_pair(tmp_path, name, leaf)
+    return name, leaf.cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_handshake_failed_keeps_the_hash_of_a_huge_leaf_and_cuts_its_names(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    """A leaf of tens of KB (many SANs, a huge subject) or too large to keep at all: the record
+    always has peer_sha256; peer and peer_issuer are cut to 1024 characters and end in '...'."""
+    names = [f"host{i:04d}-{'a' * 50}.example.test" for i in range(600)]
+    cases = [
+        _expired(tp, tmp_path, "many-sans", dns=names),  # ~45 KB, a short subject
+        _expired(tp, tmp_path, "huge-subject", ou=[f"{'u' * 60}{i}" for i in range(600)]),
+        _expired(tp, tmp_path, "too-large", dns=names + names[:400]),  # over 64 KiB: not kept
+    ]
+    assert 40_000 < len(cases[0][1]) < 65_536 < len(cases[2][1])
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
+        for name, _ in cases:
+            ctx = client_ctx(tp, None)
+            ctx.load_cert_chain(tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+            handshake_rejected(p.port, ctx)
+        many, huge, large = _failed(p, 3)
+    for rec, (_, der) in zip((many, huge, large), cases, strict=True):
+        assert rec["reason"] == "expired", rec
+        assert rec["peer_sha256"] == hashlib.sha256(der).hexdigest(), rec
+    assert many["peer"] == "CN=client-many-sans"
+    peer = str(huge["peer"])
+    assert len(peer) == 1024 + 3 and peer.endswith("...") and peer.startswith("CN=client-huge")
+    assert (
+        huge["peer_issuer"] == many["peer_issuer"] == rfc2253(pki.load_issuer(tp.dir).cert.subject)
+    )
+    assert large["peer"] is None and large["peer_issuer"] is None  # never parsed
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nno colon here\r\n\r\n", 400),  # llhttp refuses it
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431),  # a line
+        (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-N: 1\r\n" * 120 + b"\r\n", 431),  # --max-headers
+        (b"GET /" + b"u" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nno colon\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n", 408),  # the head never ends: --header-timeout
+    ],
+    ids=["bad-header", "long-line", "too-many", "long-target", "pipelined", "slow-head"],
+)
+def test_a_request_refused_while_its_head_is_parsed_has_one_access_record(
+    tp: Pki, upstream: Upstream, loop: str, payload: bytes, status: int
+) -> None:
+    """As nginx logs its 400s: the access record, with the peer, the client, a request id and
+    the reason; and no second record of the same refusal."""
+    up = f"http://127.0.0.1:{upstream.port}"
+    with run_proxy(tp, up, "--header-timeout", "0.5", loop=loop) as p:
+        with connect(p.port, client_ctx(tp, "good")) as s:
+            port = s.getsockname()[1]
+            s.sendall(payload)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        n = 2 if payload.count(b"GET") == 2 else 1
+        recs = _access(p, n)
+        time.sleep(0.2)  # a second record of the same refusal would be written by now
+        records = p.records()
+    assert answer.rsplit(b"HTTP/1.1 ", 1)[1][:3] == str(status).encode()
+    assert len(recs) == n and [r for r in records if r.get("msg") == "access"] == recs
+    rec = recs[-1]
+    assert rec["status"] == status and rec["decision"] == "deny" and rec["reason"]
+    assert rec["peer_sha256"] == hashlib.sha256(tp.der("good")).hexdigest()
+    assert rec["peer"] and rec["client"] == "127.0.0.1" and rec["client_port"] == port
+    assert len(str(rec["request_id"])) == 16 and rec["upstream_status"] is None
+    others = [r for r in records if r.get("msg") not in ("access", "ready", "stopped")]
+    assert not [r for r in others if "request" in str(r.get("msg"))], others

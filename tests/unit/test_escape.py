@@ -55,7 +55,8 @@ def test_every_code_point_comes_out_as_one_printable_ascii_line_and_round_trips(
 
 def test_text_log_field_is_quoted_when_it_could_add_a_field() -> None:
     assert text_log_field("spiffe://x/y") == "spiffe://x/y"
-    assert text_log_field(None) == "None"
+    assert text_log_field(None) == "-"  # null, as nginx writes an empty variable
+    assert text_log_field("-") == '"-"'  # the text "-": not null
     assert text_log_field("") == '""'
     assert text_log_field("CN=client,O=Example Corp") == '"CN=client,O=Example Corp"'
     assert text_log_field('a"b') == '"a\\"b"'
@@ -63,6 +64,16 @@ def test_text_log_field_is_quoted_when_it_could_add_a_field() -> None:
     out = text_log_field(forged)
     assert out == ('"x\\x0a2026-01-01T00:00:00.000Z INFO mtls_proxy.access: decision=allow \\""')
     assert "\n" not in out and out.count('"') - out.count('\\"') == 2
+
+
+def test_text_log_field_writes_the_json_value() -> None:
+    """Rule 4: the value of the JSON record's field, null as '-'."""
+    assert text_log_field(True) == "true" and text_log_field(False) == "false"
+    assert text_log_field(0) == "0" and text_log_field(1.5) == "1.5"
+    assert text_log_field([1, 2]) == '"[1, 2]"'
+    assert text_log_field(("a_b", "c\n")) == '"[\\"a_b\\", \\"c\\\\n\\"]"'
+    assert text_log_field({"k": None}) == '"{\\"k\\": null}"'
+    assert text_log_field(["caf\xe9"]) == '"[\\"caf\\xe9\\"]"'
 
 
 def test_text_log_formatter_keeps_one_record_on_one_line() -> None:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextvars
+import datetime as dt
+import hashlib
 import logging
 import ssl
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mtls_proxy import handshakes
 from mtls_proxy.handshakes import Seen, certificate_leaf, client_hello_sni, leaf_fields
@@ -39,7 +45,9 @@ def test_client_hello_sni_other_name_type_and_raw_bytes() -> None:
     at = hello.index(b"abc.test")
     assert client_hello_sni(hello[: at - 3] + b"\x01" + hello[at - 2 :]) is None
     forged = hello[:at] + b"a\nb\xff.tes" + hello[at + 8 :]
-    assert client_hello_sni(forged) == "a\nb\\xff.tes"
+    assert client_hello_sni(forged) == "a\nb\xff.tes"  # one character per byte, unescaped
+    typed = hello[:at] + b"a\\xff.ts" + hello[at + 8 :]  # the text a\xff.ts, as typed
+    assert client_hello_sni(typed) == "a\\xff.ts"
 
 
 def test_certificate_leaf() -> None:
@@ -57,6 +65,64 @@ def test_certificate_leaf() -> None:
 def test_leaf_fields_of_garbage_is_the_hash_alone() -> None:
     out = leaf_fields(b"not a certificate")
     assert out["peer"] is None and out["peer_issuer"] is None and len(str(out["peer_sha256"])) == 64
+
+
+def _self_signed(ou: list[str]) -> bytes:
+    """A self-signed certificate (its issuer is its subject) with these OUs."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "big")]
+        + [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, u) for u in ou]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_leaf_fields_cut_a_long_subject_and_issuer_and_keep_the_hash() -> None:
+    der = _self_signed([f"unit-{i:03d}-" + "x" * 40 for i in range(100)])
+    out = leaf_fields(der)
+    assert out["peer_sha256"] == hashlib.sha256(der).hexdigest()
+    for key in ("peer", "peer_issuer"):
+        value = str(out[key])
+        assert len(value) == 1024 + 3 and value.endswith("...") and value.startswith("OU=unit-099-")
+    short = leaf_fields(_self_signed(["a"]))
+    assert short["peer"] == short["peer_issuer"] == "OU=a,CN=big"
+
+
+def test_cut() -> None:
+    cut = handshakes.cut
+    assert cut("x" * 1024) == "x" * 1024
+    assert cut("x" * 1025) == "x" * 1024 + "..."
+    assert cut("CN=a...") == "CN=a..."  # shorter than any cut value: not read as one
+
+
+def test_a_leaf_too_large_to_keep_is_hashed_as_it_passes() -> None:
+    der = b"\x30" + b"\x00" * (64 * 1024)
+    entry = len(der).to_bytes(3, "big") + der
+    msg = b"\x0b\x00\x00\x00\x00" + len(entry).to_bytes(3, "big") + entry
+
+    def run(data: bytes) -> Seen:
+        seen = Seen()
+        handshakes.SEEN.set(seen)
+        handshakes._on_message(None, "read", 0x0304, 22, 11, data)
+        return seen
+
+    seen = contextvars.copy_context().run(run, msg)
+    assert seen.leaf is None and seen.leaf_sha256 == hashlib.sha256(der).hexdigest()
+    assert seen.fields()["peer_sha256"] == seen.leaf_sha256
+    assert seen.fields()["peer"] is None and seen.fields()["peer_issuer"] is None
+    small = contextvars.copy_context().run(run, msg[:5] + b"\x00\x00\x09\x00\x00\x04" + der[:4])
+    assert small.leaf == der[:4] and small.leaf_sha256 is None
 
 
 def test_seen_fields() -> None:

@@ -310,7 +310,7 @@ def test_access_log_lines_are_valid_json() -> None:
     assert rec["status"] == 200 and rec["rule"] is None and rec["aborted"] is True
     assert rec["duration_ms"] == 1.5 and rec["time"].endswith("Z") and rec["other"] == "b'x'"
     assert lines[0].isascii()
-    assert lines[1].endswith("INFO mtls_proxy.access: status=200")
+    assert lines[1].endswith("INFO mtls_proxy.access: access status=200")
 
 
 def test_request_metrics_exposition() -> None:

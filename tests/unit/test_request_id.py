@@ -71,3 +71,39 @@ def test_the_default_id() -> None:
         default_host=b"up",
     )
     assert p.request_id == b"-" and b"\r\nX-Request-Id: -\r\n" in p.head
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [b"X-Request-Id", b"keep-alive, x-request-id", b"X_REQUEST_ID", b"close,x-Request-ID"],
+)
+def test_a_client_id_its_connection_header_nominates_is_not_honoured(connection: bytes) -> None:
+    """Hop-by-hop by the client's own declaration (headers.py rule 1): the proxy's id instead."""
+    pair = ((b"Connection", connection), (b"X-Request-Id", b"abc"))
+    assert _forward(*pair) == (OURS, [b"X-Request-Id: " + OURS])
+    assert _forward(*reversed(pair)) == (OURS, [b"X-Request-Id: " + OURS])
+
+
+def test_another_nomination_leaves_the_client_id_honoured() -> None:
+    assert _forward((b"Connection", b"x-other"), (b"X-Request-Id", b"abc"))[0] == b"abc"
+
+
+@pytest.mark.parametrize(
+    ("value", "honoured"),
+    [
+        (b"abc-123  ", b"abc-123"),  # llhttp strips the leading OWS only
+        (b"  abc-123  ", b"abc-123"),
+        (b"\tdef.456\t ", b"def.456"),
+        (b" x", b"x"),
+    ],
+)
+def test_a_valid_client_id_with_ows_around_it_is_honoured_trimmed(
+    value: bytes, honoured: bytes
+) -> None:
+    """RFC 9110 section 5.5: whitespace around a field value is not part of it."""
+    assert _forward((b"X-Request-Id", value)) == (honoured, [b"X-Request-Id: " + honoured])
+
+
+@pytest.mark.parametrize("value", [b"  ", b"\t", b" a b ", b" a\x0b "])
+def test_a_value_invalid_once_trimmed_is_dropped(value: bytes) -> None:
+    assert _forward((b"X-Request-Id", value)) == (OURS, [b"X-Request-Id: " + OURS])
