@@ -184,6 +184,13 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         None,
         "CAs for an https:// upstream (default: the system trust store)",
     ),
+    Opt(
+        "send-timeout",
+        ("send_timeout",),
+        "float",
+        60.0,
+        "seconds a client may take no response byte before its connection is cut",
+    ),
     Opt("idle-timeout", ("idle_timeout",), "float", 60.0, "keep-alive idle seconds"),
     Opt("max-connections", ("max_connections",), "int", 10000, "open downstream connections"),
     Opt("max-header-bytes", ("max_header_bytes",), "int", 65536, "request head size limit"),
@@ -300,6 +307,7 @@ class Config:
     body_timeout: float = 30.0
     upstream_timeout: float = 30.0
     upstream_cacert: str | None = None
+    send_timeout: float = 60.0
     idle_timeout: float = 60.0
     max_connections: int = 10000
     max_header_bytes: int = 65536

@@ -107,6 +107,7 @@ class ClientConnection(asyncio.Protocol):
         "draining",
         "peer",
         "refused",
+        "send_deadline",
         "shared",
         "sslobj",
         "transport",
@@ -137,6 +138,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0  # idle or header deadline (loop time); 0 = none
         self._waiting = _IDLE
         self.up_deadline = 0.0  # first upstream byte expected by then
+        self.send_deadline = 0.0  # writing is paused: the client must take a byte by then
         self._log_fields = ""  # the access record's connection part (connection_made)
         # Request IDs: a random prefix per connection and a counter (cheaper than urandom each).
         self._rid_prefix = b""
@@ -294,7 +296,10 @@ class ClientConnection(asyncio.Protocol):
         self._slots.release()
 
     def pause_writing(self) -> None:
-        """The client reads slowly: stop reading the upstream."""
+        """The client reads slowly: stop reading the upstream, and give the client
+        --send-timeout to take a byte (nginx's send_timeout), or a client that stops reading
+        would hold this connection and the upstream's forever."""
+        self.send_deadline = self.shared.clock() + self.shared.cfg.send_timeout
         conn = self._queue[0].upstream if self._queue else None
         if conn is not None and conn.transport is not None:
             conn.transport.pause_reading()
@@ -303,6 +308,7 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         """The client caught up."""
+        self.send_deadline = 0.0
         if self._upstream_paused:
             self._upstream_paused = False
             conn = self._queue[0].upstream if self._queue else None
@@ -318,7 +324,11 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def check_deadlines(self, now: float) -> None:
-        """Called by the sweeper: enforce the idle, header and upstream timeouts."""
+        """Called by the sweeper: enforce the idle, header, send and upstream timeouts."""
+        if self.send_deadline and now >= self.send_deadline:
+            self.send_deadline = 0.0
+            self._on_send_timeout()
+            return
         if self.up_deadline and now >= self.up_deadline:
             self.up_deadline = 0.0
             self._on_upstream_timeout()
@@ -337,6 +347,15 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(RequestTimeout())
             else:
                 self.transport.close()
+
+    def _on_send_timeout(self) -> None:
+        """The client took no byte for --send-timeout: cut the connection (an orderly close
+        would wait for the very writes it refuses); connection_lost records the exchange."""
+        if self._queue and not self._queue[0].reason:
+            took = self.shared.cfg.send_timeout
+            self._queue[0].reason = f"send timeout: the client took no response byte for {took} s"
+        if self.transport is not None:
+            self.transport.abort()
 
     def _wait(self, what: int) -> None:
         cfg = self.shared.cfg

@@ -61,8 +61,8 @@ class Shared:
         self.identity_block = _block
 
     def sweep(self) -> None:
-        """Enforce every connection's deadlines (idle, header, upstream first byte)."""
+        """Enforce every connection's deadlines (idle, header, send, upstream first byte)."""
         now = self.clock()
         for conn in list(self.connections):
-            if conn.deadline or conn.up_deadline:
+            if conn.deadline or conn.up_deadline or conn.send_deadline:
                 conn.check_deadlines(now)

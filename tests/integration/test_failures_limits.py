@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import ssl
 import time
+from pathlib import Path
 
-from tests.helpers import Pki, Upstream, client_ctx, connect, get, read_response, request, run_proxy
+from tests.helpers import (
+    Pki,
+    Proxy,
+    Upstream,
+    client_ctx,
+    connect,
+    get,
+    read_response,
+    request,
+    run_proxy,
+)
 
 
 def free_port() -> int:
@@ -160,3 +172,80 @@ def test_idle_keepalive_connection_is_closed_after_idle_timeout(
         with contextlib.suppress(ssl.SSLError, ConnectionError):
             assert s.recv(100) == b""
         assert 0.7 < time.monotonic() - t0 < 3
+
+
+def _sockets(p: Proxy) -> int:
+    n = 0
+    for fd in Path(f"/proc/{p.proc.pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed while we look
+            n += os.readlink(fd).startswith("socket:")
+    return n
+
+
+def _wait_record(p: Proxy, timeout: float) -> dict[str, object] | None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for rec in p.records():
+            if rec.get("msg") == "access":
+                return rec
+        time.sleep(0.05)
+    return None
+
+
+def test_a_client_that_stops_reading_is_cut_after_send_timeout(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    """Red team F2: a client that stops reading mid-response held its connection and an
+    upstream connection forever (the upstream deadline is off while we stop reading it).
+    Like nginx's send_timeout, S seconds in which the client takes no byte close both."""
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--send-timeout", "1", loop=loop) as p:
+        before = _sockets(p)
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        raw.connect(("127.0.0.1", p.port))
+        with client_ctx(tp, "good").wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"GET /download?bytes=200000000 HTTP/1.1\r\nHost: a\r\n\r\n")
+            t0 = time.monotonic()
+            rec = _wait_record(p, 10)  # the record is written when the exchange ends
+            took = time.monotonic() - t0
+            assert rec is not None, "never cut:\n" + "".join(p.logs[-5:])
+            assert rec["aborted"] is True and rec["status"] == 200
+            assert rec["reason"] == "send timeout: the client took no response byte for 1.0 s"
+            assert 0.9 < took < 5
+            # The connection is gone: reading drains what was buffered, then ends.
+            s.settimeout(5)
+            got = 0
+            with contextlib.suppress(ssl.SSLError, ConnectionError):
+                while chunk := s.recv(1 << 20):
+                    got += len(chunk)
+            assert got < 200_000_000
+        # The upstream connection was closed too (not pooled: its response was cut short).
+        end = time.monotonic() + 3
+        while _sockets(p) != before and time.monotonic() < end:
+            time.sleep(0.05)
+        assert _sockets(p) == before
+        assert p.metric("mtls_proxy_connections_open") == 0
+
+
+def test_a_slow_but_steady_reader_is_not_cut_by_send_timeout(tp: Pki, upstream: Upstream) -> None:
+    """--send-timeout bounds the time between two bytes the client takes, not the response:
+    a 3 MB download read at 1 MB/s outlasts a 1 s send timeout and is whole."""
+    size = 3_000_000
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--send-timeout", "1") as p:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        raw.connect(("127.0.0.1", p.port))
+        with client_ctx(tp, "good").wrap_socket(raw, server_hostname="localhost") as s:
+            s.settimeout(10)
+            s.sendall(b"GET /download?bytes=%d HTTP/1.1\r\nHost: a\r\n\r\n" % size)
+            t0 = time.monotonic()
+            buf = bytearray()
+            while b"\r\n\r\n" not in buf or len(buf) - buf.index(b"\r\n\r\n") - 4 < size:
+                chunk = s.recv(65536)
+                assert chunk, "the proxy cut a client that was reading"
+                buf += chunk
+                time.sleep(len(chunk) / 1e6)  # about 1 MB/s
+        assert time.monotonic() - t0 > 2  # it did outlast the send timeout
+    assert buf.startswith(b"HTTP/1.1 200 ")
+    assert _wait_record(p, 5) is not None
+    assert [r.get("aborted") for r in p.records() if r.get("msg") == "access"] == [None]
