@@ -555,8 +555,9 @@ class ProxyServer:
             self._handshake_failed(classify_handshake_error(exc), client, exc, seen)
             if layer is None:
                 conn.close()
-            if proto.transport is None:  # connection_made never ran, so neither will lost
                 self._slots.release()
+            elif proto.transport is None:  # connection_made never ran, so neither will lost
+                layer.when_lost(self._slots.release)  # the socket lingers: the slot is held
             return
         seen.done = True
         if proto.refused is not None:  # found after the handshake (strict.py, revocation.py)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from typing import Any, Final
 
 # One TLS record carries at most 16 KiB of plaintext; a larger read returns one record anyway.
@@ -58,6 +59,7 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
         self._lingering = False  # our side is shut down: input is dropped (_linger)
         self._timer: asyncio.TimerHandle | None = None
         self._waited = 0.0
+        self._on_lost: Callable[[], None] | None = None  # a failed handshake's (when_lost)
 
     # -- the TCP transport's protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,7 +95,9 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
             self._timer.cancel()
         if not self.handshake.done():
             self.handshake.set_exception(exc or EOFError("the client closed during the handshake"))
-            return
+        if self._on_lost is not None:
+            self._on_lost()
+            self._on_lost = None
         if self._open:
             self._open = False
             self._app.connection_lost(exc)
@@ -236,6 +240,14 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
 
     def is_reading(self) -> bool:
         return not self._paused
+
+    def when_lost(self, callback: Callable[[], None]) -> None:
+        """Call *callback* once the socket is closed (now if it is): a refused client's socket
+        lingers after its handshake failed, and still counts against --max-connections."""
+        if self._raw is None:
+            callback()
+        else:
+            self._on_lost = callback
 
     def is_closing(self) -> bool:
         return self._closing or self._raw is None or self._raw.is_closing()

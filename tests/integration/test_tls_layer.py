@@ -108,6 +108,30 @@ def test_a_refused_client_that_never_closes_is_dropped_after_the_linger(
             sock.close()
 
 
+def test_a_lingering_refused_socket_still_counts_against_max_connections(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    """Red team F3: a refused handshake gave its --max-connections slot back while its socket
+    still lingered (up to a second each), so refused clients could hold more sockets than the
+    cap. The slot is free when the socket is closed, as nginx counts a lingering connection."""
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--max-connections", "1", loop=loop
+    ) as p:
+        ctx = client_ctx(tp, "rogue", tls13=False)
+        raw = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+        held = raw.dup()  # open, reading nothing: the proxy lingers until its bound
+        with pytest.raises(ssl.SSLError) as refused:
+            ctx.wrap_socket(raw, server_hostname="localhost")
+        assert alert_name(refused.value) == "UNKNOWN_CA"
+        t0 = time.monotonic()
+        with connect(p.port, client_ctx(tp, "good")) as s:
+            waited = time.monotonic() - t0
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_response(s, bytearray())[0] == 200
+        held.close()
+    assert waited > 0.7, f"admitted after {waited:.3f} s, while the refused socket lingered"
+
+
 def test_a_closing_answer_ends_with_close_notify(tp: Pki, upstream: Upstream, loop: str) -> None:
     """`Connection: close` and drains end the TLS session properly: the client reads a
     close_notify, not a truncated stream (suppress_ragged_eofs=False would raise on one)."""
