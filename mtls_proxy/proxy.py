@@ -317,6 +317,22 @@ class ClientConnection(asyncio.Protocol):
                 if self.tunnel is None:
                     self.up_deadline = self.shared.clock() + self.shared.cfg.upstream_timeout
 
+    def eof_received(self) -> bool:
+        """The client half-closed (TCP FIN or TLS close_notify): requests it sent whole are
+        still answered, then the connection closes (HAProxy's default; nginx would abort them
+        with a 499); an incomplete request, an idle connection or a tunnel close now."""
+        last = self._last
+        if (
+            not self._queue
+            or self._in_head
+            or (last is not None and not last.body_done)
+            or self.tunnel is not None
+            or self.ws_pending is not None
+        ):
+            return False
+        self.draining = True  # no more requests can come: close after the last answer
+        return True
+
     def drain(self) -> None:
         """Shutdown: close now if idle, else after the response in flight."""
         self.draining = True

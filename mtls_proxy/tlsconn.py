@@ -60,6 +60,7 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
         self._timer: asyncio.TimerHandle | None = None
         self._waited = 0.0
         self._on_lost: Callable[[], None] | None = None  # a failed handshake's (when_lost)
+        self._peer_eof = False  # the client's FIN arrived
 
     # -- the TCP transport's protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,13 +80,17 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
     def eof_received(self) -> bool | None:
         if self._lingering:
             return None  # the client read the alert and left: close now
-        # A TCP FIN without close_notify: the client is gone either way (a truncation attack
-        # cannot matter here, every request is framed by HTTP).
-        self._incoming.write_eof()
+        # A TCP FIN, with or without close_notify before it: a half-close. The app hears of it
+        # once it has read everything before it (_deliver reaches the end: _peer_closed) and
+        # decides whether to answer what it got (a truncation attack cannot matter here: every
+        # request is framed by HTTP, and an incomplete one is dropped).
+        # The FIN is not written into OpenSSL's input: it would call it an unexpected EOF and
+        # refuse to write the answer.
+        self._peer_eof = True
         if self._open and not self._closing:
-            keep = self._app.eof_received()
-            if keep:
-                return True
+            if not self._paused:
+                self._deliver()
+            return True  # closed by the app, or by _peer_closed when it does not keep it
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -142,7 +147,7 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
         raw = self._raw
         if raw is None:
             return
-        if not raw.can_write_eof():
+        if self._peer_eof or not raw.can_write_eof():  # nothing more can come from the client
             raw.close()
             return
         self._lingering = True
@@ -169,19 +174,21 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
         """Hand decrypted data to the app until OpenSSL has none or the app pauses (rule 4)."""
         sslobj = self._ssl
         app = self._app
+        drained = False  # everything the client sent so far has been handed over
         try:
             while not self._paused and not self._closing:
                 chunk = sslobj.read(_READ)
-                if not chunk:  # close_notify (suppress_ragged_eofs) or EOF
+                if not chunk:  # close_notify (suppress_ragged_eofs)
                     self._peer_closed()
                     break
                 app.data_received(chunk)
                 # Most reads end a record exactly: no exception to tell us there is no more.
                 if not self._incoming.pending and not sslobj.pending():
+                    drained = not self._paused
                     break
         except _AGAIN:
-            pass
-        except ssl.SSLZeroReturnError:
+            drained = True
+        except ssl.SSLZeroReturnError:  # close_notify
             self._peer_closed()
         except ssl.SSLError:
             # A corrupt record: nothing more can be read or written on this session.
@@ -191,6 +198,8 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
                 self._raw.close()
             return
         self._flush()  # e.g. a KeyUpdate answer
+        if drained and self._peer_eof:  # a FIN without close_notify, and nothing left to read
+            self._peer_closed()
 
     def _peer_closed(self) -> None:
         if self._closing:

@@ -229,3 +229,107 @@ def test_a_closing_response_is_whole_although_reading_was_paused(
                 time.sleep(len(chunk) / (1024 * 1024))  # a 1 MB/s reader
     body = bytes(buf).partition(b"\r\n\r\n")[2]
     assert len(body) == size
+
+
+class BioClient:
+    """A TLS client on memory BIOs over a plain socket, so the test can half-close TCP (an
+    SSLSocket drops its TLS state on shutdown()) and still read."""
+
+    def __init__(self, tp: Pki, port: int) -> None:
+        self.raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_ctx(tp, "good").wrap_bio(self.inc, self.out, server_hostname="localhost")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.flush()
+                data = self.raw.recv(65536)
+                assert data, "the proxy closed during the handshake"
+                self.inc.write(data)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.out.pending:
+            self.raw.sendall(self.out.read())
+
+    def read_all(self) -> bytes:
+        """Everything the proxy sends until its close_notify or FIN."""
+        got = bytearray()
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+                if not chunk:  # the proxy's close_notify
+                    return bytes(got)
+                got += chunk
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return bytes(got)
+            data = self.raw.recv(65536)
+            if not data:
+                return bytes(got)
+            self.inc.write(data)
+
+
+@pytest.mark.parametrize("how", ["tcp_fin", "close_notify"])
+def test_a_client_that_half_closes_after_its_request_gets_the_response(
+    tp: Pki, upstream: Upstream, loop: str, how: str
+) -> None:
+    """Red team F5: a client that sends its request and then half-closes (shutdown(SHUT_WR), or
+    a TLS close_notify, which TLS 1.3 defines as a half-close) lost the response: the proxy
+    closed at the client's EOF. Requests already received are answered, then the connection
+    closes (HAProxy's default; the response says Connection: close)."""
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
+        c = BioClient(tp, p.port)
+        with c.raw:
+            c.tls.write(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: a\r\n\r\n")
+            if how == "close_notify":
+                with pytest.raises(ssl.SSLWantReadError):
+                    c.tls.unwrap()  # writes our close_notify; the proxy's is still to come
+            c.flush()
+            c.raw.shutdown(socket.SHUT_WR)
+            got = c.read_all()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), got[:200]
+    assert b"\r\nconnection: close" in head.lower()
+    assert b'"target": "/slow?s=0.3"' in body
+    records = [r for r in p.records() if r.get("msg") == "access"]
+    assert [(r["status"], r.get("aborted")) for r in records] == [(200, None)]
+
+
+def test_a_client_that_half_closes_inside_its_request_is_closed_and_nothing_is_forwarded(
+    tp: Pki, upstream: Upstream
+) -> None:
+    """An incomplete request ends with the client's EOF: nothing reaches the upstream."""
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
+        c = BioClient(tp, p.port)
+        with c.raw:
+            c.tls.write(b"GET / HTTP/1.1\r\nHost: a\r\n")
+            c.flush()
+            c.raw.shutdown(socket.SHUT_WR)
+            t0 = time.monotonic()
+            assert c.read_all() == b""
+            assert time.monotonic() - t0 < 2
+    assert upstream.seen == []
+
+
+def test_pipelined_requests_before_a_half_close_are_all_answered(
+    tp: Pki, upstream: Upstream, loop: str
+) -> None:
+    """The client's FIN is acted on after every byte before it: the second request, still
+    unread behind the first while that one is answered, is answered too, then the close."""
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
+        c = BioClient(tp, p.port)
+        with c.raw:
+            c.tls.write(b"GET /slow?s=0.3 HTTP/1.1\r\nHost: a\r\n\r\n")
+            c.tls.write(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+            c.flush()
+            c.raw.shutdown(socket.SHUT_WR)
+            got = c.read_all()
+    assert got.count(b"HTTP/1.1 200 ") == 2, got[:300]
+    assert b'"target": "/second"' in got
+    records = [r for r in p.records() if r.get("msg") == "access"]
+    assert [(r["path"], r.get("aborted")) for r in records] == [("/slow", None), ("/second", None)]
