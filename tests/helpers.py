@@ -47,6 +47,10 @@ class Pki:
     def ca(self) -> str:
         return str(self.dir / "ca.crt")
 
+    def material(self, name: str = "server") -> list[str]:
+        """The proxy's own certificate and key, and the client CA: serve/check/explain flags."""
+        return ["--cert", self.crt(name), "--key", self.key(name), "--cacert", self.ca]
+
     def der(self, name: str) -> bytes:
         cert = x509.load_pem_x509_certificates(Path(self.crt(name)).read_bytes())[0]
         return cert.public_bytes(serialization.Encoding.DER)
@@ -367,6 +371,20 @@ class Proxy:
         raise AssertionError(field)
 
 
+def curl(
+    tp: Pki, client: str | None, url: str, *extra: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """`curl -sS` trusting the test CA, with CLIENT's certificate and key (None: no
+    certificate); *extra* goes before the URL."""
+    ident = ["--cert", tp.crt(client), "--key", tp.key(client)] if client else []
+    return subprocess.run(
+        ["curl", "-sS", "--cacert", tp.ca, *ident, *extra, url],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def proxy_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mtls_proxy", *args]
 
@@ -381,7 +399,7 @@ def run_proxy(
     env: dict[str, str] | None = None,
     extra_cert_args: bool = True,
 ) -> Iterator[Proxy]:
-    material = ["--cert", tp.crt("server"), "--key", tp.key("server"), "--cacert", tp.ca]
+    material = tp.material()
     args = [
         "serve",
         "--listen",

@@ -179,12 +179,7 @@ def test_int042_two_thousand_duplicate_routes_are_refused_in_linear_memory(
         "check",
         "--upstream",
         "http://127.0.0.1:9",
-        "--cert",
-        tp.crt("server"),
-        "--key",
-        tp.key("server"),
-        "--cacert",
-        tp.ca,
+        *tp.material(),
         "--policy",
         str(policy),
     )

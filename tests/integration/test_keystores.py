@@ -476,57 +476,34 @@ public class Call {
 """
 
 
-@needs_keytool
-def test_java_httpclient_with_exported_stores_calls_through_the_proxy(
-    tp: Pki, upstream: Upstream, tmp_path: Path
-) -> None:
-    d = tmp_path / "pki"
-    assert mtls("pki", "init", str(d)).returncode == 0
-    assert (
-        mtls(
-            "pki",
-            "issue",
-            "server",
-            "proxy",
-            "--dir",
-            str(d),
-            "--dns",
-            "localhost",
-            "--ip",
-            "127.0.0.1",
-        ).returncode
-        == 0
+def _pki(*steps: tuple[str, ...]) -> None:
+    for args in steps:
+        r = mtls(*args)
+        assert r.returncode == 0, (args, r.stderr)
+
+
+def _export(name: str, d: Path, fmt: str) -> tuple[str, ...]:
+    """`pki export` of NAME from D into D/FMT, with the password Spring Boot examples use."""
+    return (
+        "pki",
+        "export",
+        name,
+        "--dir",
+        str(d),
+        "--format",
+        fmt,
+        "--password",
+        "changeit",
+        "--out",
+        str(d / fmt),
     )
-    assert (
-        mtls(
-            "pki",
-            "issue",
-            "client",
-            "javaapp",
-            "--dir",
-            str(d),
-            "--uri",
-            "spiffe://test.local/ns/java/sa/app",
-        ).returncode
-        == 0
-    )
-    for fmt in ("p12", "jks"):
-        assert (
-            mtls(
-                "pki",
-                "export",
-                "javaapp",
-                "--dir",
-                str(d),
-                "--format",
-                fmt,
-                "--password",
-                "changeit",
-                "--out",
-                str(d / fmt),
-            ).returncode
-            == 0
-        )
+
+
+def _java_call(
+    tp: Pki, upstream: Upstream, tmp_path: Path, d: Path, keystore: Path, path: str, *policy: str
+) -> subprocess.CompletedProcess[str]:
+    """java.net.http.HttpClient with KEYSTORE and D's truststore, through a proxy serving D's
+    `proxy` certificate and trusting D's CA."""
     src = tmp_path / "Call.java"
     src.write_text(JAVA_CLIENT)
     with run_proxy(
@@ -538,22 +515,65 @@ def test_java_httpclient_with_exported_stores_calls_through_the_proxy(
         str(d / "proxy.key"),
         "--cacert",
         str(d / "ca.crt"),
-        "--allow-uri",
-        "spiffe://test.local/ns/java/sa/*",
+        *policy,
         extra_cert_args=False,
     ) as p:
-        r = subprocess.run(
+        return subprocess.run(
             [
                 "java",
                 str(src),
-                f"https://localhost:{p.port}/from-java",
-                str(d / "p12" / "keystore.p12"),
+                f"https://localhost:{p.port}{path}",
+                str(keystore),
                 str(d / "jks" / "truststore.jks"),
             ],
             capture_output=True,
             text=True,
             timeout=120,
         )
+
+
+@needs_keytool
+def test_java_httpclient_with_exported_stores_calls_through_the_proxy(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    d = tmp_path / "pki"
+    _pki(
+        ("pki", "init", str(d)),
+        (
+            "pki",
+            "issue",
+            "server",
+            "proxy",
+            "--dir",
+            str(d),
+            "--dns",
+            "localhost",
+            "--ip",
+            "127.0.0.1",
+        ),
+        (
+            "pki",
+            "issue",
+            "client",
+            "javaapp",
+            "--dir",
+            str(d),
+            "--uri",
+            "spiffe://test.local/ns/java/sa/app",
+        ),
+        _export("javaapp", d, "p12"),
+        _export("javaapp", d, "jks"),
+    )
+    r = _java_call(
+        tp,
+        upstream,
+        tmp_path,
+        d,
+        d / "p12" / "keystore.p12",
+        "/from-java",
+        "--allow-uri",
+        "spiffe://test.local/ns/java/sa/*",
+    )
     assert r.returncode == 0, r.stderr
     status, body = r.stdout.split("\n", 1)
     assert status == "200"
@@ -608,65 +628,15 @@ def test_a_refused_java_client_reads_the_reason(
     """Issue 14: Java's "Received fatal alert: unknown_ca", not "header parser received no
     bytes" (the alert is sent before the close, tlsconn.py)."""
     d, other = tmp_path / "pki", tmp_path / "other"
-    for args in (
+    _pki(
         ("pki", "init", str(d)),
         ("pki", "issue", "server", "proxy", "--dir", str(d), "--dns", "localhost"),
         ("pki", "init", str(other)),  # a CA the proxy does not trust
         ("pki", "issue", "client", "stranger", "--dir", str(other), "--uri", "spiffe://x/y"),
-        (
-            "pki",
-            "export",
-            "stranger",
-            "--dir",
-            str(other),
-            "--format",
-            "p12",
-            "--password",
-            "changeit",
-            "--out",
-            str(other / "p12"),
-        ),
-        (
-            "pki",
-            "export",
-            "proxy",
-            "--dir",
-            str(d),
-            "--format",
-            "jks",
-            "--password",
-            "changeit",
-            "--out",
-            str(d / "jks"),
-        ),
-    ):
-        r = mtls(*args)
-        assert r.returncode == 0, (args, r.stderr)
-    src = tmp_path / "Call.java"
-    src.write_text(JAVA_CLIENT)
-    with run_proxy(
-        tp,
-        f"http://127.0.0.1:{upstream.port}",
-        "--cert",
-        str(d / "proxy.crt"),
-        "--key",
-        str(d / "proxy.key"),
-        "--cacert",
-        str(d / "ca.crt"),
-        extra_cert_args=False,
-    ) as p:
-        r = subprocess.run(
-            [
-                "java",
-                str(src),
-                f"https://localhost:{p.port}/",
-                str(other / "p12" / "keystore.p12"),
-                str(d / "jks" / "truststore.jks"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        _export("stranger", other, "p12"),
+        _export("proxy", d, "jks"),
+    )
+    r = _java_call(tp, upstream, tmp_path, d, other / "p12" / "keystore.p12", "/")
     assert r.returncode != 0
     assert "Received fatal alert: unknown_ca" in r.stderr, r.stderr[-2000:]
     assert upstream.seen == []

@@ -7,52 +7,14 @@ import json
 import subprocess
 import sys
 
-from tests.helpers import ALLOWED_URI, Pki, Upstream, run_proxy
+from tests.helpers import ALLOWED_URI, Pki, Upstream, curl, run_proxy
 
 
 def test_curl_with_client_certificate(tp: Pki, upstream: Upstream, loop: str) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
         url = f"https://localhost:{p.port}/via-curl?x=1"
-        ok = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "--cacert",
-                tp.ca,
-                "--cert",
-                tp.crt("good"),
-                "--key",
-                tp.key("good"),
-                "-H",
-                "X-Client-Subject: CN=admin",
-                "-d",
-                "hello",
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        denied = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--cacert",
-                tp.ca,
-                "--cert",
-                tp.crt("other"),
-                "--key",
-                tp.key("other"),
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        ok = curl(tp, "good", url, "-H", "X-Client-Subject: CN=admin", "-d", "hello")
+        denied = curl(tp, "other", url, "-o", "/dev/null", "-w", "%{http_code}")
         nocert = subprocess.run(
             ["curl", "-sS", "--cacert", tp.ca, url], capture_output=True, text=True, timeout=30
         )
@@ -162,12 +124,7 @@ def test_text_log_format(tp: Pki, upstream: Upstream) -> None:
             "off",
             "--upstream",
             f"http://127.0.0.1:{upstream.port}",
-            "--cert",
-            tp.crt("server"),
-            "--key",
-            tp.key("server"),
-            "--cacert",
-            tp.ca,
+            *tp.material(),
             "--allow-all",
             "--log-format",
             "text",

@@ -21,6 +21,7 @@ from tests.helpers import (
     alert_name,
     client_ctx,
     connect,
+    curl,
     proxy_cmd,
     read_response,
     run_proxy,
@@ -37,23 +38,7 @@ def test_curl_prints_the_alert_of_a_refused_client(
 ) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
         version = ["--tlsv1.3"] if tls13 else ["--tls-max", "1.2"]
-        r = subprocess.run(
-            [
-                "curl",
-                "-sSv",
-                *version,
-                "--cacert",
-                tp.ca,
-                "--cert",
-                tp.crt("expired"),
-                "--key",
-                tp.key("expired"),
-                f"https://localhost:{p.port}/",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        r = curl(tp, "expired", f"https://localhost:{p.port}/", "-v", *version)
     # curl 7.88, TLS 1.3: "(56) OpenSSL SSL_read: ... sslv3 alert certificate expired" (read
     # after the handshake). TLS 1.2: "(60) SSL certificate verification failed" (curl files
     # this alert under its own verification errors), with the alert in its -v trace.
@@ -159,12 +144,7 @@ def test_the_readmes_troubleshooting_shows_what_curl_and_explain_print(
             "explain",
             "--client-cert",
             tp.crt("rogue"),
-            "--cert",
-            tp.crt("server"),
-            "--key",
-            tp.key("server"),
-            "--cacert",
-            tp.ca,
+            *tp.material(),
             "--allow-all",
             "--upstream",
             "http://127.0.0.1:1",
@@ -183,22 +163,7 @@ def test_the_readmes_troubleshooting_shows_what_curl_and_explain_print(
     else:
         pytest.fail("no curl line with the unknown_ca alert in the README")
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
-        out = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "--cacert",
-                tp.ca,
-                "--cert",
-                tp.crt("rogue"),
-                "--key",
-                tp.key("rogue"),
-                f"https://localhost:{p.port}/",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        out = curl(tp, "rogue", f"https://localhost:{p.port}/")
     assert out.stderr.strip() == line.strip()
 
 
