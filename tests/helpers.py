@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import socketserver
@@ -433,6 +434,8 @@ def run_proxy(
             logs.append(line)
             if '"msg": "ready"' in line:
                 ready.put(json.loads(line))
+            elif " mtls_proxy.server: ready " in line:  # --log-format text in *extra*
+                ready.put(dict(re.findall(r" (listen|admin)=(\S+)", line)))
         ready.put(None)
 
     threading.Thread(target=pump, daemon=True).start()

@@ -19,6 +19,29 @@ def mtls(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(proxy_cmd(*args), capture_output=True, text=True, timeout=timeout)
 
 
+def _pki(*steps: tuple[str, ...]) -> None:
+    for args in steps:
+        r = mtls(*args)
+        assert r.returncode == 0, (args, r.stderr)
+
+
+def _export(name: str, d: Path, fmt: str) -> tuple[str, ...]:
+    """`pki export` of NAME from D into D/FMT, with the password Spring Boot examples use."""
+    return (
+        "pki",
+        "export",
+        name,
+        "--dir",
+        str(d),
+        "--format",
+        fmt,
+        "--password",
+        "changeit",
+        "--out",
+        str(d / fmt),
+    )
+
+
 def keytool_genkey(path: Path, store_type: str, alias: str, dname: str) -> None:
     """An EC key pair made by keytool itself, as a Java team would."""
     r = subprocess.run(
@@ -65,20 +88,7 @@ def stores(tp: Pki, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
         shutil.copy(tp.dir / src, d / src)
     out: dict[str, Path] = {}
     for fmt in ("p12", "jks", "pem"):
-        r = mtls(
-            "pki",
-            "export",
-            "server",
-            "--dir",
-            str(d),
-            "--format",
-            fmt,
-            "--password",
-            "changeit",
-            "--out",
-            str(d / fmt),
-        )
-        assert r.returncode == 0, r.stderr
+        _pki(_export("server", d, fmt))
         out[fmt] = d / fmt
     # A legacy (RC2/3DES) PKCS12 as old tooling writes it.
     legacy = d / "legacy.p12"
@@ -474,29 +484,6 @@ public class Call {
     }
 }
 """
-
-
-def _pki(*steps: tuple[str, ...]) -> None:
-    for args in steps:
-        r = mtls(*args)
-        assert r.returncode == 0, (args, r.stderr)
-
-
-def _export(name: str, d: Path, fmt: str) -> tuple[str, ...]:
-    """`pki export` of NAME from D into D/FMT, with the password Spring Boot examples use."""
-    return (
-        "pki",
-        "export",
-        name,
-        "--dir",
-        str(d),
-        "--format",
-        fmt,
-        "--password",
-        "changeit",
-        "--out",
-        str(d / fmt),
-    )
 
 
 def _java_call(

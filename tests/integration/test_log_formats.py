@@ -4,26 +4,18 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import queue
 import re
-import signal
 import socket
 import ssl
-import subprocess
-import threading
 import time
-from collections.abc import Iterator
 
 from tests.helpers import (
-    ALLOWED_URI,
     Pki,
     Upstream,
     client_ctx,
     connect,
     get,
     handshake_rejected,
-    proxy_cmd,
     read_response,
     run_proxy,
 )
@@ -75,46 +67,6 @@ def parse_text(line: str) -> dict[str, object]:
     return out
 
 
-@contextlib.contextmanager
-def run_text_proxy(tp: Pki, upstream: str) -> Iterator[tuple[int, list[str]]]:
-    """The proxy with --log-format text: (its port, the lines it writes)."""
-    proc = subprocess.Popen(
-        proxy_cmd(
-            *("serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", upstream),
-            *("--cert", tp.crt("server"), "--key", tp.key("server"), "--cacert", tp.ca),
-            *("--allow-uri", ALLOWED_URI, "--log-format", "text"),
-        ),
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=dict(os.environ),
-    )
-    lines: list[str] = []
-    ready: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if " mtls_proxy.server: ready " in line:
-                ready.put(line)
-        ready.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        line = ready.get(timeout=20)
-        assert line is not None, "".join(lines)
-        port = int(re.search(r" listen=\S+:(\d+)", line)[1])  # type: ignore[index]
-        yield port, lines
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def _exercise(tp: Pki, port: int) -> None:
     """One of each: an allowed request, a denied one, an aborted one, a failed handshake."""
     assert get(port, client_ctx(tp, "good"), "/ok")[0] == 200
@@ -145,7 +97,8 @@ def test_text_records_have_the_keys_and_values_of_json_records(tp: Pki, upstream
     with run_proxy(tp, url) as p:
         _exercise(tp, p.port)
         json_recs = _records(p.records())
-    with run_text_proxy(tp, url) as (port, lines):
+    with run_proxy(tp, url, "--log-format", "text") as p:
+        port, lines = p.port, p.logs
         _exercise(tp, port)
         text_recs = _records([parse_text(line) for line in list(lines)])
     assert [r["msg"] for r in text_recs] == [r["msg"] for r in json_recs], text_recs
@@ -204,7 +157,8 @@ def test_an_sni_byte_and_its_escape_typed_as_text_are_logged_apart(
     assert typed == TYPED.decode()  # the text as it was sent
     assert raw == "a\xffb.test"  # one character per byte: U+00FF is the byte 0xff
     assert '"sni": "a\\u00ffb.test"' in json_lines[0] and '"sni": "a\\\\xffb.test"' in json_lines[1]
-    with run_text_proxy(tp, url) as (port, lines):
+    with run_proxy(tp, url, "--log-format", "text") as p:
+        port, lines = p.port, p.logs
         for sni in (RAW_BYTE, TYPED):
             _send_hello(port, sni)
         deadline = time.monotonic() + 5
