@@ -1,6 +1,6 @@
 """Per-request CPU of the data plane's Python code alone, with in-memory transports.
 
-Drives ClientConnection and UpstreamConnection through a keep-alive request/response cycle exactly
+Drives Http1Connection (with its Exchange) and UpstreamConnection through a keep-alive request/response cycle exactly
 as the event loop would (data_received on both sides) but with no sockets or TLS, so the figure is
 repeatable and isolates what the proxy adds on top of the transport floor.
 
@@ -18,8 +18,11 @@ import time
 from mtls_proxy.config import load_config
 from mtls_proxy.logs import AccessLog
 from mtls_proxy.metrics import Metrics
-from mtls_proxy.proxy import ClientConnection
-from mtls_proxy.shared import Shared
+from mtls_proxy.admission import admit
+from mtls_proxy.generation import build
+from mtls_proxy.http1 import Http1Connection
+from mtls_proxy.plane import DataPlane
+from mtls_proxy.tls import Material
 from mtls_proxy.upstream import UpstreamConnection, UpstreamPool
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18443\r\n\r\n"
@@ -95,16 +98,18 @@ async def run(n: int, profile: bool) -> None:
 
         def flush(self) -> None: ...
 
+    server = pki.issue(root, "server", "proxy", dns=["localhost"])
+    material = Material("x", server.key, (server.cert,), "z", (root.cert,))
+    gen = build(cfg, material, cfg.policy)
     pool = UpstreamPool(cfg.upstream, 1.0)
-    shared = Shared(cfg, Metrics(), pool, None, loop.time, AccessLog("json", NullStream()))  # type: ignore[arg-type]
+    plane = DataPlane(cfg, gen, Metrics(), pool, loop.time, AccessLog("json", NullStream()))  # type: ignore[arg-type]
     up = UpstreamConnection(pool)
     up.connection_made(FakeTransport({}))
     pool.idle.append(up)
-    client = ClientConnection(shared, asyncio.Semaphore(10))
+    client = Http1Connection(plane, admit(plane, gen, FakeSSL(der)), lambda: None)  # type: ignore[arg-type]
     client.connection_made(
         FakeTransport(
             {
-                "ssl_object": FakeSSL(der),
                 "peername": ("127.0.0.1", 5555),
                 "sockname": ("127.0.0.1", 8443),
             }

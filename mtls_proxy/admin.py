@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sized
 from typing import TYPE_CHECKING, Final, Protocol
 
 from aiohttp import web
@@ -18,31 +17,20 @@ if TYPE_CHECKING:
     from mtls_proxy.tls import Material
 
 
-class _HasRegistry(Protocol):
-    @property
-    def registry(self) -> CollectorRegistry: ...
-
-
-class _Shared(Protocol):
-    @property
-    def draining(self) -> bool: ...
-    @property
-    def connections(self) -> Sized: ...
-
-
 class AdminTarget(Protocol):
-    """What the admin endpoints read: a ProxyServer, or the workers' Master."""
+    """What the admin endpoints read: a ProxyServer, or the workers' Master for all workers."""
 
     cfg: Config
-    material: Material
     last_reload: dict[str, object] | None
 
     @property
     def ready(self) -> bool: ...
     @property
-    def metrics(self) -> _HasRegistry: ...
+    def draining(self) -> bool: ...
     @property
-    def shared(self) -> _Shared: ...
+    def connections_open(self) -> int: ...
+    @property
+    def registry(self) -> CollectorRegistry: ...
     async def refresh(self) -> None: ...
     def material_status(self) -> dict[str, object]: ...
 
@@ -79,9 +67,7 @@ async def readyz(request: web.Request) -> web.Response:
     server = request.app[SERVER]
     if server.ready:
         return web.json_response({"status": "ready"})
-    return web.json_response(
-        {"status": "draining" if server.shared.draining else "starting"}, status=503
-    )
+    return web.json_response({"status": "draining" if server.draining else "starting"}, status=503)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -95,8 +81,8 @@ async def status(request: web.Request) -> web.Response:
             "upstream": server.cfg.upstream.url,
             **server.material_status(),
             "last_reload": server.last_reload,
-            "connections_open": len(server.shared.connections),
-            "draining": server.shared.draining,
+            "connections_open": server.connections_open,
+            "draining": server.draining,
         }
     )
 
@@ -105,7 +91,7 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus exposition."""
     server = request.app[SERVER]
     await server.refresh()
-    body = generate_latest(server.metrics.registry)
+    body = generate_latest(server.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -21,28 +21,31 @@ from cryptography.hazmat.primitives import serialization
 
 from mtls_proxy import __version__, handshakes
 from mtls_proxy.admin import admin_app, material_status, rfc3339
+from mtls_proxy.admission import Refused, admit
 from mtls_proxy.errors import ConfigError
+from mtls_proxy.generation import Generation, build
+from mtls_proxy.http1 import Http1Connection
 from mtls_proxy.identity import rfc2253
 from mtls_proxy.loader import DetachedLoads, load_policy
 from mtls_proxy.logs import AccessLog, RateLimiter
 from mtls_proxy.metrics import Metrics
-from mtls_proxy.proxy import ClientConnection
-from mtls_proxy.revocation import TrustView
-from mtls_proxy.shared import Shared
+from mtls_proxy.plane import DataPlane
 from mtls_proxy.tls import (
     CERT_DIR_NAMES,
     Material,
     classify_handshake_error,
     load_material,
     openssl_checks_crls,
-    server_context,
     upstream_context,
 )
 from mtls_proxy.tlsconn import TLSServerLayer
 from mtls_proxy.upstream import UpstreamPool
-from mtls_proxy.verify import revocation_view
 
 if TYPE_CHECKING:
+    import ssl as ssl_
+
+    from prometheus_client import CollectorRegistry
+
     from mtls_proxy.config import Address, Config
     from mtls_proxy.policy import Policy
 
@@ -132,10 +135,7 @@ class ProxyServer:
     ) -> None:
         self.cfg = cfg
         self.reuse_port = reuse_port
-        self.material = material
         self.metrics = metrics or Metrics()
-        self.ctx = server_context(cfg, material)
-        self._crl_mode = openssl_checks_crls(cfg, material)
         pool = UpstreamPool(
             cfg.upstream,
             cfg.upstream_timeout,
@@ -145,9 +145,8 @@ class ProxyServer:
         )
         loop = asyncio.get_running_loop()
         access = AccessLog(cfg.log_format) if cfg.access_log else None
-        self.shared = Shared(cfg, self.metrics, pool, material.server_uri, loop.time, access)
-        self.shared.policy = policy if policy is not None else load_policy(cfg)
-        self._set_revocation(material)
+        gen = build(cfg, material, policy if policy is not None else load_policy(cfg))
+        self.plane = DataPlane(cfg, gen, self.metrics, pool, loop.time, access)
         self._watch_stop = threading.Event()
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
@@ -162,7 +161,8 @@ class ProxyServer:
         self.sock: socket.socket | None = None
         self.admin_runner: web.AppRunner | None = None
         self.admin_address: str | None = None
-        self._slots = asyncio.Semaphore(cfg.max_connections)
+        # One slot per connection (--max-connections), held from accept until its socket closes.
+        self._connection_slots = asyncio.Semaphore(cfg.max_connections)
         self._accept_task: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -173,6 +173,16 @@ class ProxyServer:
         self._loads = DetachedLoads(RELOAD_TIMEOUT)
         self._reload_failures = 0
         self._handshake_log = RateLimiter(10)
+
+    @property
+    def gen(self) -> Generation:
+        """The generation new connections are accepted under (generation.py)."""
+        return self.plane.gen
+
+    @property
+    def material(self) -> Material:
+        """The material in effect."""
+        return self.plane.gen.material
 
     def _expiry_metrics(self, material: Material) -> None:
         m = self.metrics.not_after
@@ -212,18 +222,12 @@ class ProxyServer:
             },
         )
 
-    def _set_revocation(self, material: Material) -> None:
-        """The CRLs checked after each handshake (--crl-expired allow with a stale CRL): the
-        view explain uses too (verify.revocation_view), so that the two agree."""
-        self.shared.revocation = revocation_view(self.cfg, material)
-
     def _check_crl_expiry(self) -> None:
-        """Time passes without a reload: a CRL can go stale while loaded."""
-        mode = openssl_checks_crls(self.cfg, self.material)
-        if mode != self._crl_mode:
-            self._crl_mode = mode
-            self.ctx = server_context(self.cfg, self.material)
-            self._set_revocation(self.material)
+        """Time passes without a reload: a CRL can go stale while loaded (the generation's
+        context then gives OpenSSL the CRLs no longer, and its revocation view takes over)."""
+        gen = self.plane.gen
+        if openssl_checks_crls(self.cfg, gen.material) != gen.openssl_crls:
+            self.plane.gen = gen.with_fresh_context(self.cfg)
         if self.material.crls_expired() and not self._crl_stale_logged:
             self._crl_stale_logged = True
             self._crl_expired_warning(self.material)
@@ -264,8 +268,9 @@ class ProxyServer:
             material, policy = await self._loads.run(self._load_files)
             # Unchanged certificates and trust (a policy edit, a touch): keep the context, and
             # with it the TLS sessions; any change at all gets a fresh one (TLS-037/038).
-            same = _material_key(material) == _material_key(self.material)
-            ctx = self.ctx if same else server_context(self.cfg, material)
+            old = self.plane.gen
+            same = _material_key(material) == _material_key(old.material)
+            gen = build(self.cfg, material, policy, context=old.context if same else None)
         except (ConfigError, OSError, ValueError) as exc:
             error = "; ".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
             return self._reload_failed(now, error)
@@ -274,18 +279,14 @@ class ProxyServer:
             # material and shows in /status and the metrics, not a task that dies in silence.
             logger.error("reload raised", exc_info=exc)
             return self._reload_failed(now, f"unexpected {type(exc).__name__} (see the log)")
-        old = self.material
         # One swap: every new handshake from here on uses the new context (fresh ticket keys
         # and session cache: no session from before can resume), every next request the new
-        # policy.
-        self.material, self.ctx, self.shared.policy = material, ctx, policy
-        self._crl_mode = openssl_checks_crls(self.cfg, material)
+        # policy (generation.py).
+        self.plane.gen = gen
         self._crl_stale_logged = False
-        self._set_revocation(material)
-        self.shared.set_by(material.server_uri)
         self._expiry_metrics(material)
-        if _trust_key(old) != _trust_key(material):
-            self._recheck_open_connections(material)
+        if _trust_key(old.material) != _trust_key(material):
+            self._recheck_open_connections(gen)
         self.last_reload = {
             "at": rfc3339(now),
             "ok": True,
@@ -315,19 +316,12 @@ class ProxyServer:
         logger.error("reload failed; still serving the previous material", extra={"error": error})
         return False
 
-    def _recheck_open_connections(self, material: Material) -> None:
+    def _recheck_open_connections(self, gen: Generation) -> None:
         """Trust changed: a client that the new CAs or CRLs refuse loses its open connections
         now (docs/security.md, RLD-07, RLD-10; revocation.py)."""
-        tls = self.cfg.tls
-        view = TrustView.build(
-            material.ca_certs,
-            material.crls,
-            leaf_only=tls.crl_check == "leaf",
-            roots_only=tls.trust_anchors == "roots",
-        )
-        for conn in list(self.shared.connections):
+        for conn in list(self.plane.connections):
             chain = conn.verified_chain()
-            reason = "unknown_ca" if chain is None else view.refuses(chain)
+            reason = "unknown_ca" if chain is None else gen.trust.refuses(chain)
             if reason is not None:
                 self.metrics.connections_cut.labels(reason=reason).inc()
                 logger.warning(
@@ -350,7 +344,22 @@ class ProxyServer:
     @property
     def ready(self) -> bool:
         """Listening with valid material and not draining."""
-        return self.listening and not self.shared.draining
+        return self.listening and not self.plane.draining
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM came: finishing what is in flight (admin.AdminTarget)."""
+        return self.plane.draining
+
+    @property
+    def connections_open(self) -> int:
+        """Client connections past their handshake (admin.AdminTarget)."""
+        return len(self.plane.connections)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry the admin port exposes (admin.AdminTarget)."""
+        return self.metrics.registry
 
     @property
     def address(self) -> tuple[str, int]:
@@ -463,8 +472,10 @@ class ProxyServer:
         threading.Thread(target=run, name="mtls-proxy-watch", daemon=True).start()
 
     def _sweep(self) -> None:
-        # Timeouts are deadlines checked here, 4 times a second (see proxy.py rule 4).
-        self.shared.sweep()
+        # Timeouts are deadlines checked here, 4 times a second (see http1.py rule 4).
+        now = self.plane.clock()
+        for conn in list(self.plane.connections):
+            conn.check_deadlines(now)
         self._sweeps += 1
         if self._poll_every and self._sweeps % self._poll_every == 0:
             self._poll_material()
@@ -479,9 +490,10 @@ class ProxyServer:
         limit (20,480 sessions of about 12 KB: each holds the client's decoded certificates),
         so a full cache is replaced by a new context on the same material. Open connections
         keep theirs; their clients' next handshake is a full one."""
-        held = self.ctx.session_stats()["number"]
+        gen = self.plane.gen
+        held = gen.context.session_stats()["number"]
         if held > self.cfg.tls.session_cache_size:
-            self.ctx = server_context(self.cfg, self.material)
+            self.plane.gen = gen.with_fresh_context(self.cfg)
             logger.info(
                 "TLS session cache full: started a new one",
                 extra={"sessions": held, "limit": self.cfg.tls.session_cache_size},
@@ -495,25 +507,25 @@ class ProxyServer:
         assert sock is not None  # noqa: S101 -- set by start()
         while True:
             # At the cap, stop accepting: new connections wait in the kernel backlog.
-            await self._slots.acquire()
+            await self._connection_slots.acquire()
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
-                self._slots.release()
+                self._connection_slots.release()
                 logger.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)  # e.g. EMFILE: back off instead of spinning
                 continue
             except BaseException:
-                self._slots.release()
+                self._connection_slots.release()
                 raise
             self._spawn(loop, conn)
             # Under load several connections are waiting: take them without another wakeup.
-            while not self._slots.locked():
+            while not self._connection_slots.locked():
                 try:
                     conn, _ = sock.accept()
                 except OSError:  # BlockingIOError when the backlog is empty; retried above
                     break
-                await self._slots.acquire()  # not locked: returns at once
+                await self._connection_slots.acquire()  # not locked: returns at once
                 self._spawn(loop, conn)
 
     def _spawn(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
@@ -524,18 +536,24 @@ class ProxyServer:
 
     async def _handshake(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        proto = ClientConnection(self.shared, self._slots)
         client = "-"
+        gen, plane = self.plane.gen, self.plane  # the generation this connection is accepted under
+        release = self._connection_slots.release
+
+        def admitted(sslobj: ssl_.SSLObject) -> Http1Connection:
+            # After a successful handshake: who the client is, or Refused (admission.py).
+            return Http1Connection(plane, admit(plane, gen, sslobj), release)
+
         # What the client shows (SNI, version, leaf) is captured for the log of a failure: the
         # transport's callbacks run in a copy of this task's context (handshakes.py).
-        handshakes.watch(ctx := self.ctx)
+        handshakes.watch(gen.context)
         handshakes.SEEN.set(seen := handshakes.Seen())
         layer: TLSServerLayer | None = None
         try:
             client = str(conn.getpeername()[0])
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Our own TLS layer (tlsconn.py), so that a refused client receives the alert.
-            tls = TLSServerLayer(ctx, proto)
+            tls = TLSServerLayer(gen.context, admitted)
             await loop.connect_accepted_socket(lambda: tls, conn)
             layer = tls  # the transport owns the socket from here
             done, _ = await asyncio.wait((layer.handshake,), timeout=self.cfg.handshake_timeout)
@@ -550,27 +568,24 @@ class ProxyServer:
                 layer.handshake.cancel()
                 layer.abort()
             raise
-        except (OSError, ssl.SSLError, TimeoutError, EOFError) as exc:
+        except (OSError, ssl.SSLError, TimeoutError, EOFError, Refused) as exc:
             seen.done = True
-            self._handshake_failed(classify_handshake_error(exc), client, exc, seen)
+            if isinstance(exc, Refused):  # found after the handshake (strict.py, revocation.py)
+                self._handshake_failed(exc.reason, client, exc.why, seen)
+            else:
+                self._handshake_failed(classify_handshake_error(exc), client, exc, seen)
             if layer is None:
                 conn.close()
-                self._slots.release()
-            elif proto.transport is None:  # connection_made never ran, so neither will lost
-                layer.when_lost(self._slots.release)  # the socket lingers: the slot is held
+                release()
+            else:  # no connection was made: the socket holds the slot until it has closed
+                layer.when_lost(release)
             return
         seen.done = True
-        if proto.refused is not None:  # found after the handshake (strict.py, revocation.py)
-            self._handshake_failed(proto.refused[0], client, proto.refused[1], seen)
-            return
         seen.leaf = None  # the connection's context keeps *seen*: not its certificate
         self.metrics.handshake("ok")
         self.metrics.connections.inc()
-        sslobj = proto.transport.get_extra_info("ssl_object") if proto.transport else None
-        if sslobj is not None and sslobj.session_reused:
+        if layer.get_extra_info("ssl_object").session_reused:
             self.metrics.resumed.inc()
-        if self.shared.draining:
-            proto.drain()
 
     def _handshake_failed(
         self, reason: str, client: str, exc: BaseException | str, seen: handshakes.Seen
@@ -627,18 +642,18 @@ class ProxyServer:
         if not self.listening:
             self._hup_early = True
             return
-        if self.shared.draining:
+        if self.plane.draining:
             logger.info("SIGHUP ignored: draining")
             return
         asyncio.get_running_loop().create_task(self.reload())
 
     async def shutdown(self) -> None:
         """Stop accepting, drain in-flight requests up to the grace period, close."""
-        shared = self.shared
-        shared.draining = True
+        plane = self.plane
+        plane.draining = True
         logger.info(
             "draining",
-            extra={"connections": len(shared.connections), "grace_s": self.cfg.shutdown_grace},
+            extra={"connections": len(plane.connections), "grace_s": self.cfg.shutdown_grace},
         )
         if self._accept_task is not None:
             self._accept_task.cancel()
@@ -647,7 +662,7 @@ class ProxyServer:
         if self.sock is not None:
             self.sock.close()  # new connections are refused from here on
         self.listening = False
-        for conn in list(shared.connections):
+        for conn in list(plane.connections):
             conn.drain()
         # Handshakes in progress are cancelled, not drained (as ghostunnel does, RES-25): no
         # request has been made on them yet.
@@ -655,19 +670,18 @@ class ProxyServer:
             task.cancel()
         deadline = time.monotonic() + self.cfg.shutdown_grace
         # A 50 ms poll during shutdown is simpler than an event per connection.
-        while shared.connections and time.monotonic() < deadline:  # noqa: ASYNC110
+        while plane.connections and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-        for conn in list(shared.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+        for conn in list(plane.connections):
+            conn.abort()
         for task in list(self._handshakes):
             task.cancel()
-        shared.pool.close()
+        plane.pool.close()
         self._watch_stop.set()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if shared.access_log is not None:
-            shared.access_log.flush()
+        if plane.access_log is not None:
+            plane.access_log.flush()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         logger.info("stopped")

@@ -15,8 +15,10 @@ Rules:
    (the methods asyncio gives each side do not overlap), so a record costs one call, not two.
 2. After every operation that can make OpenSSL write (handshake, read: key updates and
    tickets, write, shutdown), whatever it wrote is flushed to the socket: nothing waits.
-3. The application protocol sees ``connection_made`` only after a successful handshake; a
-   failed one settles ``handshake`` (a future) with the exception and never reaches it.
+3. The application protocol is made by ``admit`` only after a successful handshake, and sees
+   ``connection_made`` at once; a failed handshake, or a client ``admit`` refuses
+   (`RefusedAfterHandshake`), settles ``handshake`` (a future) with the exception, and no
+   application protocol is made.
 4. ``pause_reading`` stops delivering at once, even in the middle of what was already
    decrypted; ``resume_reading`` delivers the rest before reading the socket again.
 """
@@ -39,17 +41,30 @@ LINGER: Final = 1.0
 LINGER_MAX: Final = 60.0  # a response still being written is given this long in all
 
 
+class RefusedAfterHandshake(Exception):
+    """Raised by the admit callback: the handshake succeeded, yet the client is refused; it
+    gets *answer* (an HTTP response naming the reason: no alert can, the handshake is over)."""
+
+    answer: bytes
+
+
+_NO_APP: Final = asyncio.Protocol()  # until the handshake has made the app
+
+
 class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
     """Server side TLS on a plain stream transport (see the module docstring)."""
 
-    def __init__(self, context: ssl.SSLContext, app: asyncio.Protocol) -> None:
+    def __init__(
+        self, context: ssl.SSLContext, admit: Callable[[ssl.SSLObject], asyncio.Protocol]
+    ) -> None:
         super().__init__()
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl: ssl.SSLObject = context.wrap_bio(
             self._incoming, self._outgoing, server_side=True
         )
-        self._app = app
+        self._admit = admit  # makes the app after the handshake (rule 3)
+        self._app: asyncio.Protocol = _NO_APP
         self._raw: asyncio.Transport | None = None
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._open = False  # the handshake succeeded and the app was told
@@ -135,10 +150,17 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
                 self.handshake.set_exception(exc)
             return
         self._flush()  # the server's Finished or session ticket
-        self._open = True
+        try:
+            app = self._admit(self._ssl)
+        except RefusedAfterHandshake as exc:
+            self.refuse(exc.answer)
+            if not self.handshake.done():
+                self.handshake.set_exception(exc)
+            return
+        self._app, self._open = app, True
         if not self.handshake.done():
             self.handshake.set_result(None)
-        self._app.connection_made(self)
+        app.connection_made(self)
 
     def _linger(self) -> None:
         """Shut down our side after what is queued, and read and drop what the client still
@@ -278,7 +300,7 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
         """Refuse the client after the handshake: send *answer* (an HTTP response) and close
         without close_notify, so that OpenSSL drops the cached session when the connection is
         freed (after the linger; a ticket-mode session is not dropped). A client that resumes
-        meanwhile is checked again in connection_made and refused the same way."""
+        meanwhile is checked again by admit and refused the same way."""
         if self._closing:
             return
         self.write(answer)

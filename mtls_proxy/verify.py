@@ -20,7 +20,7 @@ Rules:
    TLS 1.3 is opened to 1.2 for this private use only.
 4. With the key (``handshake``): a whole handshake in memory between a client context holding
    the chain and key and the server side, so the key is proven too.
-5. Then the checks the listener makes right after a handshake (proxy.py): --strict-client-certs
+5. Then the checks the listener makes right after a handshake (admission.py): --strict-client-certs
    (strict.py) and, with --crl-expired allow and a stale CRL, the CRLs (revocation.py), with the
    same labels.
 """
@@ -120,7 +120,7 @@ def revocation_view(cfg: Config, material: Material) -> TrustView | None:
 
 
 def after_handshake(cfg: Config, view: TrustView | None, verdict: Verdict) -> Verdict:
-    """Rule 5: the listener's checks after an accepted handshake (proxy.py)."""
+    """Rule 5: the listener's checks after an accepted handshake (admission.py)."""
     if (
         not verdict.accepted
         or not verdict.chain
@@ -148,7 +148,7 @@ def after_handshake(cfg: Config, view: TrustView | None, verdict: Verdict) -> Ve
     return verdict
 
 
-# A refusal after the handshake is an HTTP answer (proxy.py), no alert can be sent then.
+# A refusal after the handshake is an HTTP answer (admission.py), no alert can be sent then.
 _AFTER: Final = "HTTP 403"
 # TLS alert descriptions (RFC 8446 6.2) a verification can end with.
 _ALERTS: Final = {

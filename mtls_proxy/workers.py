@@ -104,7 +104,7 @@ async def serve_master_channel(server: ProxyServer, fd: int) -> None:
         if line.strip() == b"metrics":
             doc = {
                 "rows": metric_rows(server.metrics.registry.collect()),
-                "connections_open": len(server.shared.connections),
+                "connections_open": server.connections_open,
                 "last_reload": server.last_reload,
                 "material": server.material_status(),
             }
@@ -125,8 +125,8 @@ class _Worker:
 class Master:
     """Starts and supervises the workers; serves the admin port for all of them.
 
-    It stands in for a ProxyServer towards admin.py (cfg, material, metrics.registry, ready,
-    shared.draining, shared.connections, last_reload, refresh()).
+    It is the admin port's target (admin.AdminTarget) for all the workers: its registry and
+    connection count are the workers' merged (refresh()).
     """
 
     def __init__(self, cfg: Config, material: Material, argv: list[str]) -> None:
@@ -135,10 +135,8 @@ class Master:
         self.registry = CollectorRegistry()
         self.merged = MergedCollector()
         self.registry.register(self.merged)
-        self.metrics = self  # admin.py reads metrics.registry
-        self.shared = self  # ... and shared.draining / shared.connections
         self.draining = False
-        self.connections: list[None] = []
+        self.connections_open = 0
         self.last_reload: dict[str, object] | None = None
         self._material_doc: dict[str, object] | None = None
         self.port = 0
@@ -200,7 +198,7 @@ class Master:
             if doc.get("last_reload"):
                 reloads.append({**doc["last_reload"], "material": doc["material"]})
         self.merged.rows = rows
-        self.connections = [None] * open_conns
+        self.connections_open = open_conns
         if reloads:
             # Every worker reloads the same files; the most recent attempt speaks for all
             # (on a tie, a failure: fail loud).

@@ -1,0 +1,325 @@
+"""The data plane's state machines without sockets: Http1Connection, Exchange, UpstreamConnection
+and Tunnel driven through fake transports and a fake clock (the integration tests drive the same
+code over real TLS; these pin each transition on its own and run in milliseconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from mtls_proxy import pki
+from mtls_proxy.admission import admit
+from mtls_proxy.config import load_config
+from mtls_proxy.generation import build
+from mtls_proxy.http1 import Http1Connection
+from mtls_proxy.logs import AccessLog
+from mtls_proxy.metrics import Metrics
+from mtls_proxy.plane import DataPlane
+from mtls_proxy.tls import Material
+from mtls_proxy.tunnel import Tunnel
+from mtls_proxy.upstream import UpstreamConnection, UpstreamPool
+from mtls_proxy.websocket import accept_for
+
+ROOT = pki.make_ca("dataplane root")
+SERVER = pki.issue(ROOT, "server", "proxy", dns=["localhost"])
+CLIENT = pki.issue(ROOT, "client", "client-a", o="tests")
+CLIENT_DER = CLIENT.cert.public_bytes(serialization.Encoding.DER)
+GET = b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Wire(asyncio.Transport):
+    """A transport that records what is written and how it is driven."""
+
+    def __init__(self, extra: dict[str, object] | None = None) -> None:
+        super().__init__()
+        self.extra = extra or {}
+        self.out = bytearray()
+        self.reading = True
+        self.closing = self.aborted = False
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.extra.get(name, default)
+
+    def write(self, data: Any) -> None:
+        self.out += data
+
+    def take(self) -> bytes:
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+
+class FakeSSL:
+    """What admission reads from a server-side SSLObject after a full handshake."""
+
+    session_reused = False
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        return CLIENT_DER
+
+    def get_verified_chain(self) -> list[object]:
+        return []
+
+    def version(self) -> str:
+        return "TLSv1.3"
+
+    def cipher(self) -> tuple[str, str, int]:
+        return ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)
+
+    def unwrap(self) -> None:  # chains.keep_session at the close
+        raise ssl.SSLWantReadError
+
+
+class Kit:
+    """One listener's data plane with a fake clock and one pooled fake upstream connection."""
+
+    def __init__(self, **flags: object) -> None:
+        cfg = load_config(
+            flags={
+                "upstream": "http://127.0.0.1:9",
+                "cert": "x",
+                "key": "y",
+                "cacert": "z",
+                "allow-cn": ["client-a"],
+                **flags,
+            }
+        )
+        material = Material("x", SERVER.key, (SERVER.cert,), "z", (ROOT.cert,))
+        self.now = 1000.0
+        self.log = io.StringIO()
+        self.pool = UpstreamPool(cfg.upstream, 1.0)
+        self.plane = DataPlane(
+            cfg,
+            build(cfg, material, cfg.policy),
+            Metrics(),
+            self.pool,
+            lambda: self.now,
+            AccessLog("json", self.log),
+        )
+        self.up = UpstreamConnection(self.pool)
+        self.up_wire = Wire()
+        self.up.connection_made(self.up_wire)
+        self.pool.idle.append(self.up)
+        self.released = 0
+
+    def client(self) -> tuple[Http1Connection, Wire]:
+        """An admitted client connection, as the TLS layer makes it after the handshake."""
+
+        def release() -> None:
+            self.released += 1
+
+        gen = self.plane.gen
+        conn = Http1Connection(self.plane, admit(self.plane, gen, FakeSSL()), release)  # type: ignore[arg-type]
+        wire = Wire({"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 8443)})
+        conn.connection_made(wire)
+        return conn, wire
+
+    def records(self) -> list[dict[str, Any]]:
+        """The access records so far."""
+        assert self.plane.access_log is not None
+        self.plane.access_log.flush()
+        return [json.loads(line) for line in self.log.getvalue().splitlines()]
+
+    def sweep(self, advance: float) -> None:
+        """Let *advance* seconds pass, then run the listener's deadline sweep."""
+        self.now += advance
+        for conn in list(self.plane.connections):
+            conn.check_deadlines(self.now)
+
+
+def run(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """Run an async test on a fresh loop (call_soon and create_task need one)."""
+
+    def sync() -> None:
+        asyncio.run(test())
+
+    sync.__name__ = test.__name__
+    return sync
+
+
+async def turn() -> None:
+    """Let callbacks scheduled with call_soon run."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+@run
+async def test_pipelined_requests_are_answered_in_order_one_at_a_time() -> None:
+    kit = Kit()
+    conn, wire = kit.client()
+    conn.data_received(GET + GET.replace(b"/a", b"/b"))
+    sent = kit.up_wire.take()
+    assert sent.startswith(b"GET /a HTTP/1.1\r\n")
+    assert b"GET /b" not in sent  # the second waits for the first answer
+    assert not wire.reading  # and nothing more is read meanwhile (bounded queue)
+    kit.up.data_received(OK)
+    assert wire.take() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    await turn()
+    assert kit.up_wire.take().startswith(b"GET /b HTTP/1.1\r\n")  # the pooled connection again
+    kit.up.data_received(OK.replace(b"ok", b"OK"))
+    assert wire.take().endswith(b"\r\n\r\nOK")
+    assert wire.reading
+    assert [r["path"] for r in kit.records()] == ["/a", "/b"]
+    assert kit.pool.idle == [kit.up]
+
+
+@run
+async def test_a_slow_upstream_reader_pauses_the_client_and_resumes_it() -> None:
+    kit = Kit()
+    conn, wire = kit.client()
+    conn.data_received(b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 4\r\n\r\nab")
+    kit.up.pause_writing()
+    assert not wire.reading
+    kit.up.resume_writing()
+    assert wire.reading
+    conn.data_received(b"cd")
+    assert kit.up_wire.take().endswith(b"\r\n\r\nabcd")
+
+
+@run
+async def test_a_client_that_stops_reading_pauses_the_upstream_then_is_cut() -> None:
+    kit = Kit(**{"send-timeout": 5})
+    conn, wire = kit.client()
+    conn.data_received(GET)
+    conn.pause_writing()
+    assert not kit.up_wire.reading
+    kit.sweep(4.9)
+    assert not wire.aborted
+    conn.resume_writing()  # it took a byte: the gap starts again
+    assert kit.up_wire.reading
+    conn.pause_writing()
+    kit.sweep(4.9)
+    assert not wire.aborted
+    kit.sweep(0.2)
+    assert wire.aborted and kit.up_wire.closing is False  # the client first
+    conn.connection_lost(None)
+    assert kit.up_wire.closing  # the response in flight cannot be reused
+    (record,) = kit.records()
+    assert record["aborted"] is True and record["status"] == 499
+    assert record["reason"].startswith("send timeout")
+    assert kit.released == 1 and not kit.plane.connections
+
+
+@run
+async def test_an_early_answer_retires_the_upstream_connection_and_closes_the_client() -> None:
+    kit = Kit()
+    conn, wire = kit.client()
+    conn.data_received(b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nabcde")
+    kit.up.data_received(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+    assert wire.take().startswith(b"HTTP/1.1 413 ")
+    assert wire.closing  # the rest of the body is never read
+    assert kit.up_wire.closing and kit.pool.idle == []  # SMG-057: never reused
+
+
+@run
+async def test_no_first_upstream_byte_in_time_is_a_504() -> None:
+    kit = Kit(**{"upstream-timeout": 3})
+    conn, wire = kit.client()
+    conn.data_received(GET)
+    kit.sweep(2.9)
+    assert wire.out == b""
+    kit.sweep(0.2)
+    assert wire.take().startswith(b"HTTP/1.1 504 ")
+    assert kit.up_wire.closing
+    assert kit.records()[0]["status"] == 504
+    assert not wire.closing  # the client connection is still usable
+
+
+@run
+async def test_a_head_that_stops_arriving_gets_408_and_an_idle_connection_closes() -> None:
+    kit = Kit(**{"header-timeout": 2, "idle-timeout": 30})
+    conn, wire = kit.client()
+    conn.data_received(b"GET / HTTP/1.1\r\nHo")
+    kit.sweep(2.1)
+    assert wire.take().startswith(b"HTTP/1.1 408 ")
+    assert wire.closing
+    _, idle_wire = kit.client()
+    kit.sweep(29)
+    assert not idle_wire.closing
+    kit.sweep(1.1)
+    assert idle_wire.closing and idle_wire.out == b""
+
+
+@run
+async def test_a_websocket_becomes_a_tunnel_protocol_both_ways() -> None:
+    kit = Kit()
+    conn, wire = kit.client()
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    conn.data_received(
+        b"GET /ws HTTP/1.1\r\nHost: svc\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\nearly"
+    )
+    assert not wire.reading  # bytes after the upgrade wait for the upstream's answer
+    assert b"early" not in kit.up_wire.take()
+    kit.up.data_received(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_for(key) + b"\r\n\r\nfrom-up"
+    )
+    switched = wire.take()
+    assert switched.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert switched.endswith(b"\r\n\r\nfrom-up")  # frames that came with the 101
+    tunnel = wire.protocol
+    assert isinstance(tunnel, Tunnel)
+    assert kit.up_wire.take() == b"early"  # held bytes went through once accepted
+    assert wire.reading
+    tunnel.data_received(b"\x81\x02hi")
+    assert kit.up_wire.take() == b"\x81\x02hi"
+    kit.up.data_received(b"\x81\x02yo")
+    assert wire.take() == b"\x81\x02yo"
+    kit.sweep(3600)  # a WebSocket may be quiet for hours
+    assert not wire.closing
+    tunnel.connection_lost(None)
+    assert kit.up_wire.closing
+    (record,) = kit.records()
+    assert record["status"] == 101 and record["bytes_in"] == 9 and record["bytes_out"] == 11
+    assert kit.released == 1
+
+
+@run
+async def test_a_half_closed_client_gets_its_answer_then_the_close() -> None:
+    kit = Kit()
+    conn, wire = kit.client()
+    conn.data_received(GET)
+    assert conn.eof_received() is True  # keep the transport open for the answer
+    kit.up.data_received(OK)
+    answer = wire.take()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in answer
+    assert wire.closing
+    idle, _ = kit.client()
+    assert idle.eof_received() is False  # nothing to answer: close now
+
+
+@run
+async def test_a_denied_request_is_answered_by_the_proxy_and_never_forwarded() -> None:
+    kit = Kit(**{"allow-cn": ["someone-else"]})
+    conn, wire = kit.client()
+    conn.data_received(GET)
+    assert wire.take().startswith(b"HTTP/1.1 403 ")
+    assert kit.up_wire.out == b""
+    assert kit.records()[0]["decision"] == "deny"
