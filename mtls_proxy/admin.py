@@ -11,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mtls_proxy import __version__
 
 if TYPE_CHECKING:
+    import socket
+
     from prometheus_client import CollectorRegistry
 
     from mtls_proxy.config import Config
@@ -104,3 +106,12 @@ def admin_app(server: AdminTarget) -> web.Application:
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+async def serve_admin(target: AdminTarget, sock: socket.socket) -> tuple[web.AppRunner, str]:
+    """Serve the admin endpoints for *target* on the bound *sock*: (runner, "host:port")."""
+    runner = web.AppRunner(admin_app(target), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    host, port = sock.getsockname()[:2]
+    return runner, f"{host}:{port}"

@@ -13,7 +13,6 @@ which the callers treat as refused (fail closed).
 
 from __future__ import annotations
 
-import contextlib
 import ssl
 from typing import Final
 
@@ -30,21 +29,6 @@ def verified_ders(sslobj: ssl.SSLObject) -> tuple[bytes, ...]:
         getattr(sslobj, "_sslobj", None), "get_verified_chain", None
     )
     return tuple(c.public_bytes(SSL_DER) for c in (get() or ())) if get is not None else ()
-
-
-def keep_session(sslobj: ssl.SSLObject) -> None:
-    """Keep this connection's session resumable although the client closed without a TLS
-    close_notify (most HTTP clients just close the socket).
-
-    OpenSSL drops a cached session when its connection is freed before *we* sent close_notify
-    (ssl_clear_bad_session, an SSL 3.0 rule that TLS 1.1 and later no longer require), so
-    every such client would pay a full handshake next time. Shutting down here marks it sent;
-    the alert goes nowhere, the transport is already closed. Never called for a connection we
-    refused or cut: its session must go.
-    """
-    # SSLWantReadError is the usual outcome: the client's close_notify will never come.
-    with contextlib.suppress(ssl.SSLError, OSError, ValueError):
-        sslobj.unwrap()
 
 
 class ChainMemo:

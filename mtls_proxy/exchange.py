@@ -215,7 +215,7 @@ class Exchange:
         self.down.resume_reading("buffer")
         self.down.flush()
         if self.body_done:  # the wait for the answer starts once the request is complete
-            self.up_deadline = self.plane.clock() + self.plane.cfg.upstream_timeout
+            self._arm_upstream()
 
     def send_body(self, data: bytes) -> bool:
         """A request body piece: upstream now, or held until the connection is ready. True when
@@ -242,7 +242,7 @@ class Exchange:
                 self.body.append(b"0\r\n\r\n")
         if sent and not self.response_started:
             # The request is complete: --upstream-timeout for the first response byte starts.
-            self.up_deadline = self.plane.clock() + self.plane.cfg.upstream_timeout
+            self._arm_upstream()
 
     # -- back-pressure from the client ------------------------------------------------------
     def pause_upstream(self) -> bool:
@@ -260,7 +260,7 @@ class Exchange:
         if conn is not None and conn.transport is not None:
             conn.transport.resume_reading()
             if not tunnel:
-                self.up_deadline = self.plane.clock() + self.plane.cfg.upstream_timeout
+                self._arm_upstream()
 
     # -- upstream events (upstream.ResponseSink) ---------------------------------------------
     def on_switch(self, head: ResponseHead) -> None:
@@ -283,7 +283,7 @@ class Exchange:
 
     def upstream_first_byte(self) -> None:
         """The upstream answered in time; from now on the deadline is for silence (RES-15)."""
-        self.up_deadline = self.plane.clock() + self.plane.cfg.upstream_timeout
+        self._arm_upstream()
 
     def on_response_head(self, head: ResponseHead, mode: int, length: int) -> None:
         """Relay the response head."""
@@ -299,7 +299,7 @@ class Exchange:
         """Relay a body piece."""
         self.bytes_out += len(data)
         if self.up_deadline:
-            self.up_deadline = self.plane.clock() + self.plane.cfg.upstream_timeout
+            self._arm_upstream()
         self.down.send_data(self, data)
 
     def on_response_end(self, conn: UpstreamConnection, reusable: bool) -> None:
@@ -361,6 +361,10 @@ class Exchange:
             self.down.pause_reading("upstream")
         else:
             self.down.resume_reading("upstream")
+
+    def _arm_upstream(self) -> None:
+        """The upstream's next byte is due within --upstream-timeout from now (rule 4)."""
+        self.up_deadline = self.plane.clock() + self.plane.cfg.upstream_timeout
 
     def _upstream_failed(self, exc: ProxyError, kind: str) -> None:
         self.plane.metrics.upstream_errors.labels(kind=kind).inc()

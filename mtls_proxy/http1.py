@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Final
 
 import httptools
 
-from mtls_proxy.chains import keep_session
 from mtls_proxy.errors import BadRequest, HeaderTooLarge, ProxyError, RequestTimeout, URITooLong
 from mtls_proxy.exchange import Exchange
 from mtls_proxy.flow import ReadGate
@@ -34,6 +33,7 @@ from mtls_proxy.handshakes import SEEN
 from mtls_proxy.headers import LOOKALIKE, classify
 from mtls_proxy.request import UnderscoreHeader, prepare
 from mtls_proxy.response import client_head, error_response
+from mtls_proxy.tlsconn import keep_session
 from mtls_proxy.tunnel import Tunnel
 from mtls_proxy.websocket import client_switch
 

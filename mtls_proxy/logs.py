@@ -123,27 +123,6 @@ class AccessLog:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         return f"{self._prefix}.{int((now - sec) * 1000):03d}Z"
 
-    def record(self, fields: dict[str, object]) -> None:
-        """Queue one access record; it is written at the end of this loop iteration."""
-        ts = self._time(time.time())
-        if self._json:
-            # The keys are fixed and the values are str/int/float/bool/None: encoding them
-            # directly is several times cheaper than json.dumps on the dict.
-            body = ", ".join(f'"{k}": {_json_value(v)}' for k, v in fields.items())
-            line = (
-                f'{{"time": "{ts}", "level": "info", "logger": "mtls_proxy.access", '
-                f'"msg": "access", {body}}}\n'
-            )
-        else:
-            line = (
-                f"{ts} INFO mtls_proxy.access: access "
-                + " ".join(f"{k}={text_log_field(v)}" for k, v in fields.items())
-                + "\n"
-            )
-        if not self._lines:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._lines.append(line)
-
     def connection_fields(
         self,
         peer: PeerIdentity | None,
@@ -190,7 +169,7 @@ class AccessLog:
         request_id: str = "-",
         upstream_ms: float | None = None,
     ) -> None:
-        """Queue the access record of one request (the hot-path form of record()).
+        """Queue the access record of one request, written at the end of this loop iteration.
 
         In JSON, *request_id* and *method* are written as they are: the one is [A-Za-z0-9._-]
         (headers.py) or the proxy's, the other a name from llhttp's table of methods (or "-")."""

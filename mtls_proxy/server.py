@@ -20,7 +20,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from mtls_proxy import __version__, handshakes
-from mtls_proxy.admin import admin_app, material_status, rfc3339
+from mtls_proxy.admin import material_status, rfc3339, serve_admin
 from mtls_proxy.admission import Refused, admit
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.generation import Generation, build
@@ -30,6 +30,7 @@ from mtls_proxy.loader import DetachedLoads, load_policy
 from mtls_proxy.logs import AccessLog, RateLimiter
 from mtls_proxy.metrics import Metrics
 from mtls_proxy.plane import DataPlane
+from mtls_proxy.sockets import bind
 from mtls_proxy.tls import (
     CERT_DIR_NAMES,
     Material,
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 
     from prometheus_client import CollectorRegistry
 
-    from mtls_proxy.config import Address, Config
+    from mtls_proxy.config import Config
     from mtls_proxy.policy import Policy
 
 logger = logging.getLogger(__name__)
@@ -72,41 +73,6 @@ def raise_fd_limit(max_connections: int) -> None:
                 max_connections,
                 want,
             )
-
-
-def bind(
-    addr: Address, backlog: int = 1024, reuse_port: bool = False, option: str = ""
-) -> socket.socket:
-    """A non-blocking listening socket on *addr* (SO_REUSEPORT for --workers).
-
-    A failure is an OSError naming *option* and the address: the bare "[Errno 98] Address
-    already in use" does not say which of the two listeners could not bind."""
-    where = f"{option} {addr}" if option else str(addr)
-    try:
-        infos = socket.getaddrinfo(
-            addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except OSError as exc:
-        raise OSError(f"{where}: {_reason(exc)}") from exc  # the errno stays in the cause
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(sockaddr)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"{where}: {_reason(exc)}") from exc  # the errno stays in the cause
-    return sock
-
-
-def _reason(exc: OSError) -> str:
-    """The reason without the errno, lower case: 'address already in use'."""
-    text = exc.strerror or str(exc)
-    return text[:1].lower() + text[1:]
 
 
 def _material_key(material: Material) -> tuple[object, ...]:
@@ -371,14 +337,8 @@ class ProxyServer:
     async def start(self) -> None:
         """Bind both listeners and start accepting."""
         if self.cfg.admin is not None:
-            self.admin_runner = web.AppRunner(
-                admin_app(self), access_log=None, handle_signals=False
-            )
-            await self.admin_runner.setup()
             admin_sock = bind(self.cfg.admin, backlog=128, option="--admin")  # port 0 works
-            await web.SockSite(self.admin_runner, admin_sock).start()
-            h, p = admin_sock.getsockname()[:2]
-            self.admin_address = f"{h}:{p}"
+            self.admin_runner, self.admin_address = await serve_admin(self, admin_sock)
         raise_fd_limit(self.cfg.max_connections)
         self.sock = bind(self.cfg.listen, reuse_port=self.reuse_port, option="--listen")
         self.listening = True

@@ -41,6 +41,21 @@ LINGER: Final = 1.0
 LINGER_MAX: Final = 60.0  # a response still being written is given this long in all
 
 
+def keep_session(sslobj: ssl.SSLObject) -> None:
+    """Keep this connection's session resumable although the client closed without a TLS
+    close_notify (most HTTP clients just close the socket).
+
+    OpenSSL drops a cached session when its connection is freed before *we* sent close_notify
+    (ssl_clear_bad_session, an SSL 3.0 rule that TLS 1.1 and later no longer require), so
+    every such client would pay a full handshake next time. Shutting down here marks it sent;
+    the alert goes nowhere, the transport is already closed. Never called for a connection we
+    refused or cut: its session must go.
+    """
+    # SSLWantReadError is the usual outcome: the client's close_notify will never come.
+    with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+        sslobj.unwrap()
+
+
 class RefusedAfterHandshake(Exception):
     """Raised by the admit callback: the handshake succeeded, yet the client is refused; it
     gets *answer* (an HTTP response naming the reason: no alert can, the handshake is over)."""
@@ -290,7 +305,7 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
         self._closing = True
         if self._open:
             # SSLWantReadError is the usual outcome: the client's close_notify is not awaited.
-            # Shutting down also keeps the session resumable (chains.keep_session).
+            # Shutting down also keeps the session resumable (keep_session).
             with contextlib.suppress(ssl.SSLError, ValueError):
                 self._ssl.unwrap()
             self._flush()

@@ -24,12 +24,12 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Final
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from mtls_proxy.admin import admin_app, material_status
+from mtls_proxy.admin import material_status, serve_admin
+from mtls_proxy.sockets import bind
 
 if TYPE_CHECKING:
     from mtls_proxy.config import Config
@@ -43,20 +43,7 @@ _SUMMED_GAUGES: Final = frozenset({"mtls_proxy_connections_open"})
 
 def reserve_port(cfg: Config) -> socket.socket:
     """Bind (without listening) to learn the port for ``:0`` and keep it reserved."""
-    infos = socket.getaddrinfo(
-        cfg.listen.host, cfg.listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(sockaddr)
-    except OSError as exc:
-        sock.close()
-        # Named as a single process names it (server.bind): which option, which address.
-        raise OSError(f"--listen {cfg.listen}: {(exc.strerror or str(exc)).lower()}") from exc
-    return sock
+    return bind(cfg.listen, reuse_port=True, option="--listen", listen=False)
 
 
 def metric_rows(families: Iterable[Metric]) -> list[list[object]]:
@@ -253,8 +240,6 @@ def _signal_name(number: int) -> str:
 
 async def run_master(cfg: Config, material: Material, argv: list[str]) -> int:
     """Run ``--workers N``: start and supervise the workers, serve admin, drain on SIGTERM."""
-    from mtls_proxy.server import bind
-
     master = Master(cfg, material, argv)
     reserved = reserve_port(cfg)
     # Both ports are bound before any worker starts: a port in use is an error naming its
@@ -272,10 +257,7 @@ async def run_master(cfg: Config, material: Material, argv: list[str]) -> int:
     await asyncio.gather(*(master.start_worker(w) for w in master.workers))
     runner, admin_address = None, None
     if admin_sock is not None:
-        runner = web.AppRunner(admin_app(master), access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.SockSite(runner, admin_sock).start()
-        admin_address = "{}:{}".format(*admin_sock.getsockname()[:2])
+        runner, admin_address = await serve_admin(master, admin_sock)
     logger.info(
         "ready",
         extra={

@@ -92,7 +92,7 @@ class FakeSSL:
     def cipher(self) -> tuple[str, str, int]:
         return ("TLS_AES_256_GCM_SHA384", "TLSv1.3", 256)
 
-    def unwrap(self) -> None:  # chains.keep_session at the close
+    def unwrap(self) -> None:  # tlsconn.keep_session at the close
         raise ssl.SSLWantReadError
 
 

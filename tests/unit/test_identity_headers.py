@@ -282,35 +282,32 @@ def test_access_log_lines_are_valid_json() -> None:
     import io
     import json as _json
 
+    from cryptography.hazmat.primitives import serialization
+
+    from mtls_proxy import pki
+    from mtls_proxy.identity import identity_from_der
     from mtls_proxy.logs import AccessLog
+
+    leaf = pki.issue(pki.make_ca("log root"), "client", 'a"b')
+    peer = identity_from_der(leaf.cert.public_bytes(serialization.Encoding.DER))
 
     async def run() -> str:
         out = io.StringIO()
-        log = AccessLog("json", out)
-        log.record(
-            {
-                "peer": 'CN=a\\"b',
-                "path": "/\u202e\x00",
-                "status": 200,
-                "rule": None,
-                "aborted": True,
-                "duration_ms": 1.5,
-                "other": b"x",
-            }
-        )
-        await asyncio.sleep(0)
-        text = AccessLog("text", out)
-        text.record({"status": 200})
-        await asyncio.sleep(0)
+        for fmt in ("json", "text"):
+            log = AccessLog(fmt, out)
+            conn = log.connection_fields(peer, "127.0.0.1", 5555, "TLSv1.3", None, None)
+            log.request(conn, "GET", "/\u202e\x00", 200, 200, "allow", None, 1.5, 0, 2, True)
+            await asyncio.sleep(0)
         return out.getvalue()
 
     lines = asyncio.run(run()).splitlines()
     rec = _json.loads(lines[0])
     assert rec["msg"] == "access" and rec["peer"] == 'CN=a\\"b' and rec["path"] == "/\u202e\x00"
     assert rec["status"] == 200 and rec["rule"] is None and rec["aborted"] is True
-    assert rec["duration_ms"] == 1.5 and rec["time"].endswith("Z") and rec["other"] == "b'x'"
+    assert rec["duration_ms"] == 1.5 and rec["time"].endswith("Z") and rec["cipher"] is None
     assert lines[0].isascii()
-    assert lines[1].endswith("INFO mtls_proxy.access: access status=200")
+    assert " INFO mtls_proxy.access: access client=127.0.0.1 client_port=5555 " in lines[1]
+    assert " status=200 " in lines[1] and lines[1].isascii()
 
 
 def test_request_metrics_exposition() -> None:
