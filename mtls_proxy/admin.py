@@ -23,8 +23,9 @@ class AdminTarget(Protocol):
     """What the admin endpoints read: a ProxyServer, or the workers' Master for all workers."""
 
     cfg: Config
-    last_reload: dict[str, object] | None
 
+    @property
+    def last_reload(self) -> dict[str, object] | None: ...
     @property
     def ready(self) -> bool: ...
     @property
