@@ -309,9 +309,9 @@ def read_file(path, key, what):
 
 
 loader.read_file = read_file
-import mtls_proxy.server as server  # noqa: E402 -- after the patch: tls.py imports read_file
+import mtls_proxy.reloader as reloader  # noqa: E402 -- after the patch: tls.py imports read_file
 
-server.RELOAD_TIMEOUT = 1.0
+reloader.RELOAD_TIMEOUT = 1.0
 """
 
 
