@@ -22,17 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
-import httptools
-
-from mtls_proxy.errors import BadRequest, HeaderTooLarge, ProxyError, RequestTimeout, URITooLong
+from mtls_proxy.errors import BadRequest, ProxyError, RequestTimeout
 from mtls_proxy.exchange import Exchange
 from mtls_proxy.flow import ReadGate
+from mtls_proxy.h1framing import Http1Framing
 from mtls_proxy.handshakes import SEEN
 from mtls_proxy.headers import LOOKALIKE, classify
+from mtls_proxy.reader import RequestReader, Stop
 from mtls_proxy.request import UnderscoreHeader, prepare
-from mtls_proxy.response import client_head, error_response
 from mtls_proxy.tlsconn import keep_session
 from mtls_proxy.tunnel import Tunnel
 from mtls_proxy.websocket import client_switch
@@ -49,42 +48,24 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # What the connection waits for (the meaning of `deadline`).
 WAIT_IDLE, WAIT_HEAD, WAIT_BODY = 1, 2, 3
 
 
-class _Stop(Exception):
-    """Raised inside a parser callback to stop parsing with an error response."""
-
-    def __init__(self, error: ProxyError) -> None:
-        self.error = error
-
-
-class _Final(Exception):
-    """Raised when a request starts after one whose answer closes the connection: RFC 9112
-    section 9.6, no further request is processed; its bytes are never parsed (INT-010)."""
-
-
-class Http1Connection(asyncio.Protocol):
+class Http1Connection(Http1Framing, asyncio.Protocol):
     """A client connection speaking HTTP/1.1 (plane.Connection, exchange.Downstream)."""
 
     # Slots: thousands of idle connections are the normal case for a sidecar (issue: 10,000
     # held open under 400 MB), and a per-instance __dict__ would cost a kilobyte each.
     __slots__ = (
-        "_head_bytes",
-        "_in_head",
         "_last",
         "_out",
-        "_parser",
         "_port",
         "_queue",
-        "_raw",
         "_release",
         "_rid",
         "_rid_prefix",
         "_upstream_paused",
-        "_url",
         "_waiting",
         "admitted",
         "client_ip",
@@ -94,6 +75,7 @@ class Http1Connection(asyncio.Protocol):
         "flow",
         "log_fields",
         "plane",
+        "reader",
         "send_deadline",
         "transport",
         "tunnel",
@@ -107,11 +89,7 @@ class Http1Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client_ip = b"-"
         self._port = b""
-        self._parser = httptools.HttpRequestParser(self)
-        self._url = b""
-        self._raw: list[tuple[bytes, bytes]] = []
-        self._in_head = False
-        self._head_bytes = 0
+        self.reader = RequestReader(self, plane.cfg)
         self._queue: list[Exchange] = []  # in order; the first is the one being answered
         self._last: Exchange | None = None
         self.flow = ReadGate()
@@ -222,7 +200,7 @@ class Http1Connection(asyncio.Protocol):
         last = self._last
         if (
             not self._queue
-            or self._in_head
+            or self.reader.in_head
             or (last is not None and not last.body_done)
             or self.ws_pending is not None
         ):
@@ -233,7 +211,7 @@ class Http1Connection(asyncio.Protocol):
     def drain(self) -> None:
         """Shutdown: close now if idle, else after the response in flight."""
         self.draining = True
-        if not self._queue and not self._in_head and self.transport is not None:
+        if not self._queue and not self.reader.in_head and self.transport is not None:
             self.transport.close()
 
     def check_deadlines(self, now: float) -> None:
@@ -257,7 +235,7 @@ class Http1Connection(asyncio.Protocol):
                 return
             if self._queue or self.transport is None:
                 return
-            if self._waiting == WAIT_HEAD and self._in_head:
+            if self._waiting == WAIT_HEAD and self.reader.in_head:
                 self._reject(RequestTimeout())
             else:
                 self.transport.close()
@@ -277,37 +255,34 @@ class Http1Connection(asyncio.Protocol):
             cfg.idle_timeout if what == WAIT_IDLE else cfg.header_timeout
         )
 
-    # -- reading -----------------------------------------------------------------------------
+    # -- reading (reader.RequestSink) -------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        """Feed the parser; turn parse errors into a final error response."""
+        """Feed the request reader."""
         if self.closed or self.transport is None or self.transport.is_closing():
             return
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._upgraded(data[exc.args[0] :])
-            return
-        except httptools.HttpParserCallbackError as exc:
-            ctx = exc.__context__
-            if isinstance(ctx, _Final):
-                self.flow.pause("final")  # the rest of this stream is never read (INT-010)
-                return
-            if not isinstance(ctx, _Stop):
-                logger.error("parser callback failed", exc_info=ctx)
-            self._reject(ctx.error if isinstance(ctx, _Stop) else BadRequest())
-            return
-        except httptools.HttpParserError:
-            self._reject(BadRequest())
-            return
-        if self._in_head:
-            # A head split across reads: bound its size and the time it may take.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.plane.cfg.max_header_bytes:
-                self._reject(HeaderTooLarge())
-            elif not self._queue and self._waiting != WAIT_HEAD:
-                self._wait(WAIT_HEAD)
+        self.reader.feed(data)
 
-    def _upgraded(self, rest: bytes) -> None:
+    def is_final(self) -> bool:
+        """No request may follow: every way the connection closes after an answer passes
+        through one of these: an exchange marked close (refusals, Connection: close, HTTP/1.0),
+        a drain, or the end."""
+        last = self._last
+        return (last is not None and last.close) or self.draining or self.closed
+
+    def on_final(self) -> None:
+        """The rest of this stream is never read (INT-010)."""
+        self.flow.pause("final")
+
+    def on_error(self, error: ProxyError) -> None:
+        """Parsing stopped: answer in order, then close (rule 1)."""
+        self._reject(error)
+
+    def on_partial_head(self) -> None:
+        """A head arriving in pieces gets --header-timeout (when nothing is in flight)."""
+        if not self._queue and self._waiting != WAIT_HEAD:
+            self._wait(WAIT_HEAD)
+
+    def on_upgrade(self, rest: bytes) -> None:
         """llhttp stopped after a request that asks for a protocol switch."""
         last = self._last
         if last is not None and last.ws_key is not None and not last.status:
@@ -318,57 +293,29 @@ class Http1Connection(asyncio.Protocol):
             return
         # Any other upgrade went upstream as a plain request (Upgrade stripped); the bytes after
         # it are parsed as HTTP by a fresh parser (SMG-058).
-        self._parser = httptools.HttpRequestParser(self)
+        self.reader.restart()
         if rest:
             self.data_received(rest)
 
-    def on_message_begin(self) -> None:
-        """A new request starts (its header deadline is set if the head arrives in pieces),
-        unless the one before it closes the connection: then nothing more is read."""
-        # Every way the connection closes after an answer passes through one of these: an
-        # exchange marked close (refusals, Connection: close, HTTP/1.0), a drain, or the end.
-        last = self._last
-        if (last is not None and last.close) or self.draining or self.closed:
-            raise _Final
-        self._url, self._raw, self._in_head, self._head_bytes = b"", [], True, 0
-
-    def on_url(self, url: bytes) -> None:
-        """Collect the request target."""
-        self._url += url
-        self._head_bytes += len(url)
-        if len(self._url) > self.plane.cfg.max_line_bytes:
-            raise _Stop(URITooLong())
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        """Collect a header; trailers (after the head) are dropped (HDR-009)."""
-        if self._in_head:
-            raw = self._raw
-            raw.append((name, value))
-            line = len(name) + len(value) + 4
-            self._head_bytes += line
-            cfg = self.plane.cfg
-            if (
-                self._head_bytes > cfg.max_header_bytes
-                or line > cfg.max_line_bytes
-                or len(raw) > cfg.max_headers
-            ):
-                raise _Stop(HeaderTooLarge())
-
-    def on_headers_complete(self) -> None:
+    def on_request(
+        self,
+        method: bytes,
+        url: bytes,
+        version: str,
+        raw: list[tuple[bytes, bytes]],
+        upgrade: bool,
+        keep_alive: bool,
+    ) -> None:
         """Validate and queue the request; start it when it is first in line."""
-        self._in_head = False
-        p = self._parser
-        method = p.get_method()
-        version = p.get_http_version()
-        ex = Exchange(self, method, self._url, self._next_id())
+        ex = Exchange(self, method, url, self._next_id())
         cfg = self.plane.cfg
         try:
             req = prepare(
                 method,
-                self._url,
+                url,
                 version,
-                self._raw,
-                upgrade=p.should_upgrade(),
+                raw,
+                upgrade=upgrade,
                 client_ip=self.client_ip,
                 block=self.admitted.block,
                 default_host=self.plane.upstream_host,
@@ -380,7 +327,7 @@ class Http1Connection(asyncio.Protocol):
         except ProxyError as err:
             ex.fail(err)
             if isinstance(err, UnderscoreHeader):
-                self._underscored([n for n, _ in self._raw if b"_" in n], "rejected")
+                self._underscored([n for n, _ in raw if b"_" in n], "rejected")
         else:
             ex.path, ex.head, ex.chunked, ex.ws_key = req.path, req.head, req.chunked, req.ws_key
             ex.request_id = req.request_id
@@ -388,7 +335,7 @@ class Http1Connection(asyncio.Protocol):
             if req.underscored:
                 self._underscored(req.underscored, "dropped")
             ex.http10 = version == "1.0"
-            ex.close = not p.should_keep_alive()
+            ex.close = not keep_alive
         self._queue.append(ex)
         self._last = ex
         if len(self._queue) == 1:
@@ -419,7 +366,7 @@ class Http1Connection(asyncio.Protocol):
             },
         )
 
-    def on_body(self, body: bytes) -> None:
+    def on_request_body(self, body: bytes) -> None:
         """Stream a body piece upstream, or hold it until the upstream is ready."""
         ex = self._last
         if ex is None or ex.status:
@@ -429,13 +376,13 @@ class Http1Connection(asyncio.Protocol):
             # Cannot happen while the forwarded Content-Length is the one llhttp frames with;
             # if it ever does, no byte beyond the declared length goes upstream (fail closed).
             logger.error("body longer than its Content-Length", extra={"length": ex.length})
-            raise _Stop(BadRequest())
+            raise Stop(BadRequest())
         if self._waiting == WAIT_BODY:
             self.deadline = self.plane.clock() + self.plane.cfg.body_timeout
         if ex.send_body(body):
             self.flow.pause("buffer")
 
-    def on_message_complete(self) -> None:
+    def on_request_end(self) -> None:
         """The request body is complete."""
         ex = self._last
         if ex is None:
@@ -448,7 +395,7 @@ class Http1Connection(asyncio.Protocol):
 
     def _reject(self, err: ProxyError) -> None:
         """A request that cannot be parsed: answer in order, then close (rule 1)."""
-        self._in_head = False
+        self.reader.in_head = False
         last = self._last
         if last is not None and not last.body_done and not last.status and last in self._queue:
             # The body of an accepted request is malformed: abort that exchange.
@@ -471,7 +418,7 @@ class Http1Connection(asyncio.Protocol):
         # A head refused before it was complete (400, 414, 431, 408) is an exchange of its own,
         # so that it has what every answered request has: one access record, with the peer and
         # a request id (nginx logs its 400s in the access log), and the request metrics.
-        ex = Exchange(self, b"-", self._url or b"-", self._next_id())
+        ex = Exchange(self, b"-", self.reader.url or b"-", self._next_id())
         ex.body_done = True
         ex.fail(err)
         self._queue.append(ex)
@@ -485,34 +432,6 @@ class Http1Connection(asyncio.Protocol):
         """*ex* is the one being answered on an open connection."""
         return not self.closed and bool(self._queue) and self._queue[0] is ex
 
-    def send_continue(self, ex: Exchange) -> None:
-        """100 Continue: the client may send the body."""
-        self._out.append(_CONTINUE)
-
-    def send_head(self, ex: Exchange, head: ResponseHead, mode: int, length: int) -> None:
-        """The re-framed response head (response.client_head)."""
-        data, ex.client_chunked, ex.close = client_head(
-            head, mode, length, ex.http10, ex.close or self.draining
-        )
-        self._out.append(data)
-
-    def send_data(self, ex: Exchange, data: bytes) -> None:
-        """A body piece, chunk-encoded if the client's framing is chunked."""
-        if ex.client_chunked:
-            if data:
-                self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            self._out.append(data)
-
-    def send_end(self, ex: Exchange) -> None:
-        """The last chunk, if chunked."""
-        if ex.client_chunked:
-            self._out.append(b"0\r\n\r\n")
-
-    def send_error(self, ex: Exchange, status: int, error: str, message: str) -> None:
-        """A short JSON error response of our own."""
-        self._out.append(error_response(status, error, message, ex.is_head, ex.close))
-
     def send_switch(self, ex: Exchange, head: ResponseHead) -> None:
         """The 101, then the transport belongs to a Tunnel (rule 5)."""
         self.deadline = 0.0  # a WebSocket may be quiet for hours
@@ -524,13 +443,6 @@ class Http1Connection(asyncio.Protocol):
         if pending:
             tunnel.data_received(pending)
         self.flow.resume("upgrade")
-
-    def flush(self) -> None:
-        """Write what the exchange produced, in one TLS write."""
-        out = self._out
-        if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
 
     def pause_reading(self, reason: str) -> None:
         """exchange.Downstream: stop reading the client."""
@@ -550,7 +462,7 @@ class Http1Connection(asyncio.Protocol):
         if self.ws_pending is not None and ex.ws_key is not None:
             # A declined WebSocket upgrade: the held bytes are the next request (SMG-058).
             pending, self.ws_pending = self.ws_pending, None
-            self._parser = httptools.HttpRequestParser(self)
+            self.reader.restart()
             self.flow.resume("upgrade")
             if pending and not (ex.close or self.draining):
                 asyncio.get_running_loop().call_soon(self.data_received, pending)
@@ -562,7 +474,7 @@ class Http1Connection(asyncio.Protocol):
             # Next pipelined request: from the loop, not recursively (thousands may be queued).
             asyncio.get_running_loop().call_soon(self._start_next)
         else:
-            self._wait(WAIT_HEAD if self._in_head else WAIT_IDLE)
+            self._wait(WAIT_HEAD if self.reader.in_head else WAIT_IDLE)
 
     def _start_next(self) -> None:
         if self._queue and not self._queue[0].started and not self.closed:
