@@ -23,7 +23,12 @@ from mtls_proxy.errors import (
     NotImplementedCoding,
     VersionNotSupported,
 )
-from mtls_proxy.headers import IdentityBlock, UnderscoreAction, split_request_headers
+from mtls_proxy.headers import (
+    IdentityBlock,
+    RequestHeaders,
+    UnderscoreAction,
+    split_request_headers,
+)
 from mtls_proxy.paths import AmbiguousPath, normalize_target
 from mtls_proxy.websocket import UPGRADE_LINES, websocket_key
 
@@ -129,30 +134,9 @@ def prepare(
     rh = split_request_headers(raw, underscores)
     if rh.underscored and underscores == "reject":
         raise UnderscoreHeader
-    if len(rh.hosts) > 1 or (not rh.hosts and not http10):
-        raise BadRequest
-    host = rh.hosts[0] if rh.hosts else default_host
-    if not host or b"," in host or b" " in host or b"\t" in host:
-        raise BadRequest
+    host = _host(rh, http10, default_host)
     out = Prepared(target, b"", underscored=rh.underscored, request_id=rh.request_id or request_id)
-    framing = b""
-    if rh.transfer_encoding:
-        if http10:
-            raise BadRequest  # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
-        if b",".join(rh.transfer_encoding).strip(b" \t").lower() != b"chunked":
-            raise NotImplementedCoding
-        out.chunked = out.has_body = True
-        framing = b"Transfer-Encoding: chunked\r\n"
-    elif rh.content_length is not None:
-        # The exact name only (headers.py rule 2), the one llhttp frames the body with; it has
-        # validated the digits and refused duplicates.
-        out.length = length = int(rh.content_length)
-        out.has_body = length > 0
-        framing = b"Content-Length: %d\r\n" % length
-    if rh.expect:
-        if b",".join(rh.expect).strip(b" \t").lower() != b"100-continue":
-            raise ExpectationFailed
-        out.expect = not http10
+    framing = _framing(rh, http10, out)
     if upgrade and out.has_body:
         # llhttp hands everything after an upgrade request's head to the new protocol, so its
         # body can't be framed; upgrades without a body go upstream as plain requests, except
@@ -186,3 +170,37 @@ def prepare(
         )
     )
     return out
+
+
+def _host(rh: RequestHeaders, http10: bool, default_host: bytes) -> bytes:
+    """The one Host (rule 1): required on HTTP/1.1, never two, never a list."""
+    if len(rh.hosts) > 1 or (not rh.hosts and not http10):
+        raise BadRequest
+    host = rh.hosts[0] if rh.hosts else default_host
+    if not host or b"," in host or b" " in host or b"\t" in host:
+        raise BadRequest
+    return host
+
+
+def _framing(rh: RequestHeaders, http10: bool, out: Prepared) -> bytes:
+    """The body framing the upstream gets (the proxy's own, rule 2), and Expect (rule 1);
+    sets *out*'s chunked, has_body, length and expect."""
+    framing = b""
+    if rh.transfer_encoding:
+        if http10:
+            raise BadRequest  # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
+        if b",".join(rh.transfer_encoding).strip(b" \t").lower() != b"chunked":
+            raise NotImplementedCoding
+        out.chunked = out.has_body = True
+        framing = b"Transfer-Encoding: chunked\r\n"
+    elif rh.content_length is not None:
+        # The exact name only (headers.py rule 2), the one llhttp frames the body with; it has
+        # validated the digits and refused duplicates.
+        out.length = length = int(rh.content_length)
+        out.has_body = length > 0
+        framing = b"Content-Length: %d\r\n" % length
+    if rh.expect:
+        if b",".join(rh.expect).strip(b" \t").lower() != b"100-continue":
+            raise ExpectationFailed
+        out.expect = not http10
+    return framing

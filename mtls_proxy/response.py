@@ -13,7 +13,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+from mtls_proxy.headers import HOP_BY_HOP
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 NONE: Final = 0  # no body: HEAD, 1xx, 204, 304
 LENGTH: Final = 1
@@ -58,22 +63,7 @@ class ResponseHead:
 _FIELD_LINES: Final = re.compile(rb"(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*+)*+")
 # Fields the proxy handles itself or drops (RFC 9110 §7.6.1). Each is looked for with one
 # bytes.find on the lower-cased head: cheaper than any per-line Python loop.
-_SPECIAL: Final = tuple(
-    b"\r\n" + n + b":"
-    for n in (
-        b"content-length",
-        b"transfer-encoding",
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"http2-settings",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-    )
-)
+_SPECIAL: Final = tuple(b"\r\n" + n + b":" for n in (b"content-length", *sorted(HOP_BY_HOP)))
 
 
 def parse_head(head: bytes) -> ResponseHead:
@@ -84,16 +74,7 @@ def parse_head(head: bytes) -> ResponseHead:
     if head.count(b"\n") != n or head.count(b"\r") != n:
         raise MalformedResponse("bare CR or LF in the response head")
     eol = head.find(b"\r\n")
-    first = head if eol < 0 else head[:eol]
-    version, code, sep = first[:9], first[9:12], first[12:13]
-    if (
-        version not in (b"HTTP/1.1 ", b"HTTP/1.0 ")
-        or not code.isdigit()
-        or code[:1] == b"0"
-        or sep not in (b"", b" ")
-    ):
-        raise MalformedResponse("invalid status line")
-    out = ResponseHead(int(code), first[13:], version == b"HTTP/1.0 ")
+    out = _status_line(head if eol < 0 else head[:eol])
     if eol < 0:
         return out
     if _FIELD_LINES.fullmatch(head, eol) is None or (
@@ -101,35 +82,14 @@ def parse_head(head: bytes) -> ResponseHead:
     ):
         raise MalformedResponse("invalid header line")
     low = head.lower()
-    cuts: list[tuple[int, int]] = []  # (start, end) of special fields, as CRLF + line
+    cuts: list[tuple[int, int]] = []  # (start, end) of the fields not relayed, as CRLF + line
     nominated: list[bytes] = []
     for name in _SPECIAL:
-        at = low.find(name, eol)
-        while at >= 0:
-            end = low.find(b"\r\n", at + 2)
-            end = len(head) if end < 0 else end
+        for at, end in _spans(low, name, eol):
             cuts.append((at, end))
-            value = head[at + len(name) : end]
-            if name[2] == 99:  # b"c": content-length or connection
-                if name == b"\r\ncontent-length:":
-                    out.content_length.append(value.strip(b" \t"))
-                else:
-                    for token in value.lower().split(b","):
-                        token = token.strip(b" \t")
-                        if token == b"close":
-                            out.close = True
-                        elif token and token != b"keep-alive":
-                            nominated.append(b"\r\n" + token + b":")
-            elif name == b"\r\ntransfer-encoding:":
-                out.transfer_encoding.append(value)
-            at = low.find(name, end)
+            _special(out, name, head[at + len(name) : end], nominated)
     for name in nominated:  # rare: fields the upstream's Connection header nominates
-        at = low.find(name, eol)
-        while at >= 0:
-            end = low.find(b"\r\n", at + 2)
-            end = len(head) if end < 0 else end
-            cuts.append((at, end))
-            at = low.find(name, end)
+        cuts.extend(_spans(low, name, eol))
     pieces, pos = [], eol
     for start, end in sorted(set(cuts)):
         pieces.append(head[pos:start])
@@ -138,6 +98,43 @@ def parse_head(head: bytes) -> ResponseHead:
     kept = b"".join(pieces)  # CRLF-prefixed lines
     out.lines = [kept[2:] + b"\r\n"] if kept else []
     return out
+
+
+def _status_line(first: bytes) -> ResponseHead:
+    version, code, sep = first[:9], first[9:12], first[12:13]
+    if (
+        version not in (b"HTTP/1.1 ", b"HTTP/1.0 ")
+        or not code.isdigit()
+        or code[:1] == b"0"
+        or sep not in (b"", b" ")
+    ):
+        raise MalformedResponse("invalid status line")
+    return ResponseHead(int(code), first[13:], version == b"HTTP/1.0 ")
+
+
+def _spans(low: bytes, name: bytes, start: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each line of the field *name* (CRLF + lower-case name + colon)."""
+    at = low.find(name, start)
+    while at >= 0:
+        end = low.find(b"\r\n", at + 2)
+        end = len(low) if end < 0 else end
+        yield at, end
+        at = low.find(name, end)
+
+
+def _special(out: ResponseHead, name: bytes, value: bytes, nominated: list[bytes]) -> None:
+    """Record a framing or hop-by-hop field's value on *out* (it is not relayed)."""
+    if name == b"\r\ncontent-length:":
+        out.content_length.append(value.strip(b" \t"))
+    elif name == b"\r\nconnection:":
+        for token in value.lower().split(b","):
+            token = token.strip(b" \t")
+            if token == b"close":
+                out.close = True
+            elif token and token != b"keep-alive":
+                nominated.append(b"\r\n" + token + b":")
+    elif name == b"\r\ntransfer-encoding:":
+        out.transfer_encoding.append(value)
 
 
 class HeadCache:
