@@ -137,6 +137,11 @@ class Metrics:
             registry=r,
         )
         self._handshake_ok = self.handshakes.labels(result="ok", reason="")
+        self._start_series()
+        build = Gauge("mtls_proxy_build_info", "Build information", ["version"], registry=r)
+        build.labels(version=__version__).set(1)
+
+    def _start_series(self) -> None:
         # Every label value of a bounded set exists from the start (at 0): an alert on a rate
         # needs the series to exist before the first failure.
         for reason in HANDSHAKE_REASONS:
@@ -147,8 +152,6 @@ class Metrics:
             self.upstream_errors.labels(kind=kind)
         for reason in ("lookalike", "underscore"):
             self.headers_dropped.labels(reason=reason)
-        build = Gauge("mtls_proxy_build_info", "Build information", ["version"], registry=r)
-        build.labels(version=__version__).set(1)
 
     def request(self, decision: str, status: int, duration: float | None = None) -> None:
         """Count one answered request (and its duration, when it had one)."""

@@ -146,7 +146,26 @@ def prepare(
         out.ws_key = websocket_key(method, http10, out.has_body, rh)
         if out.ws_key is not None:
             framing = UPGRADE_LINES
-    out.head = b"".join(
+    out.head = _upstream_head(
+        method, target, host, rh, client_ip, port, out.request_id, block, framing
+    )
+    return out
+
+
+def _upstream_head(
+    method: bytes,
+    target: bytes,
+    host: bytes,
+    rh: RequestHeaders,
+    client_ip: bytes,
+    port: bytes,
+    request_id: bytes,
+    block: IdentityBlock,
+    framing: bytes,
+) -> bytes:
+    """The upstream's head (rule 2): the client's end-to-end fields, then the proxy's
+    forwarding fields, request id and identity block, appended last, and its framing."""
+    return b"".join(
         (
             method,
             b" ",
@@ -161,7 +180,7 @@ def prepare(
             host,
             _port_line(port),
             b"X-Request-Id: ",
-            out.request_id,
+            request_id,
             b"\r\n",
             block.lines,
             block.xfcc_line(rh.xfcc),
@@ -169,7 +188,6 @@ def prepare(
             b"\r\n",
         )
     )
-    return out
 
 
 def _host(rh: RequestHeaders, http10: bool, default_host: bytes) -> bytes:
