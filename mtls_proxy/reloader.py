@@ -181,13 +181,7 @@ class Reloader:
         self._expiry_metrics(material)
         if _trust_key(old.material) != _trust_key(material):
             self._recheck_open_connections(gen)
-        self.last_reload = {
-            "at": rfc3339(now),
-            "ok": True,
-            "error": None,
-            "failures": self._reload_failures,
-        }
-        self.metrics.reloads.labels(result="success").inc()
+        self._outcome(now, None)
         self.metrics.last_reload.set(now.timestamp())
         logger.info(
             "reloaded",
@@ -200,15 +194,19 @@ class Reloader:
 
     def _reload_failed(self, now: dt.datetime, error: str) -> bool:
         self._reload_failures += 1
+        self._outcome(now, error)
+        logger.error("reload failed; still serving the previous material", extra={"error": error})
+        return False
+
+    def _outcome(self, now: dt.datetime, error: str | None) -> None:
+        """What /status and reloads_total say about this reload (*error*: why it failed)."""
         self.last_reload = {
             "at": rfc3339(now),
-            "ok": False,
+            "ok": error is None,
             "error": error,
             "failures": self._reload_failures,
         }
-        self.metrics.reloads.labels(result="failure").inc()
-        logger.error("reload failed; still serving the previous material", extra={"error": error})
-        return False
+        self.metrics.reloads.labels(result="success" if error is None else "failure").inc()
 
     def _recheck_open_connections(self, gen: Generation) -> None:
         """Trust changed: a client that the new CAs or CRLs refuse loses its open connections
