@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from mtls_proxy.plane import DataPlane
     from mtls_proxy.policy import Decision, Policy, Route
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters outlive module paths
 SSL_DER: Final = 2  # _ssl.ENCODING_DER, for Certificate.public_bytes (Python 3.13+)
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from mtls_proxy.response import ResponseHead
     from mtls_proxy.upstream import UpstreamConnection
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters outlive module paths
 BUFFER_LIMIT: Final = 256 * 1024  # request body held while the upstream connection opens
 
 

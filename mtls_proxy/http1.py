@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from mtls_proxy.plane import DataPlane
     from mtls_proxy.response import ResponseHead
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters outlive module paths
 
 # What the connection waits for (the meaning of `deadline`).
 WAIT_IDLE, WAIT_HEAD, WAIT_BODY = 1, 2, 3

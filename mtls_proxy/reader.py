@@ -27,7 +27,7 @@ from mtls_proxy.errors import BadRequest, HeaderTooLarge, ProxyError, URITooLong
 if TYPE_CHECKING:
     from mtls_proxy.config import Config
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters outlive module paths
 
 
 class Stop(Exception):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from mtls_proxy.plane import DataPlane
     from mtls_proxy.policy import Policy
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mtls_proxy.server")  # a stable name: log filters outlive module paths
 # A reload reads a few small local files in milliseconds: one still reading after 10 s is on a
 # hung mount (or a file that blocks), and is abandoned and counted as failed (loader.py rule 3).
 RELOAD_TIMEOUT: Final = 10.0

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from mtls_proxy.config import Config
     from mtls_proxy.policy import Policy
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mtls_proxy.server")  # a stable name: log filters outlive module paths
 SWEEP_INTERVAL: Final = 0.25
 
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from mtls_proxy.server import ProxyServer
     from mtls_proxy.tls import Material
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mtls_proxy.workers")  # a stable name: log filters outlive module paths
 WORKER_FD_ENV: Final = "MTLS_PROXY_WORKER_FD"
 _SUMMED_GAUGES: Final = frozenset({"mtls_proxy_connections_open"})
 

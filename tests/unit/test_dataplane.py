@@ -9,6 +9,7 @@ import io
 import json
 import ssl
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -323,3 +324,25 @@ async def test_a_denied_request_is_answered_by_the_proxy_and_never_forwarded() -
     assert wire.take().startswith(b"HTTP/1.1 403 ")
     assert kit.up_wire.out == b""
     assert kit.records()[0]["decision"] == "deny"
+
+
+def test_loggers_keep_their_documented_names() -> None:
+    """docs/logs.md: log filters select on these names, wherever the code that logs lives."""
+    import importlib
+    import logging
+    import pkgutil
+
+    import mtls_proxy
+
+    documented = {"mtls_proxy", "mtls_proxy.proxy", "mtls_proxy.server", "mtls_proxy.workers"}
+    seen = set()
+    for info in pkgutil.walk_packages(mtls_proxy.__path__, "mtls_proxy."):
+        if info.name == "mtls_proxy.__main__":
+            continue
+        logger = getattr(importlib.import_module(info.name), "logger", None)
+        if isinstance(logger, logging.Logger):
+            assert logger.name in documented, (info.name, logger.name)
+            seen.add(logger.name)
+    assert seen == documented
+    doc = (Path(__file__).parents[2] / "docs" / "logs.md").read_text()
+    assert all(f"`{n}`" in doc for n in documented)
