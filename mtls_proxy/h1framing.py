@@ -28,6 +28,8 @@ class Http1Framing:
     _out: list[bytes]
     transport: asyncio.Transport | None
     draining: bool
+    peer_done: bool
+    _queue: list[Exchange]
 
     def send_continue(self, ex: Exchange) -> None:
         """100 Continue: the client may send the body."""
@@ -36,9 +38,13 @@ class Http1Framing:
     def send_head(self, ex: Exchange, head: ResponseHead, mode: int, length: int) -> None:
         """The re-framed response head (response.client_head)."""
         data, ex.client_chunked, ex.close = client_head(
-            head, mode, length, ex.http10, ex.close or self.draining
+            head, mode, length, ex.http10, ex.close or self.draining or self._last_before_eof(ex)
         )
         self._out.append(data)
+
+    def _last_before_eof(self, ex: Exchange) -> bool:
+        """The client half-closed and *ex* is its last request: its answer says close."""
+        return self.peer_done and self._queue[-1] is ex
 
     def send_data(self, ex: Exchange, data: bytes) -> None:
         """A body piece, chunk-encoded if the client's framing is chunked."""

@@ -67,6 +67,7 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         "_rid_prefix",
         "_upstream_paused",
         "_waiting",
+        "aborting",
         "admitted",
         "client_ip",
         "closed",
@@ -74,11 +75,13 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         "draining",
         "flow",
         "log_fields",
+        "peer_done",
         "plane",
         "reader",
         "send_deadline",
         "transport",
         "tunnel",
+        "write_paused",
         "ws_pending",
     )
 
@@ -103,6 +106,9 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         self._rid_prefix = b""
         self._rid = 0
         self.draining = False
+        self.peer_done = False  # the client half-closed (eof_received)
+        self.write_paused = False  # the client's transport is above its high-water mark
+        self.aborting = False  # the proxy cut the connection (abort)
         self.closed = False
         self.tunnel: Tunnel | None = None  # a WebSocket after the upstream's 101
         self.ws_pending: bytes | None = None  # bytes after an upgrade request, until its answer
@@ -154,7 +160,8 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         self.abort()
 
     def abort(self) -> None:
-        """Close without waiting (the drain grace is over, or cut)."""
+        """Close without waiting (the drain grace is over, cut, the send timeout)."""
+        self.aborting = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -182,30 +189,34 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         --send-timeout to take a byte (nginx's send_timeout), or a client that stops reading
         would hold this connection and the upstream's forever."""
         self.send_deadline = self.plane.clock() + self.plane.cfg.send_timeout
+        self.write_paused = True  # and no pipelined response starts meanwhile (_start_next)
         if self._queue and self._queue[0].pause_upstream():
             self._upstream_paused = True
 
     def resume_writing(self) -> None:
         """The client caught up."""
         self.send_deadline = 0.0
+        self.write_paused = False
         if self._upstream_paused:
             self._upstream_paused = False
             if self._queue:
                 self._queue[0].resume_upstream(self.tunnel is not None)
+        self._start_next()
 
     def eof_received(self) -> bool:
-        """The client half-closed (TCP FIN or TLS close_notify): requests it sent whole are
-        still answered, then the connection closes (HAProxy's default; nginx would abort them
-        with a 499); an incomplete request or an idle connection close now."""
-        last = self._last
-        if (
-            not self._queue
-            or self.reader.in_head
-            or (last is not None and not last.body_done)
-            or self.ws_pending is not None
-        ):
+        """The client half-closed (TCP FIN or TLS close_notify): every request it sent whole is
+        still answered, in order, then the connection closes (HAProxy's default; nginx would
+        abort them with a 499). An incomplete request can never complete: one not started is
+        dropped unanswered (never sent upstream); one in flight ends the connection now, as
+        does an idle connection or a WebSocket upgrade awaiting its answer."""
+        last, queue = self._last, self._queue
+        if last is not None and not last.body_done and last in queue:
+            if last is queue[0]:
+                return False  # its head and body so far went upstream: connection_lost aborts
+            queue.remove(last)
+        if not queue or self.ws_pending is not None:
             return False
-        self.draining = True  # no more requests can come: close after the last answer
+        self.peer_done = True  # no more requests can come: close after the last answer
         return True
 
     def drain(self) -> None:
@@ -466,7 +477,7 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
             self.flow.resume("upgrade")
             if pending and not (ex.close or self.draining):
                 asyncio.get_running_loop().call_soon(self.data_received, pending)
-        if ex.close or self.draining:
+        if ex.close or self.draining or (self.peer_done and not self._queue):
             t.close()
             return
         self.flow.resume("queue")
@@ -477,5 +488,7 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
             self._wait(WAIT_HEAD if self.reader.in_head else WAIT_IDLE)
 
     def _start_next(self) -> None:
-        if self._queue and not self._queue[0].started and not self.closed:
+        # Not while the client takes no bytes (red team F1): the next response would be read
+        # from an upstream nobody pauses, into memory, without bound.
+        if self._queue and not self._queue[0].started and not self.closed and not self.write_paused:
             self._queue[0].begin()

@@ -257,7 +257,7 @@ class ProxyServer:
             client = str(conn.getpeername()[0])
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Our own TLS layer (tlsconn.py), so that a refused client receives the alert.
-            tls = TLSServerLayer(gen.context, admitted)
+            tls = TLSServerLayer(gen.context, admitted, patience=self.cfg.send_timeout)
             await loop.connect_accepted_socket(lambda: tls, conn)
             layer = tls  # the transport owns the socket from here
             done, _ = await asyncio.wait((layer.handshake,), timeout=self.cfg.handshake_timeout)

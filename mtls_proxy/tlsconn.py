@@ -70,7 +70,10 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
     """Server side TLS on a plain stream transport (see the module docstring)."""
 
     def __init__(
-        self, context: ssl.SSLContext, admit: Callable[[ssl.SSLObject], asyncio.Protocol]
+        self,
+        context: ssl.SSLContext,
+        admit: Callable[[ssl.SSLObject], asyncio.Protocol],
+        patience: float = LINGER_MAX,
     ) -> None:
         super().__init__()
         self._incoming = ssl.MemoryBIO()
@@ -89,6 +92,11 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
         self._lingering = False  # our side is shut down: input is dropped (_linger)
         self._timer: asyncio.TimerHandle | None = None
         self._waited = 0.0
+        # A closing socket whose client takes no byte for this long is cut (--send-timeout):
+        # its last bytes would otherwise hold it, and its --max-connections slot, for ever.
+        self._patience = patience
+        self._stalled = 0.0
+        self._left = 0  # bytes still in the socket's buffer at the last linger tick
         self._on_lost: Callable[[], None] | None = None  # a failed handshake's (when_lost)
         self._peer_eof = False  # the client's FIN arrived
 
@@ -184,25 +192,30 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
         raw = self._raw
         if raw is None:
             return
+        self._waited = self._stalled = 0.0
+        self._left = raw.get_write_buffer_size()
         if self._peer_eof or not raw.can_write_eof():  # nothing more can come from the client
-            raw.close()
-            return
-        self._lingering = True
-        raw.write_eof()
-        # Input is dropped from now on: read it even if the app had paused reading, or the
-        # client's FIN is never seen and its unread bytes make the final close a reset.
-        raw.resume_reading()
-        self._waited = 0.0
+            raw.close()  # once the buffer has drained; _linger_end cuts a client that stalls
+        else:
+            self._lingering = True
+            raw.write_eof()
+            # Input is dropped from now on: read it even if the app had paused reading, or the
+            # client's FIN is never seen and its unread bytes make the final close a reset.
+            raw.resume_reading()
         self._timer = asyncio.get_running_loop().call_later(LINGER, self._linger_end)
 
     def _linger_end(self) -> None:
         """LINGER seconds after our last byte left user space (a slow reader still drains the
-        response, up to LINGER_MAX), then close whatever the client does."""
+        response, up to LINGER_MAX, unless it takes nothing for `patience`), then close
+        whatever the client does."""
         raw = self._raw
         if raw is None:
             return
         self._waited += LINGER
-        if raw.get_write_buffer_size() and self._waited < LINGER_MAX:
+        left = raw.get_write_buffer_size()
+        self._stalled = 0.0 if left < self._left else self._stalled + LINGER
+        self._left = left
+        if left and self._waited < LINGER_MAX and self._stalled < self._patience:
             self._timer = asyncio.get_running_loop().call_later(LINGER, self._linger_end)
             return
         raw.abort()

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 class Owner(Protocol):
     """The client connection the tunnel took over (its lifecycle and send deadline)."""
 
+    aborting: bool  # the proxy cut the connection (the send timeout, a trust change)
+
     def pause_writing(self) -> None: ...
     def resume_writing(self) -> None: ...
     def connection_lost(self, exc: Exception | None) -> None: ...
@@ -57,5 +59,5 @@ class Tunnel(asyncio.Protocol):
         if ex.upstream is not None:  # else the upstream closed first and it is recorded
             ex.upstream.close()
             ex.upstream = None
-            ex.finish()
+            ex.finish(aborted=self.owner.aborting)
         self.owner.connection_lost(exc)

@@ -346,3 +346,88 @@ def test_loggers_keep_their_documented_names() -> None:
     assert seen == documented
     doc = (Path(__file__).parents[2] / "docs" / "logs.md").read_text()
     assert all(f"`{n}`" in doc for n in documented)
+
+
+@run
+async def test_a_client_that_stops_reading_starts_no_further_pipelined_response() -> None:
+    """Red team F1: the client's buffer filled at the end of one response, and the next
+    pipelined response was read from an upstream nobody paused, without bound."""
+    kit = Kit()
+    conn, wire = kit.client()
+    conn.data_received(GET + GET.replace(b"/a", b"/b") + GET.replace(b"/a", b"/c"))
+    assert wire.reading is False  # a third request waits too
+    kit.up_wire.take()
+    kit.up.data_received(OK)
+    conn.pause_writing()  # the last bytes of /a filled the client's buffer
+    await turn()
+    assert kit.up_wire.out == b""  # /b is not asked for while the client takes nothing
+    conn.resume_writing()
+    await turn()
+    assert kit.up_wire.take().startswith(b"GET /b HTTP/1.1\r\n")
+
+
+@run
+async def test_every_complete_pipelined_request_before_a_half_close_is_answered() -> None:
+    """Red team F3: after a FIN only two of five pipelined requests were answered."""
+    kit = Kit()
+    conn, wire = kit.client()
+    conn.data_received(b"".join(GET.replace(b"/a", b"/p%d" % i) for i in range(5)))
+    assert conn.eof_received() is True
+    for i in range(5):
+        await turn()
+        assert kit.up_wire.take().startswith(b"GET /p%d HTTP/1.1\r\n" % i)
+        assert not wire.closing
+        kit.up.data_received(OK)
+        answer = wire.take()
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert (b"Connection: close" in answer) == (i == 4)  # only the last one says close
+    assert wire.closing
+    assert [r["path"] for r in kit.records()] == [f"/p{i}" for i in range(5)]
+
+
+@run
+async def test_a_half_close_after_an_incomplete_request_still_answers_the_complete_ones() -> None:
+    """Red team F3: a partial head (or body) after complete requests made the FIN close the
+    connection at once: the upstream acted on the complete ones, the client got nothing."""
+    for tail in (
+        b"GET /partial HTTP/1.1\r\nHo",
+        b"POST /body HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nabc",
+    ):
+        kit = Kit()
+        conn, wire = kit.client()
+        conn.data_received(GET + GET.replace(b"/a", b"/b") + tail)
+        assert conn.eof_received() is True
+        for path in (b"/a", b"/b"):
+            await turn()
+            assert kit.up_wire.take().startswith(b"GET %s HTTP/1.1\r\n" % path)
+            kit.up.data_received(OK)
+            assert wire.take().startswith(b"HTTP/1.1 200 OK\r\n")
+        await turn()
+        assert wire.closing
+        assert kit.up_wire.out == b""  # the incomplete request never went upstream
+        assert [r["path"] for r in kit.records()] == ["/a", "/b"]
+
+
+@run
+async def test_a_websocket_cut_by_the_send_timeout_is_recorded_as_aborted() -> None:
+    """Red team F4: the cut tunnel's record read as a normal end."""
+    kit = Kit(**{"send-timeout": 2})
+    conn, wire = kit.client()
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    conn.data_received(
+        b"GET /ws HTTP/1.1\r\nHost: svc\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    kit.up.data_received(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_for(key) + b"\r\n\r\n"
+    )
+    tunnel = wire.protocol
+    assert isinstance(tunnel, Tunnel)
+    tunnel.pause_writing()
+    kit.sweep(2.1)
+    assert wire.aborted
+    tunnel.connection_lost(None)
+    (record,) = kit.records()
+    assert record["status"] == 101 and record["aborted"] is True
+    assert record["reason"].startswith("send timeout")
