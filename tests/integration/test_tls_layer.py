@@ -298,3 +298,29 @@ def test_pipelined_requests_before_a_half_close_are_all_answered(
     assert b'"target": "/second"' in got
     records = [r for r in p.records() if r.get("msg") == "access"]
     assert [(r["path"], r.get("aborted")) for r in records] == [("/slow", None), ("/second", None)]
+
+
+@pytest.mark.parametrize("tail", [b"", b"GET /partial HTTP/1.1\r\nHo"])
+def test_every_whole_request_before_a_half_close_is_answered_the_last_with_close(
+    tp: Pki, upstream: Upstream, loop: str, tail: bytes
+) -> None:
+    """Red team F3: after a FIN only two of five pipelined requests were answered (the second
+    said Connection: close), and a partial request after them closed the connection at once,
+    although the upstream had acted on the whole ones."""
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", loop=loop) as p:
+        c = BioClient(tp, p.port)
+        with c.raw:
+            for i in range(5):
+                c.tls.write(b"GET /slow?s=0.1&n=%d HTTP/1.1\r\nHost: a\r\n\r\n" % i)
+            c.tls.write(tail)
+            c.flush()
+            c.raw.shutdown(socket.SHUT_WR)
+            got = c.read_all()
+    answers = got.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 5 and all(a.startswith(b"200 ") for a in answers), got[:300]
+    closes = [b"\r\nconnection: close" in a.partition(b"\r\n\r\n")[0].lower() for a in answers]
+    assert closes == [False, False, False, False, True]
+    assert not any(b"/partial" in bytes(raw) for raw in upstream.raw.values())
+    assert len(upstream.seen) == 5
+    records = [r for r in p.records() if r.get("msg") == "access"]
+    assert [(r["status"], r.get("aborted")) for r in records] == [(200, None)] * 5
