@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mtls_proxy import __version__
 from mtls_proxy.config import OPTIONS, Config, load_config, parse_yaml, unknown_env
@@ -18,11 +17,10 @@ from mtls_proxy.errors import ConfigError
 from mtls_proxy.escape import for_terminal
 from mtls_proxy.loader import read_text
 from mtls_proxy.logs import setup_logging
+from mtls_proxy.loops import run_async
 
 if TYPE_CHECKING:
     from mtls_proxy.tls import Material
-
-logger = logging.getLogger("mtls_proxy")
 
 
 def _add_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -164,22 +162,6 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--password", help="store password (literal, ${ENV} or file:/path)")
     export.add_argument("--out", help="output directory (default DIR/NAME-export)")
     return parser
-
-
-def run_async(main: Callable[[], Coroutine[Any, Any, int]], loop: str = "auto") -> int:
-    """Run *main* on uvloop (default) or asyncio, falling back with a log line."""
-    factory = None
-    if loop in ("auto", "uvloop"):
-        try:
-            import uvloop
-
-            factory = uvloop.new_event_loop
-        except ImportError:
-            if loop == "uvloop":
-                raise ConfigError("--loop uvloop: uvloop is not installed") from None
-            logger.info("uvloop is not available; using the asyncio event loop")
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())
 
 
 def c_parsers_problem() -> str | None:
