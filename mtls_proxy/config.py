@@ -37,7 +37,13 @@ from mtls_proxy.options import (
     unknown_env,
 )
 from mtls_proxy.policy import Policy, Rule, RuleError, compile_rule
-from mtls_proxy.policyspec import POLICY_KEYS, compile_policy, compile_rules, load_yaml
+from mtls_proxy.policyspec import (
+    POLICY_KEYS,
+    check_policy,
+    compile_policy,
+    compile_rules,
+    load_mapping,
+)
 
 __all__ = [  # the option table's names, as importers have always found them here
     "ALLOW_FLAGS",
@@ -133,12 +139,8 @@ class Config:
 
 def parse_yaml(text: str, filename: str) -> dict[str, object]:
     """Parse a config file's text; raise ConfigError naming the file."""
-    data = load_yaml(text, filename)  # duplicate keys refused; errors never quote the file
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{filename}: the top level must be a mapping of keys")
-    return data
+    # Duplicate keys refused; errors never quote the file (policyspec.load_yaml).
+    return load_mapping(text, filename, "the top level must be a mapping of keys") or {}
 
 
 def _did_you_mean(key: str, options: set[str]) -> str:
@@ -261,7 +263,9 @@ def load_config(
     if top["policy_file"] is not None:
         _check_policy_file(c, policy, rules_src)
     else:
-        _check_policy(c, tls, policy, rules_src)
+        c.problems += check_policy(
+            policy, None, tls.client_auth, sources=c.sources, rules_src=rules_src
+        )
     if top["upstream"] is None and c.sources["upstream"] == "default":  # else reported by get
         c.problems.append(
             "--upstream is required (or upstream: in the config file, or MTLS_PROXY_UPSTREAM)"
@@ -343,32 +347,3 @@ def _check_tls(c: _Collector, tls: TLSConfig) -> None:
         c.problems.append(f"{src['truststore']}: give either --truststore or --cacert")
     if tls.crl is not None and tls.client_auth == "none":
         c.problems.append(f"{src['crl']}: a CRL needs client certificates (--client-auth none)")
-
-
-def _check_policy(c: _Collector, tls: TLSConfig, policy: Policy, rules_src: str) -> None:
-    src = c.sources
-    allow_all, anonymous, rules = policy.allow_all, policy.allow_anonymous, policy.rules
-    if allow_all and any(not r.anonymous for r in rules):
-        c.problems.append(
-            f"{src['allow-all']}: --allow-all cannot be combined with allow rules "
-            f"({rules_src}); use one or the other"
-        )
-    has_cert_rules = allow_all or any(not r.anonymous for r in rules)
-    if anonymous and tls.client_auth == "require":
-        c.problems.append(
-            f"{src['allow-anonymous']}: --allow-anonymous needs --client-auth "
-            "optional or none (with require, every client has a certificate)"
-        )
-    has_cert_rules = has_cert_rules or any(
-        not r.anonymous for route in policy.routes for r in route.rules
-    )
-    if tls.client_auth == "none" and has_cert_rules:
-        c.problems.append(
-            "--client-auth none requests no certificate, so only anonymous rules "
-            "can match; remove the --allow-* rules or change --client-auth"
-        )
-    if not policy.has_rules:
-        c.problems.append(
-            "no access rules: give --allow-* flags, policy.allow, --allow-all or "
-            "--allow-anonymous (the proxy fails closed and would deny every request)"
-        )
