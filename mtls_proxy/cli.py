@@ -55,15 +55,21 @@ def _warn_unknown_env(env: dict[str, str]) -> None:
 
 def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
     """Config from the parsed flags, the environment and the config file (flag > env > file)."""
+    env, flags, path, text = _inputs(args, env)
+    return load_config(text=text, filename=path or "config", env=env, flags=flags)
+
+
+def _inputs(
+    args: argparse.Namespace, env: dict[str, str] | None
+) -> tuple[dict[str, str], dict[str, object], str | None, str | None]:
+    """The environment, the flags, the config file's path and its text (None without one)."""
     env = dict(os.environ) if env is None else env
     _warn_unknown_env(env)
     flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
     path = args.config or env.get("MTLS_PROXY_CONFIG")
-    text = None
-    if path:
-        # The one bounded reader (loader.py): a regular file under the size cap, never a FIFO.
-        text = read_text(path, "--config", "config")
-    return load_config(text=text, filename=path or "config", env=env, flags=flags)
+    # The one bounded reader (loader.py): a regular file under the size cap, never a FIFO.
+    text = read_text(path, "--config", "config") if path else None
+    return env, flags, path, text
 
 
 def _port(text: str) -> int:
@@ -283,11 +289,7 @@ def _explain_config(args: argparse.Namespace, env: dict[str, str] | None = None)
     """The Config explain decides with. explain needs the trust and the policy, not our own
     certificate: when no flag, variable or config key names one, stand-ins keep the config
     valid (they are never read)."""
-    env = dict(os.environ) if env is None else env
-    _warn_unknown_env(env)
-    flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
-    path = args.config or env.get("MTLS_PROXY_CONFIG")
-    text = read_text(path, "--config", "config") if path else None
+    env, flags, path, text = _inputs(args, env)
     tls = (parse_yaml(text, path) if text is not None and path else {}).get("tls")
     if not any(
         flags.get(o.name) is not None

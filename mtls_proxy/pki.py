@@ -313,14 +313,12 @@ def spring_properties(
         return "\n".join(
             [
                 "# Spring Boot 3.1+ (SSL bundles)",
-                f"spring.ssl.bundle.pem.mtls.keystore.certificate=file:{out}/tls.crt",
-                f"spring.ssl.bundle.pem.mtls.keystore.private-key=file:{out}/tls.key",
-                f"spring.ssl.bundle.pem.mtls.truststore.certificate=file:{out}/ca.crt",
+                *_pem_bundle(out),
                 "server.ssl.bundle=mtls",
                 "server.ssl.client-auth=need",
             ]
         )
-    ext, typ = ("p12", "PKCS12") if fmt == "p12" else ("jks", "JKS")
+    ext, typ = _store_type(fmt)
     return "\n".join(
         [
             "# Spring Boot (any version)",
@@ -333,15 +331,38 @@ def spring_properties(
             f"server.ssl.trust-store-type={typ}",
             "server.ssl.client-auth=need",
             "# or Spring Boot 3.1+ SSL bundles",
-            f"spring.ssl.bundle.jks.mtls.keystore.location=file:{out}/keystore.{ext}",
-            f"spring.ssl.bundle.jks.mtls.keystore.password={password}",
-            f"spring.ssl.bundle.jks.mtls.keystore.type={typ}",
-            f"spring.ssl.bundle.jks.mtls.truststore.location=file:{out}/truststore.{ext}",
-            f"spring.ssl.bundle.jks.mtls.truststore.password={password}",
-            f"spring.ssl.bundle.jks.mtls.truststore.type={typ}",
+            *_jks_bundle(out, fmt, password),
             "server.ssl.bundle=mtls",
         ]
     )
+
+
+def _store_type(fmt: str) -> tuple[str, str]:
+    """The file extension and Java's store type of an export format (p12 or jks)."""
+    return ("p12", "PKCS12") if fmt == "p12" else ("jks", "JKS")
+
+
+def _pem_bundle(out: Path) -> list[str]:
+    """The ``mtls`` SSL bundle of a PEM export."""
+    return [
+        f"spring.ssl.bundle.pem.mtls.keystore.certificate=file:{out}/tls.crt",
+        f"spring.ssl.bundle.pem.mtls.keystore.private-key=file:{out}/tls.key",
+        f"spring.ssl.bundle.pem.mtls.truststore.certificate=file:{out}/ca.crt",
+    ]
+
+
+def _jks_bundle(out: Path, fmt: str, password: str) -> list[str]:
+    """The ``mtls`` SSL bundle of a p12 or jks export (key and trust store)."""
+    ext, typ = _store_type(fmt)
+    return [
+        f"spring.ssl.bundle.jks.mtls.{store}.{prop}={value}"
+        for store in ("keystore", "truststore")
+        for prop, value in (
+            ("location", f"file:{out}/{store}.{ext}"),
+            ("password", password),
+            ("type", typ),
+        )
+    ]
 
 
 def _client_properties(out: Path, fmt: str, password: str, alias: str) -> str:
@@ -351,26 +372,13 @@ def _client_properties(out: Path, fmt: str, password: str, alias: str) -> str:
         '# restTemplateBuilder.sslBundle(sslBundles.getBundle("mtls"))',
     ]
     if fmt == "pem":  # javax.net.ssl reads keystores only: no system properties for PEM
-        return "\n".join(
-            [
-                "# Spring Boot 3.1+ client SSL bundle",
-                f"spring.ssl.bundle.pem.mtls.keystore.certificate=file:{out}/tls.crt",
-                f"spring.ssl.bundle.pem.mtls.keystore.private-key=file:{out}/tls.key",
-                f"spring.ssl.bundle.pem.mtls.truststore.certificate=file:{out}/ca.crt",
-                *use,
-            ]
-        )
-    ext, typ = ("p12", "PKCS12") if fmt == "p12" else ("jks", "JKS")
+        return "\n".join(["# Spring Boot 3.1+ client SSL bundle", *_pem_bundle(out), *use])
+    ext, typ = _store_type(fmt)
     return "\n".join(
         [
             "# Spring Boot 3.1+ client SSL bundle",
             f"spring.ssl.bundle.jks.mtls.key.alias={alias}",
-            f"spring.ssl.bundle.jks.mtls.keystore.location=file:{out}/keystore.{ext}",
-            f"spring.ssl.bundle.jks.mtls.keystore.password={password}",
-            f"spring.ssl.bundle.jks.mtls.keystore.type={typ}",
-            f"spring.ssl.bundle.jks.mtls.truststore.location=file:{out}/truststore.{ext}",
-            f"spring.ssl.bundle.jks.mtls.truststore.password={password}",
-            f"spring.ssl.bundle.jks.mtls.truststore.type={typ}",
+            *_jks_bundle(out, fmt, password),
             *use,
             "# or JVM-wide (HttpsURLConnection, java.net.http.HttpClient): system properties",
             f"-Djavax.net.ssl.keyStore={out}/keystore.{ext}",
