@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from mtls_proxy import __version__
 from mtls_proxy.config import OPTIONS, Config, load_config, parse_yaml, unknown_env
@@ -18,11 +16,11 @@ from mtls_proxy.errors import ConfigError
 from mtls_proxy.escape import for_terminal
 from mtls_proxy.loader import read_text
 from mtls_proxy.logs import setup_logging
+from mtls_proxy.loops import run_async
+from mtls_proxy.pki_cmd import add_pki_parser, run_pki
 
 if TYPE_CHECKING:
     from mtls_proxy.tls import Material
-
-logger = logging.getLogger("mtls_proxy")
 
 
 def _add_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -57,15 +55,21 @@ def _warn_unknown_env(env: dict[str, str]) -> None:
 
 def build_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> Config:
     """Config from the parsed flags, the environment and the config file (flag > env > file)."""
+    env, flags, path, text = _inputs(args, env)
+    return load_config(text=text, filename=path or "config", env=env, flags=flags)
+
+
+def _inputs(
+    args: argparse.Namespace, env: dict[str, str] | None
+) -> tuple[dict[str, str], dict[str, object], str | None, str | None]:
+    """The environment, the flags, the config file's path and its text (None without one)."""
     env = dict(os.environ) if env is None else env
     _warn_unknown_env(env)
     flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
     path = args.config or env.get("MTLS_PROXY_CONFIG")
-    text = None
-    if path:
-        # The one bounded reader (loader.py): a regular file under the size cap, never a FIFO.
-        text = read_text(path, "--config", "config")
-    return load_config(text=text, filename=path or "config", env=env, flags=flags)
+    # The one bounded reader (loader.py): a regular file under the size cap, never a FIFO.
+    text = read_text(path, "--config", "config") if path else None
+    return env, flags, path, text
 
 
 def _port(text: str) -> int:
@@ -77,19 +81,6 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port out of range 0-65535: {port}")
     return port
-
-
-def _days(text: str) -> int:
-    """--days of pki issue: 0 or less would write a certificate that is already expired."""
-    try:
-        days = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if days < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be at least 1 (got {days}: the certificate would be expired when written)"
-        )
-    return days
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,54 +123,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the proxy's port on 127.0.0.1 (default 8443; 0 picks a free one; "
         "--self-test always uses a free one unless given)",
     )
-    pki = sub.add_parser("pki", help="development PKI")
-    pki_sub = pki.add_subparsers(dest="pki_command", required=True)
-    init = pki_sub.add_parser("init", help="root + intermediate CA in DIR")
-    init.add_argument("dir")
-    init.add_argument("--key-type", choices=["ec", "rsa", "ed25519"], default="ec")
-    issue = pki_sub.add_parser("issue", help="issue a server or client certificate")
-    issue.add_argument("kind", choices=["server", "client"])
-    issue.add_argument("name")
-    issue.add_argument("--dir", required=True)
-    for flag in ("dns", "ip", "uri", "email", "ou"):
-        issue.add_argument(f"--{flag}", action="append", default=[])
-    issue.add_argument("--cn")
-    issue.add_argument("--o")
-    issue.add_argument(
-        "--days", type=_days, default=825, help="validity in days, at least 1 (default 825)"
-    )
-    issue.add_argument("--key-type", choices=["ec", "rsa", "ed25519"], default="ec")
-    revoke = pki_sub.add_parser("revoke", help="add NAME to DIR/crl.pem")
-    revoke.add_argument("name")
-    revoke.add_argument("--dir", required=True)
-    crl = pki_sub.add_parser("crl", help="re-sign DIR/crl.pem: same entries, a new nextUpdate")
-    crl.add_argument("--dir", required=True)
-    crl.add_argument(
-        "--days", type=_days, default=7, help="nextUpdate this many days out (default 7)"
-    )
-    export = pki_sub.add_parser("export", help="keystore/truststore for Spring Boot or PEM")
-    export.add_argument("name")
-    export.add_argument("--dir", required=True)
-    export.add_argument("--format", choices=["p12", "jks", "pem"], default="p12")
-    export.add_argument("--password", help="store password (literal, ${ENV} or file:/path)")
-    export.add_argument("--out", help="output directory (default DIR/NAME-export)")
+    add_pki_parser(sub)
     return parser
-
-
-def run_async(main: Callable[[], Coroutine[Any, Any, int]], loop: str = "auto") -> int:
-    """Run *main* on uvloop (default) or asyncio, falling back with a log line."""
-    factory = None
-    if loop in ("auto", "uvloop"):
-        try:
-            import uvloop
-
-            factory = uvloop.new_event_loop
-        except ImportError:
-            if loop == "uvloop":
-                raise ConfigError("--loop uvloop: uvloop is not installed") from None
-            logger.info("uvloop is not available; using the asyncio event loop")
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())
 
 
 def c_parsers_problem() -> str | None:
@@ -301,11 +246,7 @@ def _explain_config(args: argparse.Namespace, env: dict[str, str] | None = None)
     """The Config explain decides with. explain needs the trust and the policy, not our own
     certificate: when no flag, variable or config key names one, stand-ins keep the config
     valid (they are never read)."""
-    env = dict(os.environ) if env is None else env
-    _warn_unknown_env(env)
-    flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
-    path = args.config or env.get("MTLS_PROXY_CONFIG")
-    text = read_text(path, "--config", "config") if path else None
+    env, flags, path, text = _inputs(args, env)
     tls = (parse_yaml(text, path) if text is not None and path else {}).get("tls")
     if not any(
         flags.get(o.name) is not None
@@ -359,80 +300,6 @@ def _explain(args: argparse.Namespace) -> int:
     return code
 
 
-def _pki(args: argparse.Namespace) -> int:
-    from mtls_proxy import pki
-
-    if args.pki_command == "init":
-        directory = Path(args.dir)
-        pki.init_pki(directory, args.key_type)
-        print(f"wrote {directory}/root.crt, root.key, intermediate.crt, intermediate.key, ca.crt")
-        return 0
-    directory = Path(args.dir)
-    if args.pki_command == "crl":
-        try:
-            path, count = pki.refresh_crls(directory, args.days)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--dir: {directory}: cannot re-sign the CRLs ({exc})") from None
-        print(f"wrote {path}: {count} revoked certificate(s), next update in {args.days} day(s)")
-        return 0
-    if args.pki_command in ("revoke", "export"):
-        return _pki_store(args, directory)
-    try:
-        issuer = pki.load_issuer(directory)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"--dir: {directory}: no usable intermediate CA ({exc}); "
-            "run 'mtls-proxy pki init DIR' first"
-        ) from None
-    try:
-        item = pki.issue(
-            issuer,
-            args.kind,
-            args.cn or args.name,
-            dns=args.dns,
-            ips=args.ip,
-            uris=args.uri,
-            emails=args.email,
-            o=args.o,
-            ou=args.ou,
-            days=args.days,
-            key_type=args.key_type,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"pki issue {args.name}: {exc}") from None
-    pki.write_pair(directory, args.name, item)
-    print(f"wrote {directory}/{args.name}.crt (leaf + intermediate) and {args.name}.key")
-    return 0
-
-
-def _pki_store(args: argparse.Namespace, directory: Path) -> int:
-    from mtls_proxy import pki
-    from mtls_proxy.config import resolve_env_secret
-    from mtls_proxy.tls import resolve_password
-
-    name = args.name
-    if not (directory / f"{name}.crt").is_file():
-        raise ConfigError(f"{directory / (name + '.crt')}: not found (issue it first)")
-    if args.pki_command == "revoke":
-        crl = pki.revoke(directory, name)
-        print(f"revoked {name}; wrote {crl}")
-        return 0
-    if args.format != "pem" and not args.password:
-        raise ConfigError("--password is required for p12 and jks stores")
-    secret = ""
-    if args.password:
-        try:
-            literal = resolve_env_secret(args.password, dict(os.environ))
-        except ValueError as exc:
-            raise ConfigError(f"--password: {exc}") from None
-        secret = (resolve_password(literal, "--password") or b"").decode()
-    out = pki.export(directory, name, args.format, secret, Path(args.out) if args.out else None)
-    print(f"wrote {out}")
-    client = pki.is_client_only(pki.load_issued(directory, name).cert)
-    print(pki.spring_properties(out.resolve(), args.format, secret, name, client=client))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mtls-proxy`` command; returns the exit code."""
     args = _parser().parse_args(argv)
@@ -442,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         if args.command == "pki":
-            return _pki(args)
+            return run_pki(args)
         if args.command == "explain":
             return _explain(args)
         from mtls_proxy.demo import run_demo

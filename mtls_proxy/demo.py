@@ -16,6 +16,7 @@ from aiohttp import web
 from mtls_proxy import pki
 from mtls_proxy.config import load_config
 from mtls_proxy.logs import setup_logging
+from mtls_proxy.loops import run_async
 from mtls_proxy.server import ProxyServer
 from mtls_proxy.tls import load_material
 
@@ -180,8 +181,6 @@ def run_demo(self_test: bool = False, port: int | None = None) -> int:
     port for the self-test, or with 0)."""
     if port is None:
         port = 0 if self_test else 8443
-    from mtls_proxy.cli import run_async
-
     setup_logging("text", "warning" if self_test else "info")
     d = Path(tempfile.mkdtemp(prefix="mtls-proxy-demo-"))
     served = False

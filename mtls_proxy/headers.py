@@ -25,7 +25,6 @@ from typing import Final, Literal
 from mtls_proxy import dialects as dialects_mod
 from mtls_proxy.identity import PeerIdentity
 
-Dialect = Literal["xfcc", "simple", "rfc9440", "tomcat", "traefik"]
 XfccMode = Literal["sanitize_set", "append_forward", "forward_only", "sanitize"]
 DIALECTS: Final[tuple[str, ...]] = ("xfcc", "simple", "rfc9440", "tomcat", "traefik")
 XFCC_MODES: Final[tuple[str, ...]] = ("sanitize_set", "append_forward", "forward_only", "sanitize")

@@ -13,12 +13,12 @@ from typing import Final
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from mtls_proxy.errors import ConfigError
+from mtls_proxy.keys import PrivateKey as PrivateKey  # re-exported: tls.py imports it from here
+from mtls_proxy.keys import is_private_key, key_matches
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 _JKS_MAGIC: Final = b"\xfe\xed\xfe\xed"
 _JCEKS_MAGIC: Final = b"\xce\xce\xce\xce"
 REEXPORT_HINT: Final = (
@@ -49,9 +49,7 @@ def store_format(data: bytes) -> str:
 
 
 def _check_key(key: object, where: str) -> PrivateKey:
-    if not isinstance(
-        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-    ):
+    if not is_private_key(key):
         raise ConfigError(f"{where}: unsupported private key type {type(key).__name__}")
     return key
 
@@ -149,11 +147,7 @@ def load_keystore(
         raise ConfigError(f"{where}: contains no private key (is it a truststore?)")
     if not loaded.chain:
         raise ConfigError(f"{where}: the key entry has no certificate")
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if loaded.key.public_key().public_bytes(der, spki) != loaded.chain[0].public_key().public_bytes(
-        der, spki
-    ):
+    if not key_matches(loaded.key, loaded.chain[0]):
         raise ConfigError(f"{where}: the private key does not match its certificate")
     return loaded
 

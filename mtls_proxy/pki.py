@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mtls_proxy.keys import CRL_PEM, PrivateKey, is_private_key
+
 KeyType = Literal["ec", "rsa", "ed25519"]
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 _DAY = dt.timedelta(days=1)
-_CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
 
 def new_key(key_type: KeyType = "ec") -> PrivateKey:
@@ -191,13 +190,7 @@ def write_pair(directory: Path, name: str, item: Issued, password: bytes | None 
 
 def load_issuer(directory: Path) -> Issued:
     """Load DIR/intermediate.{crt,key} written by init_pki (the issuer of leaves)."""
-    certs = x509.load_pem_x509_certificates((directory / "intermediate.crt").read_bytes())
-    key = serialization.load_pem_private_key((directory / "intermediate.key").read_bytes(), None)
-    if not isinstance(
-        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-    ):
-        raise ValueError(f"{directory / 'intermediate.key'}: unsupported key type")
-    return Issued(certs[0], key, tuple(certs[1:]))
+    return load_issued(directory, "intermediate")
 
 
 def init_pki(directory: Path, key_type: KeyType = "ec") -> tuple[Issued, Issued]:
@@ -217,9 +210,7 @@ def load_issued(directory: Path, name: str) -> Issued:
     """DIR/NAME.crt (leaf + chain) and DIR/NAME.key."""
     certs = x509.load_pem_x509_certificates((directory / f"{name}.crt").read_bytes())
     key = serialization.load_pem_private_key((directory / f"{name}.key").read_bytes(), None)
-    if not isinstance(
-        key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-    ):
+    if not is_private_key(key):
         raise ValueError(f"{directory / (name + '.key')}: unsupported key type")
     return Issued(certs[0], key, tuple(certs[1:]))
 
@@ -283,7 +274,7 @@ def _crl_entries(directory: Path) -> tuple[Issued, Issued, _Entries]:
     entries: _Entries = {inter.cert.subject: {}, root.cert.subject: {}}
     crl_path = directory / "crl.pem"
     if crl_path.exists():
-        for block in _CRL_BLOCK.findall(crl_path.read_bytes()):
+        for block in CRL_PEM.findall(crl_path.read_bytes()):
             old = x509.load_pem_x509_crl(block)
             for r in old:
                 entries.setdefault(old.issuer, {})[r.serial_number] = r
@@ -322,14 +313,12 @@ def spring_properties(
         return "\n".join(
             [
                 "# Spring Boot 3.1+ (SSL bundles)",
-                f"spring.ssl.bundle.pem.mtls.keystore.certificate=file:{out}/tls.crt",
-                f"spring.ssl.bundle.pem.mtls.keystore.private-key=file:{out}/tls.key",
-                f"spring.ssl.bundle.pem.mtls.truststore.certificate=file:{out}/ca.crt",
+                *_pem_bundle(out),
                 "server.ssl.bundle=mtls",
                 "server.ssl.client-auth=need",
             ]
         )
-    ext, typ = ("p12", "PKCS12") if fmt == "p12" else ("jks", "JKS")
+    ext, typ = _store_type(fmt)
     return "\n".join(
         [
             "# Spring Boot (any version)",
@@ -342,15 +331,38 @@ def spring_properties(
             f"server.ssl.trust-store-type={typ}",
             "server.ssl.client-auth=need",
             "# or Spring Boot 3.1+ SSL bundles",
-            f"spring.ssl.bundle.jks.mtls.keystore.location=file:{out}/keystore.{ext}",
-            f"spring.ssl.bundle.jks.mtls.keystore.password={password}",
-            f"spring.ssl.bundle.jks.mtls.keystore.type={typ}",
-            f"spring.ssl.bundle.jks.mtls.truststore.location=file:{out}/truststore.{ext}",
-            f"spring.ssl.bundle.jks.mtls.truststore.password={password}",
-            f"spring.ssl.bundle.jks.mtls.truststore.type={typ}",
+            *_jks_bundle(out, fmt, password),
             "server.ssl.bundle=mtls",
         ]
     )
+
+
+def _store_type(fmt: str) -> tuple[str, str]:
+    """The file extension and Java's store type of an export format (p12 or jks)."""
+    return ("p12", "PKCS12") if fmt == "p12" else ("jks", "JKS")
+
+
+def _pem_bundle(out: Path) -> list[str]:
+    """The ``mtls`` SSL bundle of a PEM export."""
+    return [
+        f"spring.ssl.bundle.pem.mtls.keystore.certificate=file:{out}/tls.crt",
+        f"spring.ssl.bundle.pem.mtls.keystore.private-key=file:{out}/tls.key",
+        f"spring.ssl.bundle.pem.mtls.truststore.certificate=file:{out}/ca.crt",
+    ]
+
+
+def _jks_bundle(out: Path, fmt: str, password: str) -> list[str]:
+    """The ``mtls`` SSL bundle of a p12 or jks export (key and trust store)."""
+    ext, typ = _store_type(fmt)
+    return [
+        f"spring.ssl.bundle.jks.mtls.{store}.{prop}={value}"
+        for store in ("keystore", "truststore")
+        for prop, value in (
+            ("location", f"file:{out}/{store}.{ext}"),
+            ("password", password),
+            ("type", typ),
+        )
+    ]
 
 
 def _client_properties(out: Path, fmt: str, password: str, alias: str) -> str:
@@ -360,26 +372,13 @@ def _client_properties(out: Path, fmt: str, password: str, alias: str) -> str:
         '# restTemplateBuilder.sslBundle(sslBundles.getBundle("mtls"))',
     ]
     if fmt == "pem":  # javax.net.ssl reads keystores only: no system properties for PEM
-        return "\n".join(
-            [
-                "# Spring Boot 3.1+ client SSL bundle",
-                f"spring.ssl.bundle.pem.mtls.keystore.certificate=file:{out}/tls.crt",
-                f"spring.ssl.bundle.pem.mtls.keystore.private-key=file:{out}/tls.key",
-                f"spring.ssl.bundle.pem.mtls.truststore.certificate=file:{out}/ca.crt",
-                *use,
-            ]
-        )
-    ext, typ = ("p12", "PKCS12") if fmt == "p12" else ("jks", "JKS")
+        return "\n".join(["# Spring Boot 3.1+ client SSL bundle", *_pem_bundle(out), *use])
+    ext, typ = _store_type(fmt)
     return "\n".join(
         [
             "# Spring Boot 3.1+ client SSL bundle",
             f"spring.ssl.bundle.jks.mtls.key.alias={alias}",
-            f"spring.ssl.bundle.jks.mtls.keystore.location=file:{out}/keystore.{ext}",
-            f"spring.ssl.bundle.jks.mtls.keystore.password={password}",
-            f"spring.ssl.bundle.jks.mtls.keystore.type={typ}",
-            f"spring.ssl.bundle.jks.mtls.truststore.location=file:{out}/truststore.{ext}",
-            f"spring.ssl.bundle.jks.mtls.truststore.password={password}",
-            f"spring.ssl.bundle.jks.mtls.truststore.type={typ}",
+            *_jks_bundle(out, fmt, password),
             *use,
             "# or JVM-wide (HttpsURLConnection, java.net.http.HttpClient): system properties",
             f"-Djavax.net.ssl.keyStore={out}/keystore.{ext}",

@@ -22,7 +22,7 @@ Every YAML the proxy reads (the config file, a policy file) goes through load_ya
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Final
 
 import yaml
@@ -41,6 +41,7 @@ _TOKEN: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _PREFIX: Final = re.compile(r"^/[\x21-\x7e]*$")
 MAX_VALUES: Final = 1_000_000
 MAX_DEPTH: Final = 100  # a config nests ~6 deep; repr() of a 1,000-deep list overflows
+_POLICY_SHAPE: Final = "a policy file is a mapping with allow, routes, audit"
 MAX_REPORTED_REPEATS: Final = 10  # duplicate routes named one by one; the rest are counted
 _MERGE_TAG: Final = "tag:yaml.org,2002:merge"
 _SAFE_KEY: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -148,6 +149,15 @@ def load_yaml(text: str, filename: str) -> object:
     except RecursionError:  # the pure-Python parser, without libyaml's nesting limit
         raise ConfigError(f"{filename}: nested deeper than {MAX_DEPTH} levels") from None
     _check_size(data, filename)
+    return data
+
+
+def load_mapping(text: str, filename: str, shape: str) -> dict[str, object] | None:
+    """load_yaml() of a document that must be a mapping: the mapping, None for an empty
+    document, ConfigError ``FILENAME: SHAPE`` for anything else (a list, a scalar)."""
+    data = load_yaml(text, filename)
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{filename}: {shape}")
     return data
 
 
@@ -274,9 +284,9 @@ def compile_policy(
 
 def parse_policy_file(text: str, filename: str, client_auth: str) -> Policy:
     """A ``--policy`` file's text -> Policy; raise ConfigError listing every problem."""
-    data = load_yaml(text, filename)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{filename}: a policy file is a mapping with allow, routes, audit")
+    data = load_mapping(text, filename, _POLICY_SHAPE)
+    if data is None:  # an empty file: not a policy (one without rules would say less)
+        raise ConfigError(f"{filename}: {_POLICY_SHAPE}")
     problems: list[str] = []
     policy = compile_policy(data, f"{filename}: ", problems)
     if not problems:
@@ -286,27 +296,52 @@ def parse_policy_file(text: str, filename: str, client_auth: str) -> Policy:
     return policy
 
 
-def check_policy(policy: Policy, where: str, client_auth: str) -> list[str]:
-    """Policies that cannot be what the operator meant (fail closed, but say so)."""
+def check_policy(
+    policy: Policy,
+    where: str | None,
+    client_auth: str,
+    *,
+    sources: Mapping[str, str] | None = None,
+    rules_src: str = "",
+) -> list[str]:
+    """Policies that cannot be what the operator meant (fail closed, but say so): the one
+    validator, for a ``--policy`` file and for the configuration's own policy.
+
+    *where* names a policy file: each problem starts with it. ``None`` is the configuration's
+    policy (flags, variables, the ``policy:`` section): problems name the option's source from
+    *sources* (option -> where it came from) and *rules_src* (where the allow rules came from).
+    Only a policy file is checked for anonymous rules under ``client_auth: require`` (as before:
+    the configuration checks ``--allow-anonymous`` there instead)."""
+    src = sources or {}
+    at = f"{where}: " if where is not None else ""
+    every = [*policy.rules, *(r for route in policy.routes for r in route.rules)]
     problems = []
-    if not policy.has_rules:
+    if policy.allow_all and any(not r.anonymous for r in policy.rules):
         problems.append(
-            f"{where}: no access rules: the proxy fails closed and would deny every request"
+            f"{src.get('allow-all', '--allow-all')}: --allow-all cannot be combined with allow "
+            f"rules ({rules_src}); use one or the other"
         )
-    cert_rules = [r for r in policy.rules if not r.anonymous] + [
-        r for route in policy.routes for r in route.rules if not r.anonymous
-    ]
-    if client_auth == "none" and (cert_rules or policy.allow_all):
+    if policy.allow_anonymous and client_auth == "require":
         problems.append(
-            f"{where}: --client-auth none requests no certificate, so only anonymous rules "
-            "can match; remove the certificate rules or change --client-auth"
+            f"{src.get('allow-anonymous', '--allow-anonymous')}: --allow-anonymous needs "
+            "--client-auth optional or none (with require, every client has a certificate)"
         )
-    anon = [r for r in policy.rules if r.anonymous] + [
-        r for route in policy.routes for r in route.rules if r.anonymous
-    ]
-    if client_auth == "require" and anon:
+    if client_auth == "none" and (policy.allow_all or any(not r.anonymous for r in every)):
+        problems.append(
+            f"{at}--client-auth none requests no certificate, so only anonymous rules can match; "
+            f"remove the {'certificate' if where is not None else '--allow-*'} rules or change "
+            "--client-auth"
+        )
+    if where is not None and client_auth == "require" and any(r.anonymous for r in every):
         problems.append(
             f"{where}: anonymous rules need --client-auth optional or none "
             "(with require, every client has a certificate)"
+        )
+    if not policy.has_rules:
+        problems.append(
+            f"{where}: no access rules: the proxy fails closed and would deny every request"
+            if where is not None
+            else "no access rules: give --allow-* flags, policy.allow, --allow-all or "
+            "--allow-anonymous (the proxy fails closed and would deny every request)"
         )
     return problems

@@ -161,6 +161,7 @@ routes:
     ("text", "error"),
     [
         ("[1]", "a policy file is a mapping"),
+        ("", "p.yaml: a policy file is a mapping"),
         ("allow: [", "not valid YAML"),
         ("alow: []", "p.yaml: unknown key(s) ['alow']"),
         ("{}", "no access rules"),
