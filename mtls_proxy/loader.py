@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import re
 import stat
 import threading
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from cryptography import x509
 
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.identity import rfc2253
+from mtls_proxy.keys import CRL_PEM
 from mtls_proxy.policyspec import parse_policy_file
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from mtls_proxy.policy import Policy
 
 T = TypeVar("T")
-_CRL_PEM: Final = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 MIB: Final = 1024 * 1024
 # Bundles of every public CA are ~250 KB, a large CRL a few MB; keys and chains are KBs.
 SIZE_LIMITS: Final = {
@@ -220,7 +219,7 @@ def parse_crls(
 ) -> tuple[x509.CertificateRevocationList, ...]:
     """PEM CRLs (any number, or one DER CRL). A CRL issued by a trusted CA must carry that CA's
     signature; CRLs of intermediates are checked by OpenSSL against the client's chain."""
-    blocks = _CRL_PEM.findall(data)
+    blocks = CRL_PEM.findall(data)
     crls = []
     try:
         if blocks:

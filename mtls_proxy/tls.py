@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Final
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mtls_proxy.anchors import bundle_problem, crl_chain_problem
 from mtls_proxy.config import Config, TLSConfig
 from mtls_proxy.errors import ConfigError
 from mtls_proxy.identity import rfc2253
-from mtls_proxy.keystores import PrivateKey, load_keystore, load_truststore
+from mtls_proxy.keys import PrivateKey, is_private_key, key_matches
+from mtls_proxy.keystores import load_keystore, load_truststore
 from mtls_proxy.loader import parse_crls, read_file
 
 if TYPE_CHECKING:
@@ -320,13 +320,9 @@ def _pem_pair(
             else "not a PEM private key (or wrong password)"
         )
         raise ConfigError(f"{key_key}: {tls.key}: {reason}") from None
-    if not isinstance(
-        loaded, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
-    ):
+    if not is_private_key(loaded):
         raise ConfigError(f"{key_key}: {tls.key}: unsupported key type")
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if loaded.public_key().public_bytes(der, spki) != certs[0].public_key().public_bytes(der, spki):
+    if not key_matches(loaded, certs[0]):
         raise ConfigError(
             f"{key_key}: {tls.key}: the private key does not match the certificate "
             f"in {tls.cert} (subject {rfc2253(certs[0].subject)})"
