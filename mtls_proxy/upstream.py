@@ -1,4 +1,5 @@
-"""Upstream side of the data plane: a keep-alive connection pool and a strict response parser.
+"""Upstream side of the data plane: a keep-alive connection pool, and the shell that feeds each
+connection's reads to framing.py's strict response parser and its events to the client side.
 
 Rules:
 1. The response is re-framed, never spliced: the parser hands the sink a filtered head and the
@@ -13,31 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mtls_proxy.config import Upstream
 from mtls_proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
-from mtls_proxy.response import (
-    CHUNKED,
-    LENGTH,
-    NONE,
-    HeadCache,
-    MalformedResponse,
-    ResponseHead,
-    body_mode,
-)
-from mtls_proxy.websocket import check_switch
+from mtls_proxy.framing import MAX_RESPONSE_HEAD as MAX_RESPONSE_HEAD  # re-exported
+from mtls_proxy.framing import EndOfMessage, Event, Head, ResponseFramer
+from mtls_proxy.response import HeadCache, MalformedResponse, ResponseHead
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-MAX_RESPONSE_HEAD: Final = 65536
-_MAX_LINE: Final = 8192
-_CHUNK_SIZE: Final = re.compile(rb"([0-9A-Fa-f]{1,15})(;[^\x00-\x08\x0a-\x1f\x7f]*)?")
-# Parser states.
-_HEAD, _CL, _SIZE, _DATA, _CRLF, _TRAILER, _CLOSE, _DONE, _TUNNEL = range(9)
 
 
 class ResponseSink(Protocol):
@@ -56,28 +43,26 @@ class ResponseSink(Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One pooled connection to the upstream, parsing one response at a time."""
+    """One pooled connection to the upstream, parsing one response at a time.
+
+    The framing is framing.ResponseFramer's; this shell feeds it the reads and hands its events
+    to the sink."""
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.sink: ResponseSink | None = None
         self.reused = False
-        self._state = _DONE
-        self._is_head = False
-        self._buf = b""
-        self._remaining = 0
-        self._http10 = False
-        self._close_after = False
+        self._framer = ResponseFramer(pool.heads.parse)
+        self._tunnel = False
         self._got_byte = False
-        self._ws_key: bytes | None = None
 
     # -- driven by the client side ---------------------------------------------------------
     def begin(self, sink: ResponseSink, is_head: bool, ws_key: bytes | None = None) -> None:
         """Start waiting for the response to a request that is being written now (*ws_key*:
         a WebSocket upgrade, which a valid 101 turns into a tunnel)."""
-        self.sink, self._is_head, self._ws_key = sink, is_head, ws_key
-        self._state, self._buf, self._got_byte = _HEAD, b"", False
+        self.sink, self._tunnel, self._got_byte = sink, False, False
+        self._framer.start(is_head, ws_key)
 
     def write(self, data: bytes) -> None:
         """Write request bytes."""
@@ -103,16 +88,33 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             self.pool.discard(self)
             return
-        if self._state == _TUNNEL:
+        if self._tunnel:
             sink.on_tunnel_data(data)
             sink.flush()
             return
         if not self._got_byte:
             self._got_byte = True
             sink.upstream_first_byte()
+        events: list[Event] = []
         try:
-            self._feed(data, sink)
+            self._framer.feed(data, events)
+            failed = False
         except MalformedResponse:
+            failed = True  # the events before the error are delivered first, as they came
+        for ev in events:
+            # Most frequent first: body pieces, then the ends and heads of responses.
+            if isinstance(ev, bytes):
+                sink.on_response_body(ev)
+            elif isinstance(ev, EndOfMessage):
+                self._finish(sink, ev.reusable)
+            elif isinstance(ev, Head):
+                sink.on_response_head(ev.head, ev.mode, ev.length)
+            else:  # a Switch: the connection is a tunnel and never returns to the pool
+                self._tunnel = True
+                sink.on_switch(ev.head)
+                if ev.rest:
+                    sink.on_tunnel_data(ev.rest)
+        if failed:
             self._fail(UpstreamUnavailable(), "protocol")
         sink.flush()
 
@@ -122,15 +124,19 @@ class UpstreamConnection(asyncio.Protocol):
         sink, self.transport = self.sink, None
         if sink is None:
             return
-        if self._state == _TUNNEL:
+        if self._tunnel:
             self.sink = None
             sink.on_tunnel_closed()
-        elif self._state == _CLOSE:
-            self._finish(sink, False)
-            sink.flush()
-        elif self._state != _DONE:
+            return
+        try:
+            end = self._framer.eof()
+        except MalformedResponse:  # the response was cut short
             self.sink = None
             sink.on_upstream_error(self, UpstreamUnavailable(), "reset")
+            return
+        if end is not None:
+            self._finish(sink, end.reusable)
+            sink.flush()
 
     def pause_writing(self) -> None:
         """The upstream is slow to read: stop reading the client."""
@@ -142,109 +148,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.pause_client_reading(False)
 
-    # -- parsing ---------------------------------------------------------------------------
+    # -- the end of a response -------------------------------------------------------------
     def _fail(self, exc: ProxyError, kind: str) -> None:
         sink, self.sink = self.sink, None
-        self._state = _DONE
         if self.transport is not None:
             self.transport.close()
         if sink is not None:
             sink.on_upstream_error(self, exc, kind)
 
     def _finish(self, sink: ResponseSink, reusable: bool) -> None:
-        self._state = _DONE
         self.sink = None
-        sink.on_response_end(self, reusable and not self._http10 and not self._close_after)
-
-    def _feed(self, data: bytes, sink: ResponseSink) -> None:
-        if self._buf:
-            data, self._buf = self._buf + data, b""
-        while data:
-            state = self._state
-            if state == _CL:
-                n = len(data)
-                if n < self._remaining:
-                    self._remaining -= n
-                    sink.on_response_body(data)
-                    return
-                sink.on_response_body(data[: self._remaining] if n > self._remaining else data)
-                # Bytes beyond the declared length: unsolicited, so the connection is not reused.
-                self._finish(sink, n == self._remaining)
-                return
-            if state == _HEAD:
-                end = data.find(b"\r\n\r\n")
-                if end < 0 or end > MAX_RESPONSE_HEAD:
-                    if len(data) > MAX_RESPONSE_HEAD:
-                        raise MalformedResponse("response head too large")  # UPS-010
-                    self._buf = data
-                    return
-                raw_head = data[:end]
-                head = self.pool.heads.parse(raw_head)
-                data = data[end + 4 :]
-                if head.status < 200:
-                    if head.status == 101:
-                        if self._ws_key is None:
-                            raise MalformedResponse("101 without an upgrade request")
-                        check_switch(raw_head, self._ws_key)
-                        self._state = _TUNNEL  # never returns to the pool
-                        sink.on_switch(head)
-                        if data:
-                            sink.on_tunnel_data(data)
-                        return
-                    continue  # interim responses are not relayed (we sent no Expect)
-                self._http10, self._close_after = head.http10, head.close
-                mode, length = body_mode(head, self._is_head)
-                sink.on_response_head(head, mode, length)
-                if mode == NONE or (mode == LENGTH and length == 0):
-                    self._finish(sink, not data)
-                    return
-                self._state, self._remaining = (
-                    (_CL, length)
-                    if mode == LENGTH
-                    else (_SIZE, 0)
-                    if mode == CHUNKED
-                    else (_CLOSE, 0)
-                )
-            elif state == _CLOSE:
-                sink.on_response_body(data)
-                return
-            elif state == _DATA:
-                n = min(len(data), self._remaining)
-                sink.on_response_body(data[:n] if n < len(data) else data)
-                self._remaining -= n
-                data = data[n:]
-                if self._remaining == 0:
-                    self._state = _CRLF
-            elif state == _CRLF:
-                if len(data) < 2:
-                    self._buf = data
-                    return
-                if data[:2] != b"\r\n":
-                    raise MalformedResponse("chunk data not followed by CRLF")
-                data = data[2:]
-                self._state = _SIZE
-            elif state in (_SIZE, _TRAILER):
-                end = data.find(b"\r\n")
-                if end < 0:
-                    if len(data) > _MAX_LINE:
-                        raise MalformedResponse("chunk line too long")
-                    self._buf = data
-                    return
-                line, data = data[:end], data[end + 2 :]
-                if state == _TRAILER:
-                    if not line:
-                        self._finish(sink, not data)  # trailers are dropped, never forwarded
-                        return
-                    continue
-                m = _CHUNK_SIZE.fullmatch(line)
-                if m is None:
-                    raise MalformedResponse("invalid chunk size line")
-                size = int(m.group(1), 16)
-                self._state, self._remaining = (_TRAILER, 0) if size == 0 else (_DATA, size)
-            else:  # _DONE: a complete response was followed by more bytes
-                self.close()
-                self.pool.discard(self)
-                return
+        sink.on_response_end(self, reusable)
 
 
 class UpstreamPool:
