@@ -247,10 +247,8 @@ class Exchange:
     # -- back-pressure from the client ------------------------------------------------------
     def pause_upstream(self) -> bool:
         """The client reads slowly: stop reading the upstream (True if there was one)."""
-        conn = self.upstream
-        if conn is None or conn.transport is None:
+        if self.upstream is None or not self.upstream.pause_reading():
             return False
-        conn.transport.pause_reading()
         self.up_deadline = 0.0  # the upstream is silent because we stopped reading it
         return True
 
@@ -258,7 +256,7 @@ class Exchange:
         """The client caught up."""
         conn = self.upstream
         if conn is not None and conn.transport is not None:
-            conn.transport.resume_reading()
+            conn.resume_reading()
             if not tunnel:
                 self._arm_upstream()
 

@@ -69,6 +69,18 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
+    def pause_reading(self) -> bool:
+        """The client reads slowly: stop reading this response (False: no connection left)."""
+        if self.transport is None:
+            return False
+        self.transport.pause_reading()
+        return True
+
+    def resume_reading(self) -> None:
+        """The client caught up."""
+        if self.transport is not None:
+            self.transport.resume_reading()
+
     def close(self) -> None:
         """Close without reuse (aborts a response in flight)."""
         self.sink = None
