@@ -15,15 +15,15 @@ import pstats
 import sys
 import time
 
-from mtls_proxy.config import load_config
-from mtls_proxy.logs import AccessLog
-from mtls_proxy.metrics import Metrics
-from mtls_proxy.admission import admit
-from mtls_proxy.generation import build
-from mtls_proxy.http1 import Http1Connection
-from mtls_proxy.plane import DataPlane
-from mtls_proxy.tls import Material
-from mtls_proxy.upstream import UpstreamConnection, UpstreamPool
+from mtls_proxy.core.config import load_config
+from mtls_proxy.dataplane.admission import admit
+from mtls_proxy.dataplane.connection import Http1Connection
+from mtls_proxy.dataplane.plane import DataPlane
+from mtls_proxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+from mtls_proxy.material.generation import build
+from mtls_proxy.material.tls import Material
+from mtls_proxy.telemetry.logs import AccessLog
+from mtls_proxy.telemetry.metrics import Metrics
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18443\r\n\r\n"
 RESPONSE = (
@@ -74,7 +74,7 @@ class FakeSSL:
 async def run(n: int, profile: bool) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from mtls_proxy import pki
+    from mtls_proxy.cli import pki
 
     root = pki.make_ca("r")
     leaf = pki.issue(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from mtls_proxy.cli import main
+from mtls_proxy.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from mtls_proxy import pki
+from mtls_proxy.cli import pki
 
 ALLOWED_URI = "spiffe://test.local/ns/default/sa/client"
 

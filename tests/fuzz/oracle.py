@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mtls_proxy.headers import IDENTITY_NAMES, PROXY_SET
+from mtls_proxy.core.headers import IDENTITY_NAMES, PROXY_SET
 from tests.fuzz.streams import FORGED, Stream
 from tests.fuzz.upstreams import Acted, Recorder
 from tests.helpers import Proxy

@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from mtls_proxy import pki
+from mtls_proxy.cli import pki
 from tests.helpers import (
     ALLOWED_URI,
     Pki,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mtls_proxy import pki
+from mtls_proxy.cli import pki
 from tests.helpers import (
     ALLOWED_URI,
     Pki,
@@ -297,7 +297,7 @@ INJECT = """\
 import os
 import threading
 
-import mtls_proxy.loader as loader
+import mtls_proxy.material.loader as loader
 
 _real = loader.read_file
 
@@ -309,7 +309,7 @@ def read_file(path, key, what):
 
 
 loader.read_file = read_file
-import mtls_proxy.reloader as reloader  # noqa: E402 -- after the patch: tls.py imports read_file
+import mtls_proxy.server.reloader as reloader  # noqa: E402 -- after the patch (tls.py imports it)
 
 reloader.RELOAD_TIMEOUT = 1.0
 """

@@ -17,9 +17,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mtls_proxy import pki
-from mtls_proxy.identity import rfc2253
-from mtls_proxy.logs import AccessLog
+from mtls_proxy.cli import pki
+from mtls_proxy.core.identity import rfc2253
+from mtls_proxy.telemetry.logs import AccessLog
 from tests.helpers import (
     ALLOWED_URI,
     Pki,

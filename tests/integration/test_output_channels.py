@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mtls_proxy import pki
+from mtls_proxy.cli import pki
 from tests.helpers import Pki, Upstream, connect, proxy_cmd, read_response
 
 FORGED_RECORD = (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mtls_proxy import pki
+from mtls_proxy.cli import pki
 from tests.helpers import (
     Pki,
     Proxy,

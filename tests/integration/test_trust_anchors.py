@@ -11,8 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mtls_proxy import pki
-from mtls_proxy.keystores import export_pkcs12_truststore
+from mtls_proxy.cli import pki
+from mtls_proxy.material.keystores import export_pkcs12_truststore
 from tests.helpers import ALLOWED_URI, Pki, Upstream, client_ctx, get, proxy_cmd, run_proxy
 from tests.security import certs as c
 from tests.security.certs import DAY, NOW

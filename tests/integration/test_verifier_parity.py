@@ -33,9 +33,15 @@ from pathlib import Path
 
 import pytest
 
-from mtls_proxy import cli, pki
-from mtls_proxy.config import load_config
-from mtls_proxy.verify import VerifierError, certificate_records, check_chain, listener_context
+from mtls_proxy.cli import main as cli
+from mtls_proxy.cli import pki
+from mtls_proxy.core.config import load_config
+from mtls_proxy.material.verify import (
+    VerifierError,
+    certificate_records,
+    check_chain,
+    listener_context,
+)
 from tests.helpers import (
     Pki,
     Proxy,

@@ -76,7 +76,7 @@ def test_a_dead_worker_is_restarted(tp: Pki, upstream: Upstream) -> None:
 def test_master_status_reports_the_workers_reload(
     tp: Pki, upstream: Upstream, tmp_path: Path
 ) -> None:
-    from mtls_proxy import pki
+    from mtls_proxy.cli import pki
     from tests.integration.test_reload import material_args, material_dir, wait_reload
 
     d = material_dir(tp, tmp_path)

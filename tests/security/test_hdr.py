@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from mtls_proxy import pki
+from mtls_proxy.cli import pki
 from tests.helpers import (
     ALLOWED_URI,
     Pki,

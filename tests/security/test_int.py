@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from mtls_proxy import pki
+from mtls_proxy.cli import pki
 from tests.helpers import (
     ALLOWED_URI,
     Pki,

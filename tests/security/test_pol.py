@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from mtls_proxy import pki
+from mtls_proxy.cli import pki
 from tests.helpers import Pki, Proxy, Upstream, connect, read_response, run_proxy, run_upstream
 from tests.security import certs as c
 

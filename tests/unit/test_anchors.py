@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from mtls_proxy import anchors
+from mtls_proxy.material import anchors
 from tests.security import certs as c
 from tests.security.certs import DAY, NOW
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives import serialization
 
-from mtls_proxy import pki
-from mtls_proxy.chains import ChainMemo
+from mtls_proxy.cli import pki
+from mtls_proxy.material.chains import ChainMemo
 
 DER = serialization.Encoding.DER
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mtls_proxy.config import Address, load_config, parse_address, parse_upstream, unknown_env
-from mtls_proxy.errors import ConfigError
+from mtls_proxy.core.config import Address, load_config, parse_address, parse_upstream, unknown_env
+from mtls_proxy.core.errors import ConfigError
 
 BASE = {
     "upstream": "http://127.0.0.1:8080",
@@ -223,7 +223,7 @@ def test_example_config_is_valid() -> None:
     c = load_config(text=path.read_text(), filename=str(path))
     assert len(c.policy.rules) == 3 and c.upstream.port == 8080
     # Every option appears in the example, at least as a comment.
-    from mtls_proxy.config import OPTIONS
+    from mtls_proxy.core.config import OPTIONS
 
     text = path.read_text()
     for opt in OPTIONS:
@@ -302,5 +302,5 @@ def test_example_yaml_comments_say_what_the_code_does() -> None:
     # workers.py serves one port with N processes (SO_REUSEPORT); no "only 1" limit any more.
     assert "only 1" not in workers and "SO_REUSEPORT" in workers
     reload = _comment_of(text, "reload_interval")
-    # server.py watches the files' directories whatever reload_interval says; 0 adds no polling.
+    # reloader.py watches the files' directories whatever reload_interval says; 0 adds no polling.
     assert "only on SIGHUP" not in reload and "watched" in reload and "SIGHUP" in reload

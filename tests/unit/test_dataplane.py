@@ -14,18 +14,18 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from mtls_proxy import pki
-from mtls_proxy.admission import admit
-from mtls_proxy.config import load_config
-from mtls_proxy.generation import build
-from mtls_proxy.http1 import Http1Connection
-from mtls_proxy.logs import AccessLog
-from mtls_proxy.metrics import Metrics
-from mtls_proxy.plane import DataPlane
-from mtls_proxy.tls import Material
-from mtls_proxy.tunnel import Tunnel
-from mtls_proxy.upstream import UpstreamConnection, UpstreamPool
-from mtls_proxy.websocket import accept_for
+from mtls_proxy.cli import pki
+from mtls_proxy.core.config import load_config
+from mtls_proxy.dataplane.admission import admit
+from mtls_proxy.dataplane.connection import Http1Connection
+from mtls_proxy.dataplane.plane import DataPlane
+from mtls_proxy.dataplane.tunnel import Tunnel
+from mtls_proxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+from mtls_proxy.http1.websocket import accept_for
+from mtls_proxy.material.generation import build
+from mtls_proxy.material.tls import Material
+from mtls_proxy.telemetry.logs import AccessLog
+from mtls_proxy.telemetry.metrics import Metrics
 
 ROOT = pki.make_ca("dataplane root")
 SERVER = pki.issue(ROOT, "server", "proxy", dns=["localhost"])

@@ -10,8 +10,8 @@ import http_sf
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from mtls_proxy import pki
-from mtls_proxy.dialects import (
+from mtls_proxy.cli import pki
+from mtls_proxy.core.dialects import (
     _traefik_value,
     rfc9440,
     rfc9440_chain,
@@ -19,8 +19,8 @@ from mtls_proxy.dialects import (
     tomcat_tls,
     traefik,
 )
-from mtls_proxy.headers import identity_block
-from mtls_proxy.identity import identity_from_der
+from mtls_proxy.core.headers import identity_block
+from mtls_proxy.core.identity import identity_from_der
 
 ROOT = pki.make_ca("dialect root")
 INTER = pki.make_ca("dialect inter", issuer=ROOT, path_len=0)

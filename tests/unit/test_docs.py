@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mtls_proxy.config import OPTIONS
-from mtls_proxy.metrics import Metrics
+from mtls_proxy.core.config import OPTIONS
+from mtls_proxy.telemetry.metrics import Metrics
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import random
-import subprocess
 import sys
 from collections.abc import Callable
 
 import pytest
 
-from mtls_proxy.escape import for_terminal, for_text_log, text_log_field
-from mtls_proxy.logs import TextFormatter
+from mtls_proxy.core.escape import for_terminal, for_text_log, text_log_field
+from mtls_proxy.telemetry.logs import TextFormatter
 
 BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 
@@ -93,14 +92,3 @@ def test_text_log_formatter_keeps_one_record_on_one_line() -> None:
     assert 'peer="CN=x\\u202e"' in line and "spiffe_id=spiffe://t/x\\x0aforged\\x3d1" not in line
     assert 'spiffe_id="spiffe://t/x\\x0aforged=1"' in line
     assert 'exc="Traceback' in line and "line one\\x0aline two" in line
-
-
-def test_escape_is_pure() -> None:
-    """A pure-core module (docs/design.md, Pure core): no I/O framework comes with it."""
-    code = (
-        "import sys, mtls_proxy.escape; bad = [m for m in "
-        "('aiohttp', 'asyncio', 'ssl', 'httptools') if m in sys.modules]; "
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr

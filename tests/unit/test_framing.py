@@ -6,13 +6,11 @@ Every response is also fed one byte at a time and in every split into two reads:
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from mtls_proxy.framing import (
+from mtls_proxy.http1.framing import (
     LAST_CHUNK,
     MAX_LINE,
     MAX_RESPONSE_HEAD,
@@ -24,7 +22,7 @@ from mtls_proxy.framing import (
     Switch,
     encode_chunk,
 )
-from mtls_proxy.response import (
+from mtls_proxy.http1.response import (
     CHUNKED,
     LENGTH,
     NONE,
@@ -32,7 +30,7 @@ from mtls_proxy.response import (
     MalformedResponse,
     parse_head,
 )
-from mtls_proxy.websocket import accept_for
+from mtls_proxy.http1.websocket import accept_for
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 END = EndOfMessage(True)
@@ -532,13 +530,3 @@ def test_chunk_encoding() -> None:
     events: list[Event] = []
     framer.feed(chunked(encode_chunk(b"abc") + encode_chunk(b"") + LAST_CHUNK), events)
     assert events[1:] == [b"abc", END]
-
-
-def test_framing_is_pure() -> None:
-    code = (
-        "import sys, mtls_proxy.framing; bad = [m for m in ('asyncio', 'ssl', "
-        "'mtls_proxy.upstream', 'mtls_proxy.proxy') if m in sys.modules]; "
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr

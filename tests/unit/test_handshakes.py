@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mtls_proxy import handshakes
-from mtls_proxy.handshakes import Seen, certificate_leaf, client_hello_sni, leaf_fields
-from mtls_proxy.logs import TextFormatter
+from mtls_proxy.dataplane import handshakes
+from mtls_proxy.dataplane.handshakes import Seen, certificate_leaf, client_hello_sni, leaf_fields
+from mtls_proxy.telemetry.logs import TextFormatter
 
 
 def _client_hello(sni: str | None) -> bytes:

@@ -8,8 +8,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ed448
 
-from mtls_proxy import pki
-from mtls_proxy.keys import CRL_PEM, is_private_key, key_matches
+from mtls_proxy.cli import pki
+from mtls_proxy.core.keys import CRL_PEM, is_private_key, key_matches
 
 
 @pytest.mark.parametrize("key_type", ["ec", "rsa", "ed25519"])

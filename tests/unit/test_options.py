@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from mtls_proxy.config import DERIVED, Config, TLSConfig, load_config
-from mtls_proxy.errors import ConfigError
-from mtls_proxy.options import CLIENT_AUTH_ALIASES, OPTIONS, POLICY_INPUTS, Opt, convert
+from mtls_proxy.core.config import DERIVED, Config, TLSConfig, load_config
+from mtls_proxy.core.errors import ConfigError
+from mtls_proxy.core.options import CLIENT_AUTH_ALIASES, OPTIONS, POLICY_INPUTS, Opt, convert
 
 # The least a valid config needs; every other option keeps its default.
 GIVEN = {

@@ -6,7 +6,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from mtls_proxy import pki
+from mtls_proxy.cli import pki
 
 
 @pytest.mark.parametrize("key_type", ["ec", "rsa", "ed25519"])

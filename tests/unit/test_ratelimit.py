@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtls_proxy.logs import RateLimiter
+from mtls_proxy.telemetry.logs import RateLimiter
 
 
 def test_limits_per_second_and_reports_what_it_held_back() -> None:

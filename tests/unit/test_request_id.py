@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mtls_proxy.headers import protected, split_request_headers
-from mtls_proxy.request import prepare
+from mtls_proxy.core.headers import protected, split_request_headers
+from mtls_proxy.http1.request import prepare
 from tests.unit.test_request_response import BLOCK
 
 OURS = b"a1b2c3d4e5f60001"

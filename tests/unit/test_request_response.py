@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mtls_proxy.errors import (
+from mtls_proxy.core.errors import (
     BadRequest,
     ExpectationFailed,
     MethodNotAllowed,
@@ -14,15 +14,15 @@ from mtls_proxy.errors import (
     ProxyError,
     VersionNotSupported,
 )
-from mtls_proxy.headers import IdentityBlock
-from mtls_proxy.request import (
+from mtls_proxy.core.headers import IdentityBlock
+from mtls_proxy.http1.request import (
     AmbiguousTarget,
     UnderscoreHeader,
     UpgradeWithBody,
     origin_form,
     prepare,
 )
-from mtls_proxy.response import (
+from mtls_proxy.http1.response import (
     CHUNKED,
     LENGTH,
     NONE,
@@ -242,7 +242,7 @@ def test_error_response() -> None:
 
 
 def test_head_cache_memoises_and_stays_bounded() -> None:
-    from mtls_proxy.response import HeadCache
+    from mtls_proxy.http1.response import HeadCache
 
     cache = HeadCache(size=2)
     a = cache.parse(b"HTTP/1.1 200 OK\r\nContent-Length: 1")
@@ -285,7 +285,7 @@ def test_prepare_sets_forwarded_port_and_applies_the_underscore_action() -> None
 
 
 def test_port_lines_are_memoised_within_a_bound() -> None:
-    from mtls_proxy import request
+    from mtls_proxy.http1 import request
 
     for n in range(100):
         assert request._port_line(b"%d" % n) == b"\r\nX-Forwarded-Port: %d\r\n" % n

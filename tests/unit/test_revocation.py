@@ -13,8 +13,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mtls_proxy import pki, revocation
-from mtls_proxy.revocation import TrustView
+from mtls_proxy.cli import pki
+from mtls_proxy.core import revocation
+from mtls_proxy.core.revocation import TrustView
 
 
 def crl(
@@ -169,7 +170,7 @@ def test_verified_crls_are_remembered_per_issuer(monkeypatch: pytest.MonkeyPatch
 def test_strict_refusals() -> None:
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    from mtls_proxy.strict import strict_refusal
+    from mtls_proxy.core.strict import strict_refusal
 
     assert strict_refusal(LEAF.cert) is None
     assert "CA" in str(strict_refusal(INTER.cert))
@@ -180,7 +181,7 @@ def test_strict_refusals() -> None:
 
 
 def test_strict_refuses_x509_v1(tmp_path: Path) -> None:
-    from mtls_proxy.strict import strict_refusal
+    from mtls_proxy.core.strict import strict_refusal
 
     pki.write_pair(tmp_path, "ca", ROOT)
     run = ["openssl"]
@@ -232,7 +233,7 @@ def test_strict_accepts_a_v3_leaf_without_basic_constraints() -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    from mtls_proxy.strict import strict_refusal
+    from mtls_proxy.core.strict import strict_refusal
 
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)

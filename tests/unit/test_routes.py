@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from mtls_proxy.errors import ConfigError
-from mtls_proxy.identity import PeerIdentity
-from mtls_proxy.paths import AmbiguousPath, match_path, normalize_target, prefix_matches
-from mtls_proxy.policy import Policy, Route, compile_rule, decide
-from mtls_proxy.policyspec import check_policy, compile_policy, parse_policy_file
+from mtls_proxy.core.errors import ConfigError
+from mtls_proxy.core.identity import PeerIdentity
+from mtls_proxy.core.paths import AmbiguousPath, match_path, normalize_target, prefix_matches
+from mtls_proxy.core.policy import Policy, Route, compile_rule, decide
+from mtls_proxy.core.policyspec import check_policy, compile_policy, parse_policy_file
 
 ADMIN = PeerIdentity(subject="CN=admin", sha256="ab" * 32, cn=("admin",))
 USER = PeerIdentity(subject="CN=user", sha256="cd" * 32, cn=("user",))

@@ -13,8 +13,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from mtls_proxy import pki
-from mtls_proxy.tlsconn import TLSServerLayer
+from mtls_proxy.cli import pki
+from mtls_proxy.dataplane.tlsconn import TLSServerLayer
 
 ROOT = pki.make_ca("linger root")
 SERVER = pki.issue(ROOT, "server", "localhost", dns=["localhost"])

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mtls_proxy.errors import ProxyError
-from mtls_proxy.response import ResponseHead
-from mtls_proxy.upstream import UpstreamConnection, UpstreamPool
-from mtls_proxy.websocket import accept_for
+from mtls_proxy.core.errors import ProxyError
+from mtls_proxy.dataplane.upstream import UpstreamConnection, UpstreamPool
+from mtls_proxy.http1.response import ResponseHead
+from mtls_proxy.http1.websocket import accept_for
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 

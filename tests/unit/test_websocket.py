@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mtls_proxy.headers import split_request_headers
-from mtls_proxy.response import MalformedResponse, parse_head
-from mtls_proxy.websocket import accept_for, check_switch, client_switch, websocket_key
+from mtls_proxy.core.headers import split_request_headers
+from mtls_proxy.http1.response import MalformedResponse, parse_head
+from mtls_proxy.http1.websocket import accept_for, check_switch, client_switch, websocket_key
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 GOOD = [

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mtls_proxy.identity import PeerIdentity
-from mtls_proxy.policy import Policy, Rule, RuleError, compile_rule, decide, normalize_sha256
-from mtls_proxy.wildcard import PatternError, compile_dns, compile_uri
+from mtls_proxy.core.identity import PeerIdentity
+from mtls_proxy.core.policy import Policy, Rule, RuleError, compile_rule, decide, normalize_sha256
+from mtls_proxy.core.wildcard import PatternError, compile_dns, compile_uri
 
 SHA = "ab" * 32
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mtls_proxy import policyspec
-from mtls_proxy.errors import ConfigError
-from mtls_proxy.policyspec import load_yaml
+from mtls_proxy.core import policyspec
+from mtls_proxy.core.errors import ConfigError
+from mtls_proxy.core.policyspec import load_yaml
 
 
 @pytest.mark.parametrize(

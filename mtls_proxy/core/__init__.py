@@ -1,0 +1,1 @@
+"""PURE. The decisions: configuration, identity, policy, headers, paths, errors. No I/O."""

@@ -1,0 +1,383 @@
+"""PURE. The option table: every option's flag, YAML key path, kind, default, environment variable
+and help, written once (docs/cli.md lists them), and the conversion of a raw value (a flag, a
+variable or a YAML value) by its option's kind.
+
+config.py builds the Config from this table: each option's value lands at its YAML key path
+(``tls.cert`` -> ``cfg.tls.cert``), except the policy inputs (POLICY_INPUTS), which build
+``cfg.policy``. Config itself repeats no default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from mtls_proxy.core.headers import DIALECTS, UNDERSCORE_ACTIONS, XFCC_MODES
+from mtls_proxy.core.policy import RULE_FIELDS
+
+ClientAuth = Literal["require", "optional", "none"]
+CLIENT_AUTH_ALIASES: Final = {
+    "require": "require",
+    "need": "require",
+    "optional": "optional",
+    "want": "optional",
+    "none": "none",
+}
+ENV_PREFIX: Final = "MTLS_PROXY_"
+
+
+@dataclass(frozen=True, slots=True)
+class Opt:
+    """One option: its flag name, YAML key path, kind and default."""
+
+    name: str
+    path: tuple[str, ...]
+    kind: str
+    default: object = None
+    help: str = ""
+    choices: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> str:
+        """The environment variable for this option."""
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+
+ALLOW_FLAGS: Final = tuple(f for f in RULE_FIELDS if f != "anonymous")
+OPTIONS: Final[tuple[Opt, ...]] = (
+    Opt("listen", ("listen",), "hostport", "0.0.0.0:8443", "the mTLS listener HOST:PORT"),
+    Opt(
+        "upstream",
+        ("upstream",),
+        "upstream",
+        None,
+        "http://host:port, https://host:port or unix:/path",
+    ),
+    Opt("cert", ("tls", "cert"), "path", None, "PEM server certificate, leaf then intermediates"),
+    Opt(
+        "key", ("tls", "key"), "path", None, "PEM private key of --cert (default: the --cert file)"
+    ),
+    Opt("key-password", ("tls", "key_password"), "secret", None, "password of an encrypted --key"),
+    Opt("keystore", ("tls", "keystore"), "path", None, "PKCS12/JKS keystore: key + chain"),
+    Opt("keystore-password", ("tls", "keystore_password"), "secret", None, "keystore password"),
+    Opt("keystore-alias", ("tls", "keystore_alias"), "str", None, "alias in a multi-key keystore"),
+    Opt(
+        "cert-dir",
+        ("tls", "cert_dir"),
+        "path",
+        None,
+        "a Kubernetes/cert-manager secret mount (tls.crt, tls.key, ca.crt, keystore.p12, ...)",
+    ),
+    Opt("cacert", ("tls", "cacert"), "path", None, "PEM bundle of CAs trusted for client certs"),
+    Opt(
+        "truststore",
+        ("tls", "truststore"),
+        "path",
+        None,
+        "PKCS12/JKS truststore: CAs trusted for client certs",
+    ),
+    Opt(
+        "truststore-password", ("tls", "truststore_password"), "secret", None, "truststore password"
+    ),
+    Opt("crl", ("tls", "crl"), "path", None, "PEM CRL file(s): revoked client certs are refused"),
+    Opt(
+        "crl-check",
+        ("tls", "crl_check"),
+        "enum",
+        "chain",
+        "chain: every CA of a client's chain needs a CRL (Envoy); leaf: only the leaf's issuer",
+        ("chain", "leaf"),
+    ),
+    Opt(
+        "crl-expired",
+        ("tls", "crl_expired"),
+        "enum",
+        "reject",
+        "a CRL past its nextUpdate: reject its CA's clients (fail closed) or allow (keep using it)",
+        ("reject", "allow"),
+    ),
+    Opt(
+        "trust-anchors",
+        ("tls", "trust_anchors"),
+        "enum",
+        "any",
+        "any: every CA in the CA bundle is a trust anchor, an intermediate too (Java PKIX, Go); "
+        "roots: chains must end at a self-signed root of the bundle (OpenSSL's classic rule)",
+        ("any", "roots"),
+    ),
+    Opt(
+        "client-auth",
+        ("tls", "client_auth"),
+        "enum",
+        "require",
+        "require|optional|none",
+        tuple(CLIENT_AUTH_ALIASES),
+    ),
+    Opt("min-tls-version", ("tls", "min_tls_version"), "enum", "1.2", "1.2 or 1.3", ("1.2", "1.3")),
+    Opt(
+        "tls-sessions",
+        ("tls", "sessions"),
+        "enum",
+        "cache",
+        "session resumption: cache (sessions kept in memory, no tickets) or tickets (stateless)",
+        ("cache", "tickets"),
+    ),
+    Opt(
+        "tls-session-cache-size",
+        ("tls", "session_cache_size"),
+        "int",
+        1024,
+        "sessions kept with --tls-sessions cache (about 12 KB each) before the cache restarts",
+    ),
+    *(
+        Opt(f"allow-{f}", ("policy", "allow"), "allow", None, f"allow clients by {f} (repeatable)")
+        for f in ALLOW_FLAGS
+    ),
+    Opt("allow-all", ("allow_all",), "bool", False, "allow any client with a valid chain"),
+    Opt("allow-anonymous", ("allow_anonymous",), "bool", False, "admit requests without a cert"),
+    Opt("policy", ("policy_file",), "path", None, "YAML policy file: allow, routes, audit"),
+    Opt(
+        "identity-headers",
+        ("identity_headers",),
+        "list",
+        "xfcc,simple",
+        "comma list of " + ",".join(DIALECTS),
+    ),
+    Opt("xfcc-mode", ("xfcc_mode",), "enum", "sanitize_set", "Envoy XFCC mode", XFCC_MODES),
+    Opt(
+        "underscore-headers",
+        ("underscore_headers",),
+        "enum",
+        "drop",
+        "client header names with '_': drop (as nginx), reject (400) or allow; look-alikes of "
+        "framing, hop-by-hop, forwarding and identity names are always dropped",
+        UNDERSCORE_ACTIONS,
+    ),
+    Opt("admin", ("admin",), "hostport_off", "127.0.0.1:9901", "admin HOST:PORT, or off"),
+    Opt("workers", ("workers",), "int", 1, "worker processes"),
+    Opt(
+        "strict-client-certs",
+        ("strict_client_certs",),
+        "bool",
+        False,
+        "also refuse leaves without EKU, CA:TRUE leaves and X.509 v1",
+    ),
+    Opt("handshake-timeout", ("handshake_timeout",), "float", 10.0, "TLS handshake seconds"),
+    Opt("header-timeout", ("header_timeout",), "float", 10.0, "seconds to receive a request head"),
+    Opt(
+        "body-timeout",
+        ("body_timeout",),
+        "float",
+        30.0,
+        "seconds without request body bytes before 408 (the upstream request is aborted)",
+    ),
+    Opt("upstream-timeout", ("upstream_timeout",), "float", 30.0, "connect + first byte seconds"),
+    Opt(
+        "upstream-cacert",
+        ("upstream_cacert",),
+        "path",
+        None,
+        "CAs for an https:// upstream (default: the system trust store)",
+    ),
+    Opt(
+        "send-timeout",
+        ("send_timeout",),
+        "float",
+        60.0,
+        "seconds a client may take no response byte before its connection is cut",
+    ),
+    Opt("idle-timeout", ("idle_timeout",), "float", 60.0, "keep-alive idle seconds"),
+    Opt("max-connections", ("max_connections",), "int", 10000, "open downstream connections"),
+    Opt("max-header-bytes", ("max_header_bytes",), "int", 65536, "request head size limit"),
+    Opt(
+        "max-line-bytes",
+        ("max_line_bytes",),
+        "int",
+        8192,
+        "request target (414) and header line (431) size limit",
+    ),
+    Opt("max-headers", ("max_headers",), "int", 100, "request header fields (431 above)"),
+    Opt(
+        "max-identity-header-bytes",
+        ("max_identity_header_bytes",),
+        "int",
+        16384,
+        "fail closed (431) when the injected identity headers would be larger",
+    ),
+    Opt("shutdown-grace", ("shutdown_grace",), "float", 15.0, "drain seconds on SIGTERM"),
+    Opt("reload-interval", ("reload_interval",), "float0", 0.0, "poll interval (0 = watch only)"),
+    Opt("log-format", ("log_format",), "enum", "json", "json or text", ("json", "text")),
+    Opt(
+        "log-level",
+        ("log_level",),
+        "enum",
+        "info",
+        "log level",
+        ("debug", "info", "warning", "error"),
+    ),
+    Opt("access-log", ("access_log",), "bool", True, "one JSON record per request"),
+    Opt(
+        "loop",
+        ("loop",),
+        "enum",
+        "auto",
+        "event loop: auto, uvloop or asyncio",
+        ("auto", "uvloop", "asyncio"),
+    ),
+)
+BY_NAME: Final = {o.name: o for o in OPTIONS}
+# The options that build cfg.policy (with the policy: section); every other option is a field.
+POLICY_INPUTS: Final = ("allow-all", "allow-anonymous", *(f"allow-{f}" for f in ALLOW_FLAGS))
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A HOST:PORT pair (IPv6 hosts without brackets)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where requests are forwarded."""
+
+    url: str
+    scheme: Literal["http", "https", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""  # unix socket path
+
+    @property
+    def host_header(self) -> str:
+        """A Host value that names the upstream (for logs)."""
+        return self.path if self.scheme == "unix" else f"{self.host}:{self.port}"
+
+
+# Read by the CLI and the worker processes rather than an option: known, never warned about.
+_OTHER_ENV: Final = frozenset({"MTLS_PROXY_CONFIG", "MTLS_PROXY_WORKER_FD"})
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """One warning per ``MTLS_PROXY_*`` variable that no option reads (a typo would otherwise
+    leave the default in force silently). Warnings, not errors: a variable meant for another
+    version of the proxy must not stop this one."""
+    known = {o.env for o in OPTIONS} | _OTHER_ENV
+    # Matched without the shared prefix, which would make every name look close to every other.
+    suffixes = {k.removeprefix(ENV_PREFIX) for k in known}
+    warnings = []
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), sorted(suffixes), n=1)
+            hint = f" (did you mean {ENV_PREFIX + close[0]!r}?)" if close else ""
+            warnings.append(f"{name}: unknown environment variable, ignored{hint}")
+    return warnings
+
+
+_BOOL: Final = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
+def convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:
+    """*value* (a flag, a variable or a YAML value) as *opt*'s kind makes it; ValueError why not."""
+    kind = opt.kind
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOL:
+            return _BOOL[value.lower()]
+        raise ValueError(f"must be true or false (got {value!r})")
+    if kind in ("int", "float", "float0"):
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number (got {value!r})")
+        try:
+            num = int(str(value)) if kind == "int" else float(str(value))
+        except ValueError:
+            raise ValueError(f"must be a number (got {value!r})") from None
+        if num < 0 or (num == 0 and kind != "float0") or num != num or num == float("inf"):
+            raise ValueError(f"must be > 0 (got {value!r})")
+        return num
+    if kind == "list":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"must be a list of names (got {value!r})")
+        return tuple(i.strip() for i in items if i.strip())
+    if kind == "hostport_off" and value is False:
+        return None  # YAML 1.1 reads a bare `off` as false
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"must be a string (got {value!r})")
+    text = str(value)
+    if kind == "enum":
+        if text not in opt.choices:
+            raise ValueError(f"must be one of {', '.join(opt.choices)} (got {text!r})")
+        return CLIENT_AUTH_ALIASES.get(text, text) if opt.name == "client-auth" else text
+    if kind == "hostport" or (kind == "hostport_off" and text != "off"):
+        return parse_address(text)
+    if kind == "hostport_off":
+        return None
+    if kind == "upstream":
+        return parse_upstream(text)
+    if kind == "secret":
+        return resolve_env_secret(text, env)
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def parse_address(text: str) -> Address:
+    """Parse HOST:PORT (``[v6]:PORT`` for IPv6)."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
+    if m is None:
+        raise ValueError(f"expected HOST:PORT (got {text!r})")
+    host = m.group(1) or m.group(3) or "0.0.0.0"
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range (got {port})")
+    return Address(host, port)
+
+
+def parse_upstream(text: str) -> Upstream:
+    """Parse the --upstream URL."""
+    if text.startswith("unix:"):
+        path = text[5:].removeprefix("//")
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute (got {text!r})")
+        return Upstream(text, "unix", path=path)
+    m = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?/?", text)
+    if m is None:
+        # HOST:PORT is what --listen takes, so it is the likely slip here: name the fix.
+        bare = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d+/?", text)
+        hint = f"; did you mean http://{text}?" if bare else ""
+        raise ValueError(
+            f"expected http://host:port, https://host:port or unix:/path (got {text!r}){hint}"
+        )
+    scheme = m.group(1)
+    host = m.group(2).strip("[]")
+    port = int(m.group(3) or (443 if scheme == "https" else 80))
+    if not 0 < port <= 65535:
+        raise ValueError(f"port out of range (got {port})")
+    return Upstream(text, "https" if scheme == "https" else "http", host, port)
+
+
+def resolve_env_secret(text: str, env: Mapping[str, str]) -> str:
+    """Resolve ``${VAR}`` against *env*; ``file:/path`` is resolved when material is loaded."""
+    m = re.fullmatch(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)
+    if m is None:
+        return text
+    if m.group(1) not in env:
+        raise ValueError(f"environment variable {m.group(1)} is not set")
+    return env[m.group(1)]

@@ -1,0 +1,1 @@
+"""The listener and its lifecycle: accept, reload, drain, workers, the admin port."""
