@@ -474,9 +474,11 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
             # A declined WebSocket upgrade: the held bytes are the next request (SMG-058).
             pending, self.ws_pending = self.ws_pending, None
             self.reader.restart()
-            self.flow.resume("upgrade")
             if pending and not (ex.close or self.draining):
+                # Before reading resumes: the transport delivers what arrived meanwhile from
+                # the loop too, and the held bytes came first (red team, second pass).
                 asyncio.get_running_loop().call_soon(self.data_received, pending)
+            self.flow.resume("upgrade")
         if ex.close or self.draining or (self.peer_done and not self._queue):
             t.close()
             return

@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING, Final, Protocol
 
 from mtls_proxy.core.errors import IdentityTooLarge, ProxyError, UpstreamTimeout
+from mtls_proxy.http1.framing import LAST_CHUNK, encode_chunk
 
 if TYPE_CHECKING:
     from mtls_proxy.dataplane.admission import Peer
@@ -221,7 +222,7 @@ class Exchange:
         """A request body piece: upstream now, or held until the connection is ready. True when
         too much is held (the client protocol stops reading until the dispatch)."""
         if self.chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
+            data = encode_chunk(data)
         if self.upstream is not None and self.sent:
             self.upstream.write(data)
             return False
@@ -237,9 +238,9 @@ class Exchange:
         sent = self.upstream is not None and self.sent
         if self.chunked:
             if sent:
-                self.upstream.write(b"0\r\n\r\n")  # type: ignore[union-attr]  # sent: set
+                self.upstream.write(LAST_CHUNK)  # type: ignore[union-attr]  # sent: set
             else:
-                self.body.append(b"0\r\n\r\n")
+                self.body.append(LAST_CHUNK)
         if sent and not self.response_started:
             # The request is complete: --upstream-timeout for the first response byte starts.
             self._arm_upstream()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from mtls_proxy.http1.framing import LAST_CHUNK, encode_chunk
 from mtls_proxy.http1.response import client_head, error_response
 
 if TYPE_CHECKING:
@@ -50,14 +51,14 @@ class Http1Framing:
         """A body piece, chunk-encoded if the client's framing is chunked."""
         if ex.client_chunked:
             if data:
-                self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
+                self._out.append(encode_chunk(data))
         else:
             self._out.append(data)
 
     def send_end(self, ex: Exchange) -> None:
         """The last chunk, if chunked."""
         if ex.client_chunked:
-            self._out.append(b"0\r\n\r\n")
+            self._out.append(LAST_CHUNK)
 
     def send_error(self, ex: Exchange, status: int, error: str, message: str) -> None:
         """A short JSON error response of our own."""

@@ -58,6 +58,9 @@ class ResponseHead:
     content_length: list[bytes] = field(default_factory=list)
     transfer_encoding: list[bytes] = field(default_factory=list)
     close: bool = False
+    # body_mode's answer for a request other than HEAD, once found: a cached head (HeadCache)
+    # serves thousands of responses, and deriving it costs more than the rest of the framing.
+    framing: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
 
 _FIELD_LINES: Final = re.compile(rb"(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*+)*+")
@@ -142,7 +145,7 @@ class HeadCache:
 
     An upstream sends the same head again and again (only Date changes, once a second), and
     parse_head is a pure function of its input, so a hit skips the validation and filtering.
-    Entries are never mutated after parsing.
+    Entries are never mutated after parsing (but for the framing body_mode derives once).
     """
 
     def __init__(self, size: int = 256) -> None:
@@ -164,7 +167,16 @@ class HeadCache:
 
 def body_mode(head: ResponseHead, is_head_request: bool) -> tuple[int, int]:
     """The response body's framing (RFC 9112 §6.3): (mode, length)."""
-    if is_head_request or head.status in (204, 304) or head.status < 200:
+    if is_head_request:
+        return NONE, 0
+    framing = head.framing
+    if framing is None:
+        framing = head.framing = _body_mode(head)
+    return framing
+
+
+def _body_mode(head: ResponseHead) -> tuple[int, int]:
+    if head.status in (204, 304) or head.status < 200:
         return NONE, 0
     if head.transfer_encoding:
         if head.content_length:

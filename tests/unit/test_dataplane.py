@@ -431,3 +431,44 @@ async def test_a_websocket_cut_by_the_send_timeout_is_recorded_as_aborted() -> N
     (record,) = kit.records()
     assert record["status"] == 101 and record["aborted"] is True
     assert record["reason"].startswith("send timeout")
+
+
+class Buffering(Wire):
+    """Like the TLS layer: bytes that arrived while reading was paused are delivered, from the
+    loop, when reading resumes."""
+
+    def __init__(self, extra: dict[str, object] | None = None) -> None:
+        super().__init__(extra)
+        self.held = b""
+
+    def resume_reading(self) -> None:
+        super().resume_reading()
+        if self.held and isinstance(self.protocol, asyncio.Protocol):
+            held, self.held = self.held, b""
+            asyncio.get_running_loop().call_soon(self.protocol.data_received, held)
+
+
+@run
+async def test_a_declined_upgrade_keeps_the_order_of_what_followed_it() -> None:
+    """Red team (second pass) F1: the bytes held behind a declined WebSocket upgrade were parsed
+    after the bytes that arrived behind them: requests reordered, or a split one refused."""
+    kit = Kit()
+    conn = Http1Connection(kit.plane, admit(kit.plane, kit.plane.gen, FakeSSL()), lambda: None)  # type: ignore[arg-type]
+    wire = Buffering({"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 8443)})
+    wire.protocol = conn
+    conn.connection_made(wire)
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+    conn.data_received(
+        b"GET /ws HTTP/1.1\r\nHost: svc\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        b"GET /first HTTP/1.1\r\nHo"
+    )
+    wire.held = b"st: svc\r\n\r\nGET /second HTTP/1.1\r\nHost: svc\r\n\r\n"  # arrived meanwhile
+    kit.up_wire.take()
+    kit.up.data_received(OK)  # declined: a plain 200
+    for path in (b"/first", b"/second"):
+        for _ in range(5):
+            await turn()
+        assert kit.up_wire.take().startswith(b"GET %s HTTP/1.1\r\n" % path)
+        kit.up.data_received(OK)
+    assert [r["path"] for r in kit.records()] == ["/ws", "/first", "/second"]

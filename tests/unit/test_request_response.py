@@ -201,7 +201,17 @@ def test_parse_head_refuses(head: bytes) -> None:
     ],
 )
 def test_body_mode(head: bytes, is_head: bool, mode: tuple[int, int]) -> None:
-    assert body_mode(parse_head(head), is_head) == mode
+    parsed = parse_head(head)
+    assert body_mode(parsed, is_head) == mode
+    assert body_mode(parsed, is_head) == mode  # again: from the head's cached framing
+
+
+def test_body_mode_is_found_once_per_head_and_never_for_head_requests() -> None:
+    head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5")
+    assert body_mode(head, True) == (NONE, 0) and head.framing is None
+    assert body_mode(head, False) == (LENGTH, 5) and head.framing == (LENGTH, 5)
+    head.content_length = [b"7"]  # a cached head is never mutated; the answer stays found
+    assert body_mode(head, False) == (LENGTH, 5)
 
 
 @pytest.mark.parametrize(
