@@ -1,7 +1,7 @@
 """``mtls-proxy explain --client-cert FILE``: would this client be let in, and why (not)?
 
 Exit 0 allowed, 3 denied (a refused handshake included), 2 bad input. The handshake verdict is
-the listener's own (verify.py): its SSLContext, built by tls.server_context from the same
+the listener's own (verify.py): its SSLContext, built by contexts.server_context from the same
 configuration, verifies the chain, so the answer and its reason (the label of
 mtls_proxy_handshakes_total) are what a real connection gets. Without ``--client-key`` the chain
 is checked as the listener checks a client's Certificate message; with it, a whole handshake
@@ -29,8 +29,9 @@ from mtls_proxy.core.escape import for_terminal as esc
 from mtls_proxy.core.identity import PeerIdentity, identity_from_der, rfc2253
 from mtls_proxy.core.paths import AmbiguousPath, match_path, normalize_target
 from mtls_proxy.core.policy import decide
+from mtls_proxy.material.contexts import via_memfd
 from mtls_proxy.material.loader import load_policy, read_file
-from mtls_proxy.material.tls import from_cert_dir, load_crls, load_trust, via_memfd
+from mtls_proxy.material.tls import from_cert_dir, load_crls, load_trust
 from mtls_proxy.material.verify import (
     Verdict,
     after_handshake,

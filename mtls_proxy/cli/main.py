@@ -184,8 +184,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from mtls_proxy.material.contexts import server_context
     from mtls_proxy.material.loader import load_policy
-    from mtls_proxy.material.tls import load_material, server_context
+    from mtls_proxy.material.tls import load_material
     from mtls_proxy.server.admin import rfc3339
 
     cfg = build_config(args)

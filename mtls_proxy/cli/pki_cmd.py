@@ -107,7 +107,7 @@ def run_pki(args: argparse.Namespace) -> int:
 
 
 def _pki_store(args: argparse.Namespace, directory: Path) -> int:
-    from mtls_proxy.cli import pki
+    from mtls_proxy.cli import pki, spring
     from mtls_proxy.core.config import resolve_env_secret
     from mtls_proxy.material.tls import resolve_password
 
@@ -129,6 +129,6 @@ def _pki_store(args: argparse.Namespace, directory: Path) -> int:
         secret = (resolve_password(literal, "--password") or b"").decode()
     out = pki.export(directory, name, args.format, secret, Path(args.out) if args.out else None)
     print(f"wrote {out}")
-    client = pki.is_client_only(pki.load_issued(directory, name).cert)
-    print(pki.spring_properties(out.resolve(), args.format, secret, name, client=client))
+    client = spring.is_client_only(pki.load_issued(directory, name).cert)
+    print(spring.spring_properties(out.resolve(), args.format, secret, name, client=client))
     return 0

@@ -282,7 +282,8 @@ class Exchange:
 
     def upstream_first_byte(self) -> None:
         """The upstream answered in time; from now on the deadline is for silence (RES-15)."""
-        self._arm_upstream()
+        plane = self.plane  # inline, not _arm_upstream: this runs for every response
+        self.up_deadline = plane.clock() + plane.cfg.upstream_timeout
 
     def on_response_head(self, head: ResponseHead, mode: int, length: int) -> None:
         """Relay the response head."""
@@ -297,8 +298,9 @@ class Exchange:
     def on_response_body(self, data: bytes) -> None:
         """Relay a body piece."""
         self.bytes_out += len(data)
-        if self.up_deadline:
-            self._arm_upstream()
+        if self.up_deadline:  # inline, not _arm_upstream: this runs for every body piece
+            plane = self.plane
+            self.up_deadline = plane.clock() + plane.cfg.upstream_timeout
         self.down.send_data(self, data)
 
     def on_response_end(self, conn: UpstreamConnection, reusable: bool) -> None:

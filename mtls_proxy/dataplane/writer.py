@@ -37,15 +37,11 @@ class Http1Framing:
         self._out.append(_CONTINUE)
 
     def send_head(self, ex: Exchange, head: ResponseHead, mode: int, length: int) -> None:
-        """The re-framed response head (response.client_head)."""
-        data, ex.client_chunked, ex.close = client_head(
-            head, mode, length, ex.http10, ex.close or self.draining or self._last_before_eof(ex)
-        )
+        """The re-framed response head (response.client_head); it says close when the
+        connection closes after it, also as the last answer to a half-closed client."""
+        close = ex.close or self.draining or (self.peer_done and self._queue[-1] is ex)
+        data, ex.client_chunked, ex.close = client_head(head, mode, length, ex.http10, close)
         self._out.append(data)
-
-    def _last_before_eof(self, ex: Exchange) -> bool:
-        """The client half-closed and *ex* is its last request: its answer says close."""
-        return self.peer_done and self._queue[-1] is ex
 
     def send_data(self, ex: Exchange, data: bytes) -> None:
         """A body piece, chunk-encoded if the client's framing is chunked."""

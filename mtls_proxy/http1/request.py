@@ -134,7 +134,12 @@ def prepare(
     rh = split_request_headers(raw, underscores)
     if rh.underscored and underscores == "reject":
         raise UnderscoreHeader
-    host = _host(rh, http10, default_host)
+    # Exactly one Host (rule 1): required on HTTP/1.1, never two, never a list.
+    if len(rh.hosts) > 1 or (not rh.hosts and not http10):
+        raise BadRequest
+    host = rh.hosts[0] if rh.hosts else default_host
+    if not host or b"," in host or b" " in host or b"\t" in host:
+        raise BadRequest
     out = Prepared(target, b"", underscored=rh.underscored, request_id=rh.request_id or request_id)
     framing = _framing(rh, http10, out)
     if upgrade and out.has_body:
@@ -188,16 +193,6 @@ def _upstream_head(
             b"\r\n",
         )
     )
-
-
-def _host(rh: RequestHeaders, http10: bool, default_host: bytes) -> bytes:
-    """The one Host (rule 1): required on HTTP/1.1, never two, never a list."""
-    if len(rh.hosts) > 1 or (not rh.hosts and not http10):
-        raise BadRequest
-    host = rh.hosts[0] if rh.hosts else default_host
-    if not host or b"," in host or b" " in host or b"\t" in host:
-        raise BadRequest
-    return host
 
 
 def _framing(rh: RequestHeaders, http10: bool, out: Prepared) -> bytes:

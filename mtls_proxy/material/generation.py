@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from mtls_proxy.core.headers import IdentityBlock, identity_block
 from mtls_proxy.core.revocation import TrustView
-from mtls_proxy.material.tls import openssl_checks_crls, server_context
+from mtls_proxy.material.contexts import openssl_checks_crls, server_context
 from mtls_proxy.material.verify import revocation_view
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class Generation:
     policy: Policy
     # The CRLs enforced after each handshake (--crl-expired allow with a stale CRL), else None.
     revocation: TrustView | None
-    # Whether OpenSSL checks the CRLs itself (tls.openssl_checks_crls): when it stops (a CRL
+    # Whether OpenSSL checks the CRLs itself (contexts.openssl_checks_crls): when it stops (a CRL
     # went stale while loaded), the context must be rebuilt without them.
     openssl_crls: bool
     # Anchors and CRLs as the handshake applies them: open connections are re-checked against

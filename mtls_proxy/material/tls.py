@@ -1,4 +1,5 @@
-"""The one place that loads certificate material and builds SSLContexts.
+"""The one place that loads certificate material (the SSLContexts are built from it in
+contexts.py).
 
 Rules:
 1. Material is parsed and validated completely (files exist, PEM parses, key matches the
@@ -18,8 +19,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import itertools
-import os
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -28,7 +27,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from mtls_proxy.core.config import Config, TLSConfig
+from mtls_proxy.core.config import TLSConfig
 from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.core.identity import rfc2253
 from mtls_proxy.core.keys import PrivateKey, is_private_key, key_matches
@@ -37,11 +36,10 @@ from mtls_proxy.material.keystores import load_keystore, load_truststore
 from mtls_proxy.material.loader import parse_crls, read_file
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    pass
 
 # AEAD with forward secrecy only; SECLEVEL 2 (whatever the system's openssl.cnf says) refuses
 # RSA keys < 2048 bits and SHA-1 signatures in client chains (TLS-028/029).
-TLS12_CIPHERS: Final = "ECDHE+AESGCM:ECDHE+CHACHA20:@SECLEVEL=2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,134 +326,3 @@ def _pem_pair(
             f"in {tls.cert} (subject {rfc2253(certs[0].subject)})"
         )
     return loaded, tuple(certs)
-
-
-def via_memfd(pem: bytes, use: Callable[[str], None]) -> None:
-    """load_cert_chain and (for CRLs) load_verify_locations only take paths: hand them an
-    anonymous in-memory file, so that a decrypted key never touches a disk and what OpenSSL
-    reads is exactly what was validated here."""
-    fd = os.memfd_create("mtls-proxy-material", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, pem)
-        use(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
-
-
-def _load_chain_from_memory(ctx: ssl.SSLContext, material: Material) -> None:
-    pem = material.key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in material.chain)
-    via_memfd(pem, ctx.load_cert_chain)
-
-
-def openssl_checks_crls(cfg: Config, material: Material) -> bool:
-    """Whether the CRLs go to OpenSSL (the handshake refuses revoked clients), or, with
-    --crl-expired allow and an expired CRL, are enforced after the handshake (revocation.py).
-
-    All or nothing: OpenSSL refuses every client of a stale CRL's CA and has no per-issuer
-    exception, and Python's ssl offers no verify callback to make one. So with a stale CRL
-    allowed, none go to OpenSSL, and revocation.py makes OpenSSL's demands itself (every CA it
-    checks needs a CRL), relaxing only the stale CRL's own issuer."""
-    return bool(material.crls) and not (cfg.tls.crl_expired == "allow" and material.crls_expired())
-
-
-def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
-    """The listener's SSLContext for *material* (rule 2)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if cfg.tls.min_tls_version == "1.3" else ssl.TLSVersion.TLSv1_2
-    )
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    if cfg.tls.sessions == "cache":
-        # Sessions stay in this context's memory instead of travelling in tickets sealed with
-        # a key that lives as long as the context (Mozilla's advice: forward secrecy). It is
-        # also 2-3x cheaper: resuming a ticket decodes the client's certificate again
-        # (d2i_SSL_SESSION), a cached session is already decoded. With OP_NO_TICKET, TLS 1.3
-        # tickets carry only the cache's session ID, TLS 1.2 resumes by session ID.
-        # One ticket per handshake: each is a cache entry (a client resumes with the last).
-        ctx.options |= ssl.OP_NO_TICKET
-        ctx.num_tickets = 1
-    ctx.set_alpn_protocols(["http/1.1"])  # we speak HTTP/1.1 only; h2-capable clients fall back
-    try:
-        _load_chain_from_memory(ctx, material)
-    except ssl.SSLError as exc:
-        raise ConfigError(
-            f"{cfg.source('cert')}: {material.cert_file}: OpenSSL refused the "
-            f"certificate/key ({exc.reason})"
-        ) from None
-    if cfg.tls.client_auth != "none":
-        ctx.load_verify_locations(
-            cadata="".join(
-                c.public_bytes(serialization.Encoding.PEM).decode() for c in material.ca_certs
-            )
-        )
-        ctx.verify_mode = (
-            ssl.CERT_REQUIRED if cfg.tls.client_auth == "require" else ssl.CERT_OPTIONAL
-        )
-        if cfg.strict_client_certs:
-            ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-        if cfg.tls.trust_anchors == "any":
-            # Every CA of the bundle anchors a chain, an intermediate too: what Java's PKIX
-            # (a Spring truststore often holds only the issuing intermediate) and Go's
-            # crypto/tls (ghostunnel, Caddy, Traefik) do. Trusting what the operator listed
-            # is narrower than also trusting everything else its root signed; the bundle
-            # holds CAs only (load_trust), so this never pins a leaf.
-            ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-        if openssl_checks_crls(cfg, material):
-            crl_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in material.crls)
-            via_memfd(crl_pem, lambda path: ctx.load_verify_locations(cafile=path))
-            ctx.verify_flags |= (
-                ssl.VERIFY_CRL_CHECK_LEAF
-                if cfg.tls.crl_check == "leaf"
-                else ssl.VERIFY_CRL_CHECK_CHAIN
-            )
-    return ctx
-
-
-def upstream_context(cafile: str | None = None) -> ssl.SSLContext:
-    """Client context for an https:// upstream: verified against *cafile* (or the system trust
-    store), hostname checked."""
-    cadata = None
-    if cafile is not None:  # read as every material file is: a regular file, capped (loader.py)
-        cadata = read_file(cafile, "--upstream-cacert", "CA bundle").decode("latin-1")
-        if not cadata.strip():  # an empty cadata would fall back to the system trust store
-            raise ConfigError(f"--upstream-cacert: {cafile}: the file is empty")
-    try:
-        ctx = ssl.create_default_context(cadata=cadata)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"--upstream-cacert: {cafile}: cannot load ({exc})") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-# OpenSSL X509_V_ERR_* codes -> the handshake failure reasons of docs/metrics.md.
-_VERIFY_REASONS: Final = {
-    10: "expired",
-    9: "expired",
-    2: "unknown_ca",
-    18: "unknown_ca",  # a self-signed leaf
-    19: "unknown_ca",
-    20: "unknown_ca",
-    21: "unknown_ca",
-    23: "revoked",
-    3: "other",
-}
-
-
-def classify_handshake_error(exc: BaseException) -> str:
-    """Map a failed server handshake to the bounded `reason` label of handshakes_total."""
-    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
-        return "timeout"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return _VERIFY_REASONS.get(exc.verify_code, "bad_certificate")
-    if isinstance(exc, ssl.SSLError):
-        reason = (exc.reason or "").upper()
-        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
-            return "no_certificate"
-        if "CERTIFICATE" in reason:
-            return "bad_certificate"
-        return "protocol"
-    return "other"

@@ -6,7 +6,7 @@ was untrusted for it and allowed by the listener; an intermediate as the CA bund
 it while the listener refused every client. So the verdict here is the listener's own:
 
 Rules:
-1. The server side is an SSLObject of tls.server_context(cfg, material), the function that
+1. The server side is an SSLObject of contexts.server_context(cfg, material), the function that
    builds the listener's context: the same trust, CRLs, purpose (sslclient), security level,
    --trust-anchors, --crl-check and --strict-client-certs flags. Only our own certificate is a
    throwaway one: it takes no part in verifying the client.
@@ -44,12 +44,12 @@ from mtls_proxy.core.config import Config
 from mtls_proxy.core.revocation import TrustView
 from mtls_proxy.core.strict import strict_refusal
 from mtls_proxy.material.chains import verified_ders
-from mtls_proxy.material.tls import (
-    Material,
+from mtls_proxy.material.contexts import (
     classify_handshake_error,
     openssl_checks_crls,
     server_context,
 )
+from mtls_proxy.material.tls import Material
 
 SERVER_NAME: Final = "verifier.mtls-proxy.invalid"
 _ALERT, _HANDSHAKE = 21, 22

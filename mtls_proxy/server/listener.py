@@ -22,13 +22,10 @@ from mtls_proxy.dataplane.connection import Http1Connection
 from mtls_proxy.dataplane.plane import DataPlane
 from mtls_proxy.dataplane.tlsconn import TLSServerLayer
 from mtls_proxy.dataplane.upstream import UpstreamPool
+from mtls_proxy.material.contexts import classify_handshake_error, upstream_context
 from mtls_proxy.material.generation import Generation, build
 from mtls_proxy.material.loader import load_policy
-from mtls_proxy.material.tls import (
-    Material,
-    classify_handshake_error,
-    upstream_context,
-)
+from mtls_proxy.material.tls import Material
 from mtls_proxy.server.admin import material_status, serve_admin
 from mtls_proxy.server.reloader import Reloader
 from mtls_proxy.server.sockets import bind

@@ -25,9 +25,10 @@ from cryptography.hazmat.primitives import serialization
 
 from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.core.identity import rfc2253
+from mtls_proxy.material.contexts import openssl_checks_crls
 from mtls_proxy.material.generation import Generation, build
 from mtls_proxy.material.loader import DetachedLoads, load_policy
-from mtls_proxy.material.tls import CERT_DIR_NAMES, Material, load_material, openssl_checks_crls
+from mtls_proxy.material.tls import CERT_DIR_NAMES, Material, load_material
 from mtls_proxy.server.admin import rfc3339
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ from mtls_proxy.cli import pki
 from mtls_proxy.core.config import load_config
 from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.core.policyspec import load_yaml, parse_policy_file
+from mtls_proxy.material.contexts import upstream_context
 from mtls_proxy.material.loader import DetachedLoads, read_file
-from mtls_proxy.material.tls import upstream_context
 
 MIB = 1024 * 1024
 BASE = {
