@@ -66,7 +66,7 @@ __all__ = [  # the option table's names, as importers have always found them her
 
 _TOP_KEYS: Final = {o.path[0] for o in OPTIONS if len(o.path) == 1} | {"tls", "policy"}
 _TLS_KEYS: Final = {o.path[1] for o in OPTIONS if o.path[0] == "tls"}
-_NUMBERS: Final = frozenset({"int", "float", "float0"})
+_NUMBERS: Final = frozenset({"int", "float", "float_or_zero"})
 # The Config fields that no option names: built from several options, or from the call.
 DERIVED: Final = frozenset({"tls", "policy", "config_file", "sources"})
 

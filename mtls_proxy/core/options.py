@@ -28,14 +28,36 @@ CLIENT_AUTH_ALIASES: Final = {
 }
 ENV_PREFIX: Final = "MTLS_PROXY_"
 
+Kind = Literal[
+    "bool",
+    "int",
+    "float",
+    "float_or_zero",
+    "list",
+    "allow",
+    "enum",
+    "address",
+    "address_or_off",
+    "upstream",
+    "secret",
+    "path",
+    "str",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class Opt:
-    """One option: its flag name, YAML key path, kind and default."""
+    """One option: its flag name, YAML key path, kind and default.
+
+    Kinds (what coerce makes of a value): bool; int and float (> 0); float_or_zero (>= 0);
+    list (comma-separated names); allow (an allow-list flag, repeatable); enum (one of
+    *choices*); address (HOST:PORT); address_or_off (HOST:PORT, or off for None); upstream (a
+    URL or unix:/path); secret (a password form, env:NAME resolved); path and str (text).
+    """
 
     name: str
     path: tuple[str, ...]
-    kind: str
+    kind: Kind
     default: object = None
     help: str = ""
     choices: tuple[str, ...] = ()
@@ -48,7 +70,7 @@ class Opt:
 
 ALLOW_FLAGS: Final = tuple(f for f in RULE_FIELDS if f != "anonymous")
 OPTIONS: Final[tuple[Opt, ...]] = (
-    Opt("listen", ("listen",), "hostport", "0.0.0.0:8443", "the mTLS listener HOST:PORT"),
+    Opt("listen", ("listen",), "address", "0.0.0.0:8443", "the mTLS listener HOST:PORT"),
     Opt(
         "upstream",
         ("upstream",),
@@ -156,7 +178,7 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         "framing, hop-by-hop, forwarding and identity names are always dropped",
         UNDERSCORE_ACTIONS,
     ),
-    Opt("admin", ("admin",), "hostport_off", "127.0.0.1:9901", "admin HOST:PORT, or off"),
+    Opt("admin", ("admin",), "address_or_off", "127.0.0.1:9901", "admin HOST:PORT, or off"),
     Opt("workers", ("workers",), "int", 1, "worker processes"),
     Opt(
         "strict-client-certs",
@@ -208,7 +230,13 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         "fail closed (431) when the injected identity headers would be larger",
     ),
     Opt("shutdown-grace", ("shutdown_grace",), "float", 15.0, "drain seconds on SIGTERM"),
-    Opt("reload-interval", ("reload_interval",), "float0", 0.0, "poll interval (0 = watch only)"),
+    Opt(
+        "reload-interval",
+        ("reload_interval",),
+        "float_or_zero",
+        0.0,
+        "poll interval (0 = watch only)",
+    ),
     Opt("log-format", ("log_format",), "enum", "json", "json or text", ("json", "text")),
     Opt(
         "log-level",
@@ -301,14 +329,14 @@ def convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:
         if isinstance(value, str) and value.lower() in _BOOL:
             return _BOOL[value.lower()]
         raise ValueError(f"must be true or false (got {value!r})")
-    if kind in ("int", "float", "float0"):
+    if kind in ("int", "float", "float_or_zero"):
         if isinstance(value, bool):
             raise ValueError(f"must be a number (got {value!r})")
         try:
             num = int(str(value)) if kind == "int" else float(str(value))
         except ValueError:
             raise ValueError(f"must be a number (got {value!r})") from None
-        if num < 0 or (num == 0 and kind != "float0") or num != num or num == float("inf"):
+        if num < 0 or (num == 0 and kind != "float_or_zero") or num != num or num == float("inf"):
             raise ValueError(f"must be > 0 (got {value!r})")
         return num
     if kind == "list":
@@ -316,7 +344,7 @@ def convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise ValueError(f"must be a list of names (got {value!r})")
         return tuple(i.strip() for i in items if i.strip())
-    if kind == "hostport_off" and value is False:
+    if kind == "address_or_off" and value is False:
         return None  # YAML 1.1 reads a bare `off` as false
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError(f"must be a string (got {value!r})")
@@ -325,9 +353,9 @@ def convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:
         if text not in opt.choices:
             raise ValueError(f"must be one of {', '.join(opt.choices)} (got {text!r})")
         return CLIENT_AUTH_ALIASES.get(text, text) if opt.name == "client-auth" else text
-    if kind == "hostport" or (kind == "hostport_off" and text != "off"):
+    if kind == "address" or (kind == "address_or_off" and text != "off"):
         return parse_address(text)
-    if kind == "hostport_off":
+    if kind == "address_or_off":
         return None
     if kind == "upstream":
         return parse_upstream(text)

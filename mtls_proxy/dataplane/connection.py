@@ -24,17 +24,18 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from mtls_proxy.core.errors import BadRequest, ProxyError, RequestTimeout
+from mtls_proxy.core.errors import BadRequest, ProxyError
 from mtls_proxy.core.headers import LOOKALIKE, classify
+from mtls_proxy.dataplane.deadlines import WAIT_BODY, WAIT_HEAD, WAIT_IDLE, Http1Deadlines
 from mtls_proxy.dataplane.exchange import Exchange
 from mtls_proxy.dataplane.flow import ReadGate
 from mtls_proxy.dataplane.handshakes import SEEN
 from mtls_proxy.dataplane.reader import RequestReader, Stop
 from mtls_proxy.dataplane.tlsconn import keep_session
 from mtls_proxy.dataplane.tunnel import Tunnel
+from mtls_proxy.dataplane.upgrade import Http1Upgrade
 from mtls_proxy.dataplane.writer import Http1Framing
 from mtls_proxy.http1.request import UnderscoreHeader, prepare
-from mtls_proxy.http1.websocket import client_switch
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -44,15 +45,11 @@ if TYPE_CHECKING:
     from mtls_proxy.core.identity import PeerIdentity
     from mtls_proxy.dataplane.admission import Peer
     from mtls_proxy.dataplane.plane import DataPlane
-    from mtls_proxy.http1.response import ResponseHead
 
 logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters outlive module paths
 
-# What the connection waits for (the meaning of `deadline`).
-WAIT_IDLE, WAIT_HEAD, WAIT_BODY = 1, 2, 3
 
-
-class Http1Connection(Http1Framing, asyncio.Protocol):
+class Http1Connection(Http1Framing, Http1Deadlines, Http1Upgrade, asyncio.Protocol):
     """A client connection speaking HTTP/1.1 (plane.Connection, exchange.Downstream)."""
 
     # Slots: thousands of idle connections are the normal case for a sidecar (issue: 10,000
@@ -184,25 +181,6 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         self.plane.metrics.connections_open.dec()
         self._release()
 
-    def pause_writing(self) -> None:
-        """The client reads slowly: stop reading the upstream, and give the client
-        --send-timeout to take a byte (nginx's send_timeout), or a client that stops reading
-        would hold this connection and the upstream's forever."""
-        self.send_deadline = self.plane.clock() + self.plane.cfg.send_timeout
-        self.write_paused = True  # and no pipelined response starts meanwhile (_start_next)
-        if self._queue and self._queue[0].pause_upstream():
-            self._upstream_paused = True
-
-    def resume_writing(self) -> None:
-        """The client caught up."""
-        self.send_deadline = 0.0
-        self.write_paused = False
-        if self._upstream_paused:
-            self._upstream_paused = False
-            if self._queue:
-                self._queue[0].resume_upstream(self.tunnel is not None)
-        self._start_next()
-
     def eof_received(self) -> bool:
         """The client half-closed (TCP FIN or TLS close_notify): every request it sent whole is
         still answered, in order, then the connection closes (HAProxy's default; nginx would
@@ -224,47 +202,6 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         self.draining = True
         if not self._queue and not self.reader.in_head and self.transport is not None:
             self.transport.close()
-
-    def check_deadlines(self, now: float) -> None:
-        """Called by the sweeper: enforce the send, upstream, idle, header and body timeouts."""
-        if self.send_deadline and now >= self.send_deadline:
-            self.send_deadline = 0.0
-            self._on_send_timeout()
-            return
-        queue = self._queue
-        if queue and queue[0].up_deadline and now >= queue[0].up_deadline:
-            queue[0].up_deadline = 0.0
-            queue[0].on_upstream_timeout()
-        if self.deadline and now >= self.deadline:
-            self.deadline = 0.0
-            if self._waiting == WAIT_BODY:
-                if self.flow.reasons:  # we stopped reading (back-pressure), not the client
-                    self.deadline = now + self.plane.cfg.body_timeout
-                else:
-                    self._waiting = WAIT_IDLE
-                    self._reject(RequestTimeout())
-                return
-            if self._queue or self.transport is None:
-                return
-            if self._waiting == WAIT_HEAD and self.reader.in_head:
-                self._reject(RequestTimeout())
-            else:
-                self.transport.close()
-
-    def _on_send_timeout(self) -> None:
-        """The client took no byte for --send-timeout: cut the connection (an orderly close
-        would wait for the very writes it refuses); connection_lost records the exchange."""
-        if self._queue and not self._queue[0].reason:
-            took = self.plane.cfg.send_timeout
-            self._queue[0].reason = f"send timeout: the client took no response byte for {took} s"
-        self.abort()
-
-    def _wait(self, what: int) -> None:
-        cfg = self.plane.cfg
-        self._waiting = what
-        self.deadline = self.plane.clock() + (
-            cfg.idle_timeout if what == WAIT_IDLE else cfg.header_timeout
-        )
 
     # -- reading (reader.RequestSink) -------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -292,21 +229,6 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         """A head arriving in pieces gets --header-timeout (when nothing is in flight)."""
         if not self._queue and self._waiting != WAIT_HEAD:
             self._wait(WAIT_HEAD)
-
-    def on_upgrade(self, rest: bytes) -> None:
-        """llhttp stopped after a request that asks for a protocol switch."""
-        last = self._last
-        if last is not None and last.ws_key is not None and not last.status:
-            # A WebSocket upgrade on its way upstream: what follows is frames after a 101, or
-            # the next request if the upstream declines. Hold it until the answer.
-            self.ws_pending = rest
-            self.flow.pause("upgrade")
-            return
-        # Any other upgrade went upstream as a plain request (Upgrade stripped); the bytes after
-        # it are parsed as HTTP by a fresh parser (SMG-058).
-        self.reader.restart()
-        if rest:
-            self.data_received(rest)
 
     def on_request(
         self,
@@ -443,18 +365,6 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         """*ex* is the one being answered on an open connection."""
         return not self.closed and bool(self._queue) and self._queue[0] is ex
 
-    def send_switch(self, ex: Exchange, head: ResponseHead) -> None:
-        """The 101, then the transport belongs to a Tunnel (rule 5)."""
-        self.deadline = 0.0  # a WebSocket may be quiet for hours
-        self._out.append(client_switch(head))
-        self.tunnel = tunnel = Tunnel(self, ex)
-        if self.transport is not None:
-            self.transport.set_protocol(tunnel)
-        pending, self.ws_pending = self.ws_pending, None
-        if pending:
-            tunnel.data_received(pending)
-        self.flow.resume("upgrade")
-
     def pause_reading(self, reason: str) -> None:
         """exchange.Downstream: stop reading the client."""
         self.flow.pause(reason)
@@ -471,14 +381,7 @@ class Http1Connection(Http1Framing, asyncio.Protocol):
         if t is None:
             return
         if self.ws_pending is not None and ex.ws_key is not None:
-            # A declined WebSocket upgrade: the held bytes are the next request (SMG-058).
-            pending, self.ws_pending = self.ws_pending, None
-            self.reader.restart()
-            if pending and not (ex.close or self.draining):
-                # Before reading resumes: the transport delivers what arrived meanwhile from
-                # the loop too, and the held bytes came first (red team, second pass).
-                asyncio.get_running_loop().call_soon(self.data_received, pending)
-            self.flow.resume("upgrade")
+            self._declined(ex)
         if ex.close or self.draining or (self.peer_done and not self._queue):
             t.close()
             return

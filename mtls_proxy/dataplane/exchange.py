@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from mtls_proxy.dataplane.admission import Peer
     from mtls_proxy.dataplane.plane import DataPlane
     from mtls_proxy.dataplane.upstream import UpstreamConnection
-    from mtls_proxy.http1.response import ResponseHead
+    from mtls_proxy.http1.response import BodyMode, ResponseHead
 
 logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters outlive module paths
 BUFFER_LIMIT: Final = 256 * 1024  # request body held while the upstream connection opens
@@ -51,7 +51,7 @@ class Downstream(Protocol):
     def send_continue(self, ex: Exchange) -> None:
         """Tell the client to send the body (HTTP/1.1 100 Continue)."""
 
-    def send_head(self, ex: Exchange, head: ResponseHead, mode: int, length: int) -> None:
+    def send_head(self, ex: Exchange, head: ResponseHead, mode: BodyMode, length: int) -> None:
         """The upstream's response head, framed for the client."""
 
     def send_data(self, ex: Exchange, data: bytes) -> None:
@@ -285,7 +285,7 @@ class Exchange:
         plane = self.plane  # inline, not _arm_upstream: this runs for every response
         self.up_deadline = plane.clock() + plane.cfg.upstream_timeout
 
-    def on_response_head(self, head: ResponseHead, mode: int, length: int) -> None:
+    def on_response_head(self, head: ResponseHead, mode: BodyMode, length: int) -> None:
         """Relay the response head."""
         self.status = self.upstream_status = head.status
         self.upstream_ms = int((time.monotonic() - self.sent_at) * 1e6) / 1000  # 3 decimals

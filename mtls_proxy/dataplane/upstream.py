@@ -21,7 +21,7 @@ from mtls_proxy.core.config import Upstream
 from mtls_proxy.core.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from mtls_proxy.http1.framing import MAX_RESPONSE_HEAD as MAX_RESPONSE_HEAD  # re-exported
 from mtls_proxy.http1.framing import EndOfMessage, Event, Head, ResponseFramer
-from mtls_proxy.http1.response import HeadCache, MalformedResponse, ResponseHead
+from mtls_proxy.http1.response import BodyMode, HeadCache, MalformedResponse, ResponseHead
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 class ResponseSink(Protocol):
     """What the client side implements to receive one upstream response."""
 
-    def on_response_head(self, head: ResponseHead, mode: int, length: int) -> None: ...
+    def on_response_head(self, head: ResponseHead, mode: BodyMode, length: int) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self, conn: UpstreamConnection, reusable: bool) -> None: ...
     def on_upstream_error(self, conn: UpstreamConnection, exc: ProxyError, kind: str) -> None: ...

@@ -2,7 +2,7 @@
 response.client_head, body pieces chunk-encoded when the client's framing is chunked, the proxy's
 own error answers, and one TLS write per batch (flush).
 
-A mixin of http1.Http1Connection (the exchange.Downstream methods that only write), kept apart
+A mixin of connection.Http1Connection (the exchange.Downstream methods that only write), kept apart
 so that the connection's module holds its state machine and this one the bytes it writes.
 """
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from mtls_proxy.dataplane.exchange import Exchange
-    from mtls_proxy.http1.response import ResponseHead
+    from mtls_proxy.http1.response import BodyMode, ResponseHead
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -36,7 +36,7 @@ class Http1Framing:
         """100 Continue: the client may send the body."""
         self._out.append(_CONTINUE)
 
-    def send_head(self, ex: Exchange, head: ResponseHead, mode: int, length: int) -> None:
+    def send_head(self, ex: Exchange, head: ResponseHead, mode: BodyMode, length: int) -> None:
         """The re-framed response head (response.client_head); it says close when the
         connection closes after it, also as the last answer to a half-closed client."""
         close = ex.close or self.draining or (self.peer_done and self._queue[-1] is ex)

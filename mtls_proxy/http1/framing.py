@@ -34,7 +34,7 @@ from mtls_proxy.http1.websocket import check_switch
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from mtls_proxy.http1.response import ResponseHead
+    from mtls_proxy.http1.response import BodyMode, ResponseHead
 
 MAX_RESPONSE_HEAD: Final = 65536
 MAX_LINE: Final = 8192
@@ -58,7 +58,7 @@ class Head:
     """The final response head, with its body's framing (response.body_mode)."""
 
     head: ResponseHead
-    mode: int
+    mode: BodyMode
     length: int
 
 

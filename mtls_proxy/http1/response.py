@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import TYPE_CHECKING, Final
 
 from mtls_proxy.core.headers import HOP_BY_HOP
@@ -20,10 +21,21 @@ from mtls_proxy.core.headers import HOP_BY_HOP
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-NONE: Final = 0  # no body: HEAD, 1xx, 204, 304
-LENGTH: Final = 1
-CHUNKED: Final = 2
-UNTIL_CLOSE: Final = 3
+
+class BodyMode(IntEnum):
+    """How a response body is framed (RFC 9112 §6.3), as body_mode finds it."""
+
+    NONE = 0  # no body: HEAD, 1xx, 204, 304
+    LENGTH = 1  # Content-Length
+    CHUNKED = 2  # Transfer-Encoding: chunked
+    UNTIL_CLOSE = 3  # delimited by the connection's close
+
+
+# Module-level names for the hot path: a global lookup, not an attribute of the enum class.
+NONE: Final = BodyMode.NONE
+LENGTH: Final = BodyMode.LENGTH
+CHUNKED: Final = BodyMode.CHUNKED
+UNTIL_CLOSE: Final = BodyMode.UNTIL_CLOSE
 
 _CTL: Final = bytes([*range(0, 9), *range(10, 32), 127])
 _NOT_CTL: Final = bytes(b for b in range(256) if b not in _CTL or b in (10, 13))
@@ -60,7 +72,7 @@ class ResponseHead:
     close: bool = False
     # body_mode's answer for a request other than HEAD, once found: a cached head (HeadCache)
     # serves thousands of responses, and deriving it costs more than the rest of the framing.
-    framing: tuple[int, int] | None = field(default=None, compare=False, repr=False)
+    framing: tuple[BodyMode, int] | None = field(default=None, compare=False, repr=False)
 
 
 _FIELD_LINES: Final = re.compile(rb"(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*+)*+")
@@ -165,7 +177,7 @@ class HeadCache:
         return parsed
 
 
-def body_mode(head: ResponseHead, is_head_request: bool) -> tuple[int, int]:
+def body_mode(head: ResponseHead, is_head_request: bool) -> tuple[BodyMode, int]:
     """The response body's framing (RFC 9112 §6.3): (mode, length)."""
     if is_head_request:
         return NONE, 0
@@ -175,7 +187,7 @@ def body_mode(head: ResponseHead, is_head_request: bool) -> tuple[int, int]:
     return framing
 
 
-def _body_mode(head: ResponseHead) -> tuple[int, int]:
+def _body_mode(head: ResponseHead) -> tuple[BodyMode, int]:
     if head.status in (204, 304) or head.status < 200:
         return NONE, 0
     if head.transfer_encoding:
@@ -195,7 +207,7 @@ def _body_mode(head: ResponseHead) -> tuple[int, int]:
 
 
 def client_head(
-    head: ResponseHead, mode: int, length: int, http10: bool, close: bool
+    head: ResponseHead, mode: BodyMode, length: int, http10: bool, close: bool
 ) -> tuple[bytes, bool, bool]:
     """The head the client gets: (bytes, body is chunk-encoded, connection closes after)."""
     chunked = False

@@ -12,8 +12,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[2] / "mtls_proxy"
 # Lowest first: a layer may import its own and the layers before it.
 LAYERS = ("core", "http1", "telemetry", "material", "dataplane", "server", "cli")
-MAX_MODULE_LINES = 500  # "around 400": a module past this wants splitting, not an exception
-MAX_FUNCTION_LINES = 75
+MAX_MODULE_LINES = 450  # "around 400": a module past this wants splitting, not an exception
+MAX_FUNCTION_LINES = 65  # "around 60": the two at 63-65 are declarations and a demo script
 
 
 def _modules() -> dict[str, Path]:
