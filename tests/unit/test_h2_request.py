@@ -90,7 +90,7 @@ def test_cookies_are_joined() -> None:
         ([*BASE, (b"host", b"other")], "differ"),
         ([*BASE, (b"host", b"svc.example:8443"), (b"host", b"x")], "repeated host"),
         ([h for h in BASE if h[0] != b":authority"], "no :authority"),
-        ([*BASE[:2], (b":authority", b""), BASE[3]], "no :authority"),
+        ([*BASE[:2], (b":authority", b""), BASE[3]], "not host[:port]"),
     ],
 )
 def test_malformed(headers: list[tuple[bytes, bytes]], detail: str) -> None:
@@ -155,3 +155,24 @@ def test_undeclared_body_goes_chunked_to_the_upstream() -> None:
 def test_ambiguous_paths_are_refused_as_over_http1() -> None:
     with pytest.raises(BadRequest):
         _prepared([*BASE[:3], (b":path", b"/a/..;/admin")])
+
+
+def test_authority_and_host_compare_case_insensitively_and_te_any_case() -> None:
+    req = translate([*BASE, (b"host", b"SVC.example:8443"), (b"te", b"Trailers")], True)
+    assert req.raw[0] == (b"host", b"svc.example:8443")  # :authority wins, sent once
+    assert req.te_trailers
+
+
+def test_repeated_equal_content_length_is_forwarded_once() -> None:
+    post = [(b":method", b"POST"), *BASE[1:]]
+    req = translate([*post, (b"content-length", b"5"), (b"content-length", b"5")], False)
+    assert [v for n, v in req.raw if n == b"content-length"] == [b"5"]
+    zero = translate([*post, (b"content-length", b"0")], True)  # no body, and says so
+    assert (b"content-length", b"0") in zero.raw
+
+
+@pytest.mark.parametrize("authority", [b"[::1]:8443", b"10.0.0.1", b"svc-a.example", b"svc:"])
+def test_authority_forms_accepted(authority: bytes) -> None:
+    headers = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", authority),
+               (b":path", b"/")]  # fmt: skip
+    assert translate(headers, True).raw[0] == (b"host", authority)
