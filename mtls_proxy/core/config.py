@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from mtls_proxy.core.addresses import Address, Upstream, parse_address, parse_upstream
 from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.core.headers import DIALECTS, UnderscoreAction, XfccMode
 from mtls_proxy.core.options import (
@@ -26,13 +27,9 @@ from mtls_proxy.core.options import (
     ENV_PREFIX,
     OPTIONS,
     POLICY_INPUTS,
-    Address,
     ClientAuth,
     Opt,
-    Upstream,
     convert,
-    parse_address,
-    parse_upstream,
     resolve_env_secret,
     unknown_env,
 )
@@ -109,6 +106,13 @@ class Config:
     xfcc_mode: XfccMode
     admin: Address | None
     underscore_headers: UnderscoreAction
+    http2: Literal["on", "off"]
+    upstream_protocol: Literal["http1", "h2c", "auto"]
+    h2_max_concurrent_streams: int
+    h2_initial_stream_window: int
+    h2_initial_connection_window: int
+    h2_max_header_list_bytes: int
+    h2_reset_budget: int
     workers: int
     strict_client_certs: bool
     handshake_timeout: float
@@ -272,6 +276,7 @@ def load_config(
         )
     top["identity_headers"] = top["identity_headers"] or ()
     _check_dialects(c, top["identity_headers"])
+    _check_http2(c, top)
     if c.problems:
         raise ConfigError(c.problems)
     return Config(
@@ -303,6 +308,21 @@ def _policy(c: _Collector) -> tuple[Policy, str]:
         allow_anonymous=anonymous,
     )
     return dataclasses.replace(inline, rules=tuple(rules)), rules_src
+
+
+def _check_http2(c: _Collector, top: dict[str, object]) -> None:
+    """HTTP/2 limits the protocol can carry (RFC 9113 6.5.2, 6.9.1), and h2c over cleartext."""
+    for name, low in (("h2_initial_stream_window", 1), ("h2_initial_connection_window", 65535)):
+        value = top[name]
+        if isinstance(value, int) and not low <= value <= 2**31 - 1:
+            key = name.replace("_", "-")
+            c.problems.append(f"{c.sources[key]}: must be {low} to 2147483647 (got {value})")
+    upstream = top["upstream"]
+    if top["upstream_protocol"] != "http1" and getattr(upstream, "scheme", "") == "https":
+        c.problems.append(
+            f"{c.sources['upstream-protocol']}: h2c is cleartext HTTP/2; "
+            "an https:// upstream is forwarded over HTTP/1.1 (use http1)"
+        )
 
 
 def _check_dialects(c: _Collector, dialects: object) -> None:

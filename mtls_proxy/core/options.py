@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from mtls_proxy.core.addresses import parse_address, parse_upstream
 from mtls_proxy.core.headers import DIALECTS, UNDERSCORE_ACTIONS, XFCC_MODES
 from mtls_proxy.core.policy import RULE_FIELDS
 
@@ -178,6 +179,58 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         "framing, hop-by-hop, forwarding and identity names are always dropped",
         UNDERSCORE_ACTIONS,
     ),
+    Opt(
+        "http2",
+        ("http2",),
+        "enum",
+        "off",
+        "on: offer HTTP/2 (ALPN h2) beside HTTP/1.1 to clients",
+        ("on", "off"),
+    ),
+    Opt(
+        "upstream-protocol",
+        ("upstream_protocol",),
+        "enum",
+        "http1",
+        "http1; h2c (HTTP/2 prior knowledge) for every HTTP/2 stream; auto: h2c for gRPC only",
+        ("http1", "h2c", "auto"),
+    ),
+    Opt(
+        "h2-max-concurrent-streams",
+        ("h2_max_concurrent_streams",),
+        "int",
+        100,
+        "HTTP/2 streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS)",
+    ),
+    Opt(
+        "h2-initial-stream-window",
+        ("h2_initial_stream_window",),
+        "int",
+        65536,
+        "HTTP/2 flow-control window per stream, bytes (SETTINGS_INITIAL_WINDOW_SIZE)",
+    ),
+    Opt(
+        "h2-initial-connection-window",
+        ("h2_initial_connection_window",),
+        "int",
+        1048576,
+        "HTTP/2 flow-control window of the whole connection, bytes",
+    ),
+    Opt(
+        "h2-max-header-list-bytes",
+        ("h2_max_header_list_bytes",),
+        "int",
+        65536,
+        "HTTP/2 request header block limit, raw and decoded (CONTINUATION flood, HPACK bomb)",
+    ),
+    Opt(
+        "h2-reset-budget",
+        ("h2_reset_budget",),
+        "int",
+        100,
+        "stream resets (client RST_STREAM and streams the proxy resets) a connection may cause "
+        "per second before GOAWAY(ENHANCE_YOUR_CALM): Rapid Reset, MadeYouReset",
+    ),
     Opt("admin", ("admin",), "address_or_off", "127.0.0.1:9901", "admin HOST:PORT, or off"),
     Opt("workers", ("workers",), "int", 1, "worker processes"),
     Opt(
@@ -261,33 +314,6 @@ BY_NAME: Final = {o.name: o for o in OPTIONS}
 POLICY_INPUTS: Final = ("allow-all", "allow-anonymous", *(f"allow-{f}" for f in ALLOW_FLAGS))
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A HOST:PORT pair (IPv6 hosts without brackets)."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """Where requests are forwarded."""
-
-    url: str
-    scheme: Literal["http", "https", "unix"]
-    host: str = ""
-    port: int = 0
-    path: str = ""  # unix socket path
-
-    @property
-    def host_header(self) -> str:
-        """A Host value that names the upstream (for logs)."""
-        return self.path if self.scheme == "unix" else f"{self.host}:{self.port}"
-
-
 # Read by the CLI and the worker processes rather than an option: known, never warned about.
 _OTHER_ENV: Final = frozenset({"MTLS_PROXY_CONFIG", "MTLS_PROXY_WORKER_FD"})
 
@@ -346,6 +372,8 @@ def convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:
         return tuple(i.strip() for i in items if i.strip())
     if kind == "address_or_off" and value is False:
         return None  # YAML 1.1 reads a bare `off` as false
+    if kind == "enum" and isinstance(value, bool) and opt.choices == ("on", "off"):
+        return "on" if value else "off"  # YAML 1.1 reads bare on/off as booleans
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError(f"must be a string (got {value!r})")
     text = str(value)
@@ -364,41 +392,6 @@ def convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:
     if not text:
         raise ValueError("must not be empty")
     return text
-
-
-def parse_address(text: str) -> Address:
-    """Parse HOST:PORT (``[v6]:PORT`` for IPv6)."""
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
-    if m is None:
-        raise ValueError(f"expected HOST:PORT (got {text!r})")
-    host = m.group(1) or m.group(3) or "0.0.0.0"
-    port = int(m.group(2) or m.group(4))
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range (got {port})")
-    return Address(host, port)
-
-
-def parse_upstream(text: str) -> Upstream:
-    """Parse the --upstream URL."""
-    if text.startswith("unix:"):
-        path = text[5:].removeprefix("//")
-        if not path.startswith("/"):
-            raise ValueError(f"unix socket path must be absolute (got {text!r})")
-        return Upstream(text, "unix", path=path)
-    m = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?/?", text)
-    if m is None:
-        # HOST:PORT is what --listen takes, so it is the likely slip here: name the fix.
-        bare = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d+/?", text)
-        hint = f"; did you mean http://{text}?" if bare else ""
-        raise ValueError(
-            f"expected http://host:port, https://host:port or unix:/path (got {text!r}){hint}"
-        )
-    scheme = m.group(1)
-    host = m.group(2).strip("[]")
-    port = int(m.group(3) or (443 if scheme == "https" else 80))
-    if not 0 < port <= 65535:
-        raise ValueError(f"port out of range (got {port})")
-    return Upstream(text, "https" if scheme == "https" else "http", host, port)
 
 
 def resolve_env_secret(text: str, env: Mapping[str, str]) -> str:
