@@ -52,6 +52,8 @@ logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters out
 class Http1Connection(Http1Framing, Http1Deadlines, Http1Upgrade, asyncio.Protocol):
     """A client connection speaking HTTP/1.1 (plane.Connection, exchange.Downstream)."""
 
+    protocol = "http1"  # the metrics' and access log's protocol label
+
     # Slots: thousands of idle connections are the normal case for a sidecar (issue: 10,000
     # held open under 400 MB), and a per-instance __dict__ would cost a kilobyte each.
     __slots__ = (

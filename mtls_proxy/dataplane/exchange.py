@@ -45,6 +45,10 @@ class Downstream(Protocol):
     admitted: Peer
     log_fields: str  # the access record's connection part
 
+    @property
+    def protocol(self) -> str:
+        """http1 or h2: the metrics' and the access log's label."""
+
     def is_current(self, ex: Exchange) -> bool:
         """*ex* may still be answered now (the connection is open and it is its turn)."""
 
@@ -178,8 +182,12 @@ class Exchange:
             )
             self.finish()
             return
+        self.forward()
+
+    def forward(self) -> None:
+        """The request is allowed: send it upstream (HTTP/1.1 here; h2exchange for HTTP/2)."""
         if self.expect and not self.body_done:
-            down.send_continue(self)
+            self.down.send_continue(self)
         conn = self.plane.pool.take_idle()
         if conn is not None:
             self._dispatch(conn)
@@ -412,7 +420,8 @@ class Exchange:
         """Count and log the exchange (the access record)."""
         plane = self.plane
         duration = time.monotonic() - self.start
-        plane.metrics.request(self.decision, self.status, duration)
+        protocol = self.down.protocol
+        plane.metrics.request(self.decision, self.status, duration, protocol)
         if plane.access_log is not None:
             path = self.path
             q = path.find(b"?")  # the query string is not logged: it may carry secrets
@@ -431,4 +440,10 @@ class Exchange:
                 self.reason,
                 self.request_id.decode(),
                 self.upstream_ms,
+                protocol if plane.cfg.http2 == "on" else None,
+                self.grpc_status(),
             )
+
+    def grpc_status(self) -> int | None:
+        """The call's grpc-status for the access record: a gRPC exchange's (h2exchange)."""
+        return None

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
     from mtls_proxy.core.config import Config
     from mtls_proxy.core.identity import PeerIdentity
+    from mtls_proxy.dataplane.h2upstream import H2UpstreamPool
     from mtls_proxy.dataplane.upstream import UpstreamPool
     from mtls_proxy.material.generation import Generation
     from mtls_proxy.telemetry.logs import AccessLog
@@ -65,6 +66,7 @@ class DataPlane:
         self.access_log = access_log
         self.metrics = metrics
         self.pool = pool
+        self.h2pool: H2UpstreamPool | None = None  # --upstream-protocol h2c|auto (h2upstream.py)
         self.connections: set[Connection] = set()
         self.chains = ChainMemo()  # the verified chains behind resumed sessions
         self.draining = False

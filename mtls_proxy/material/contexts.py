@@ -77,7 +77,8 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
         # One ticket per handshake: each is a cache entry (a client resumes with the last).
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 1
-    ctx.set_alpn_protocols(["http/1.1"])  # we speak HTTP/1.1 only; h2-capable clients fall back
+    # h2 only when asked for (--http2 on); a client without ALPN speaks HTTP/1.1.
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if cfg.http2 == "on" else ["http/1.1"])
     try:
         _load_chain_from_memory(ctx, material)
     except ssl.SSLError as exc:

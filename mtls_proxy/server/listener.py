@@ -19,6 +19,8 @@ from mtls_proxy import __version__
 from mtls_proxy.dataplane import handshakes
 from mtls_proxy.dataplane.admission import Refused, admit
 from mtls_proxy.dataplane.connection import Http1Connection
+from mtls_proxy.dataplane.h2conn import H2Connection
+from mtls_proxy.dataplane.h2upstream import H2UpstreamPool
 from mtls_proxy.dataplane.plane import DataPlane
 from mtls_proxy.dataplane.tlsconn import TLSServerLayer
 from mtls_proxy.dataplane.upstream import UpstreamPool
@@ -76,6 +78,8 @@ class ProxyServer:
         self.cfg = cfg
         self.reuse_port = reuse_port
         self.metrics = metrics or Metrics()
+        if cfg.http2 == "on":
+            self.metrics.label_protocol()
         pool = UpstreamPool(
             cfg.upstream,
             cfg.upstream_timeout,
@@ -87,6 +91,10 @@ class ProxyServer:
         access = AccessLog(cfg.log_format) if cfg.access_log else None
         gen = build(cfg, material, policy if policy is not None else load_policy(cfg))
         self.plane = DataPlane(cfg, gen, self.metrics, pool, loop.time, access)
+        if cfg.upstream_protocol != "http1":
+            self.plane.h2pool = H2UpstreamPool(
+                cfg.upstream, cfg.upstream_timeout, cfg.h2_max_header_list_bytes
+            )
         self.reloader = Reloader(cfg, self.plane, self.metrics)
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
@@ -242,9 +250,13 @@ class ProxyServer:
         gen, plane = self.plane.gen, self.plane  # the generation this connection is accepted under
         release = self._connection_slots.release
 
-        def admitted(sslobj: ssl_.SSLObject) -> Http1Connection:
-            # After a successful handshake: who the client is, or Refused (admission.py).
-            return Http1Connection(plane, admit(plane, gen, sslobj), release)
+        def admitted(sslobj: ssl_.SSLObject) -> Http1Connection | H2Connection:
+            # After a successful handshake: who the client is, or Refused (admission.py); the
+            # protocol is the one ALPN chose (h2 only with --http2 on).
+            peer = admit(plane, gen, sslobj)
+            if sslobj.selected_alpn_protocol() == "h2":
+                return H2Connection(plane, peer, release)
+            return Http1Connection(plane, peer, release)
 
         # What the client shows (SNI, version, leaf) is captured for the log of a failure: the
         # transport's callbacks run in a copy of this task's context (handshakes.py).
@@ -379,6 +391,8 @@ class ProxyServer:
         for task in list(self._handshakes):
             task.cancel()
         plane.pool.close()
+        if plane.h2pool is not None:
+            plane.h2pool.close()
         self.reloader.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()

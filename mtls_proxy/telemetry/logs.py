@@ -168,12 +168,16 @@ class AccessLog:
         reason: str | None = None,
         request_id: str = "-",
         upstream_ms: float | None = None,
+        protocol: str | None = None,
+        grpc_status: int | None = None,
     ) -> None:
         """Queue the access record of one request, written at the end of this loop iteration.
+        *protocol* (http1, h2) is recorded with --http2 on; *grpc_status* for a gRPC call.
 
         In JSON, *request_id* and *method* are written as they are: the one is [A-Za-z0-9._-]
         (headers.py) or the proxy's, the other a name from llhttp's table of methods (or "-")."""
         ts = self._time(time.time())
+        tail = "" if protocol is None else _protocol_tail(self._json, protocol, grpc_status)
         if self._json:
             line = (
                 f'{{"time": "{ts}", "level": "info", "logger": "mtls_proxy.access", '
@@ -186,7 +190,7 @@ class AccessLog:
                 f'{duration_ms}, "upstream_ms": {"null" if upstream_ms is None else upstream_ms}, '
                 f'"bytes_in": {bytes_in}, '
                 f'"bytes_out": {bytes_out}'
-                f"{_ABORTED if aborted else ''}}}\n"
+                f"{_ABORTED if aborted else ''}{tail}}}\n"
             )
         else:
             # The JSON record's keys and values (escape.py rule 4): 0 and None are its nulls.
@@ -199,7 +203,7 @@ class AccessLog:
                 f"decision={decision} rule={text_log_field(rule)} reason={text_log_field(reason)} "
                 f"duration_ms={duration_ms} "
                 f"upstream_ms={'-' if upstream_ms is None else upstream_ms} bytes_in={bytes_in} "
-                f"bytes_out={bytes_out}{' aborted=true' if aborted else ''}\n"
+                f"bytes_out={bytes_out}{' aborted=true' if aborted else ''}{tail}\n"
             )
         if not self._lines:
             asyncio.get_running_loop().call_soon(self.flush)
@@ -215,6 +219,15 @@ class AccessLog:
                 self._stream.flush()
             except (OSError, ValueError):
                 pass  # stderr gone (closed pipe): never let logging break the data plane
+
+
+def _protocol_tail(as_json: bool, protocol: str, grpc_status: int | None) -> str:
+    """The protocol and gRPC status of an access record (--http2 on): trusted values only."""
+    if as_json:
+        tail = f', "protocol": "{protocol}"'
+        return tail if grpc_status is None else f'{tail}, "grpc_status": {grpc_status}'
+    tail = f" protocol={protocol}"
+    return tail if grpc_status is None else f"{tail} grpc_status={grpc_status}"
 
 
 class RateLimiter:

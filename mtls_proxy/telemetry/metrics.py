@@ -27,6 +27,16 @@ HANDSHAKE_REASONS: Final = (
     "timeout",
     "other",
 )
+# GOAWAY reasons: http2/guard.py's budgets (resets, header block bytes, frame floods), a protocol
+# error of the client (h2 found it), the idle timeout, shutdown (drain).
+H2_GOAWAY_REASONS: Final = (
+    "reset_budget",
+    "header_block",
+    "flood",
+    "protocol_error",
+    "idle",
+    "shutdown",
+)
 BUCKETS: Final = (
     0.0005,
     0.001,
@@ -47,31 +57,44 @@ BUCKETS: Final = (
 
 
 class _RequestStats(Collector):
-    """requests_total{decision,code} and the request duration histogram, lock-free."""
+    """requests_total{decision,code} and the request duration histogram, lock-free; with
+    HTTP/2 enabled both gain a protocol label (SPEC section 6)."""
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, int], int] = {}
-        self.buckets = [0] * (len(BUCKETS) + 1)  # the last one is +Inf
-        self.sum = 0.0
+        self.protocol_label = False
+        self.counts: dict[tuple[str, int, str], int] = {}
+        self.buckets: dict[str, list[int]] = {"http1": [0] * (len(BUCKETS) + 1)}  # last: +Inf
+        self.sums: dict[str, float] = {"http1": 0.0}
 
     def collect(self) -> Iterator[Metric]:
         """Metric families for a scrape."""
+        label = self.protocol_label
+        extra = ["protocol"] if label else []
         requests = CounterMetricFamily(
-            "mtls_proxy_requests", "Requests answered", labels=["decision", "code"]
+            "mtls_proxy_requests", "Requests answered", labels=["decision", "code", *extra]
         )
-        for (decision, klass), n in sorted(self.counts.items()):
-            requests.add_metric([decision, f"{klass}xx"], n)
+        totals: dict[tuple[str, ...], int] = {}
+        for (decision, klass, protocol), n in self.counts.items():
+            key: tuple[str, ...] = (decision, f"{klass}xx")
+            key = (*key, protocol) if label else key
+            totals[key] = totals.get(key, 0) + n
+        for key, n in sorted(totals.items()):
+            requests.add_metric(list(key), n)
         yield requests
-        cumulative, running = [], 0
-        for le, n in zip((*map(str, BUCKETS), "+Inf"), self.buckets, strict=True):
-            running += n
-            cumulative.append((le, running))
-        yield HistogramMetricFamily(
+        hist = HistogramMetricFamily(
             "mtls_proxy_request_duration_seconds",
             "Time from the request head to the end of the response",
-            buckets=cumulative,
-            sum_value=self.sum,
+            labels=extra,
         )
+        groups = {p: [p] for p in self.buckets} if label else {"": list(self.buckets)}
+        for name, protocols in sorted(groups.items()):
+            cumulative, running = [], 0
+            for i, le in enumerate((*map(str, BUCKETS), "+Inf")):
+                running += sum(self.buckets[p][i] for p in protocols)
+                cumulative.append((le, running))
+            total = sum(self.sums[p] for p in protocols)
+            hist.add_metric([name] if label else [], cumulative, sum_value=total)
+        yield hist
 
 
 class Metrics:
@@ -136,10 +159,27 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self._h2_collectors(r)
         self._handshake_ok = self.handshakes.labels(result="ok", reason="")
         self._start_series()
         build = Gauge("mtls_proxy_build_info", "Build information", ["version"], registry=r)
         build.labels(version=__version__).set(1)
+
+    def _h2_collectors(self, r: CollectorRegistry) -> None:
+        """HTTP/2's counters: resets and GOAWAYs by reason (h2conn.py rule 5)."""
+        self.h2_resets = Counter(
+            "mtls_proxy_h2_stream_resets",
+            "HTTP/2 client streams reset, by the client or by the proxy (the reset budget counts "
+            "both: Rapid Reset, MadeYouReset)",
+            ["by"],
+            registry=r,
+        )
+        self.h2_goaways = Counter(
+            "mtls_proxy_h2_goaways",
+            "HTTP/2 client connections ended with GOAWAY, by reason",
+            ["reason"],
+            registry=r,
+        )
 
     def _start_series(self) -> None:
         # Every label value of a bounded set exists from the start (at 0): an alert on a rate
@@ -152,15 +192,31 @@ class Metrics:
             self.upstream_errors.labels(kind=kind)
         for reason in ("lookalike", "underscore"):
             self.headers_dropped.labels(reason=reason)
+        for by in ("client", "proxy"):
+            self.h2_resets.labels(by=by)
+        for reason in H2_GOAWAY_REASONS:
+            self.h2_goaways.labels(reason=reason)
 
-    def request(self, decision: str, status: int, duration: float | None = None) -> None:
+    def request(
+        self, decision: str, status: int, duration: float | None = None, protocol: str = "http1"
+    ) -> None:
         """Count one answered request (and its duration, when it had one)."""
         stats = self._stats
-        key = (decision, status // 100)
+        key = (decision, status // 100, protocol)
         stats.counts[key] = stats.counts.get(key, 0) + 1
         if duration is not None:
-            stats.buckets[bisect_left(BUCKETS, duration)] += 1
-            stats.sum += duration
+            buckets = stats.buckets.get(protocol)
+            if buckets is None:
+                buckets = stats.buckets[protocol] = [0] * (len(BUCKETS) + 1)
+                stats.sums[protocol] = 0.0
+            buckets[bisect_left(BUCKETS, duration)] += 1
+            stats.sums[protocol] += duration
+
+    def label_protocol(self) -> None:
+        """--http2 on: request metrics carry protocol="http1|h2"."""
+        self._stats.protocol_label = True
+        self._stats.buckets.setdefault("h2", [0] * (len(BUCKETS) + 1))
+        self._stats.sums.setdefault("h2", 0.0)
 
     def handshake(self, result: str, reason: str = "") -> None:
         """Count one handshake outcome."""

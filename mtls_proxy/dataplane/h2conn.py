@@ -1,0 +1,342 @@
+"""The HTTP/2 client protocol (--http2 on, ALPN h2): one asyncio.Protocol per client connection,
+the python-hyper `h2` state machine inside, one `Exchange` per stream.
+
+Like connection.Http1Connection, this is a thin adapter: HPACK, frames, stream states and flow
+control windows are h2's; each request's header block is checked by http2.request (RFC 9113)
+and then by the HTTP/1.1 rules (http1.request.prepare), so stripping and identity injection are
+one set of rules for both protocols; the exchange decides, forwards to the HTTP/1.1 upstream and
+accounts, exactly as for HTTP/1.1.
+
+Rules:
+1. A malformed header block is a 400 on that stream (the JSON error); a protocol error of the
+   connection (h2 raises it) is GOAWAY and the end of the connection.
+2. Responses are written by the H2Writer mixin (h2send.py: flow control, trailers, resets).
+3. Request bodies are acknowledged (WINDOW_UPDATE) as they are handed to the upstream side, so
+   the client can never have more than the stream window in flight per stream.
+4. Timeouts are the listener sweeper's: --idle-timeout with no stream open, --send-timeout
+   while the client does not read, the exchanges' upstream deadline; a drain sends GOAWAY and
+   closes once the open streams are answered.
+5. The attack classes (http2/guard.py: CONTINUATION, Rapid Reset, MadeYouReset, floods) end the
+   connection with GOAWAY(ENHANCE_YOUR_CALM); every GOAWAY is counted by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from mtls_proxy.core import grpc
+from mtls_proxy.core.errors import ProxyError
+from mtls_proxy.dataplane.exchange import Exchange
+from mtls_proxy.dataplane.flow import ReadGate
+from mtls_proxy.dataplane.h2exchange import H2Exchange
+from mtls_proxy.dataplane.h2send import H2Stream, H2Writer
+from mtls_proxy.http1.request import prepare
+from mtls_proxy.http2.guard import FrameGuard
+from mtls_proxy.http2.request import MalformedH2Request, translate
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from cryptography import x509
+
+    from mtls_proxy.core.identity import PeerIdentity
+    from mtls_proxy.dataplane.admission import Peer
+    from mtls_proxy.dataplane.plane import DataPlane
+
+logger = logging.getLogger("mtls_proxy.proxy")
+
+
+class H2Connection(H2Writer, asyncio.Protocol):
+    """A client connection speaking HTTP/2 (plane.Connection, exchange.Downstream)."""
+
+    protocol = "h2"  # the metrics' and access log's protocol label
+
+    def __init__(self, plane: DataPlane, admitted: Peer, release: Callable[[], None]) -> None:
+        self.plane, self.admitted, self._release = plane, admitted, release
+        self.transport: asyncio.Transport | None = None
+        self.client_ip = b"-"
+        self._port = b""
+        self.flow = ReadGate()
+        self.log_fields = ""
+        self.closed = self.draining = self.aborting = False
+        self.deadline = 0.0
+        self.send_deadline = 0.0  # writing is paused: the client must take a byte by then
+        cfg = plane.cfg
+        self.guard = FrameGuard(cfg.h2_max_header_list_bytes, cfg.h2_reset_budget)
+        self._rid_prefix = os.urandom(6).hex().encode()
+        self._rid = 0
+        self._streams: dict[int, H2Stream] = {}
+        self._by_ex: dict[Exchange, H2Stream] = {}
+        self.h2pool = plane.h2pool
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=True
+        )
+        self.h2 = h2.connection.H2Connection(config=config)
+
+    @property
+    def peer(self) -> PeerIdentity | None:
+        """The client's identity (None: no certificate)."""
+        return self.admitted.identity
+
+    # -- lifecycle (plane.Connection) -----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Send our SETTINGS and wait for the client's preface."""
+        self.transport = self.flow.transport = t = transport  # type: ignore[assignment]
+        plane = self.plane
+        peername = t.get_extra_info("peername")
+        self.client_ip = str(peername[0]).encode() if isinstance(peername, tuple) else b"unix"
+        sockname = t.get_extra_info("sockname")
+        if isinstance(sockname, tuple):
+            self._port = b"%d" % sockname[1]
+        if plane.access_log is not None:
+            sslobj = self.admitted.sslobj
+            cipher = sslobj.cipher() if sslobj is not None else None
+            self.log_fields = plane.access_log.connection_fields(
+                self.admitted.identity,
+                self.client_ip.decode(),
+                peername[1] if isinstance(peername, tuple) else None,
+                sslobj.version() if sslobj is not None else None,
+                cipher[0] if cipher else None,
+                None,
+            )
+        cfg = plane.cfg
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: cfg.h2_max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: cfg.h2_initial_stream_window,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: cfg.h2_max_header_list_bytes,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.h2.initiate_connection()
+        if cfg.h2_initial_connection_window > 65535:
+            self.h2.increment_flow_control_window(cfg.h2_initial_connection_window - 65535)
+        self.flush()
+        plane.connections.add(self)
+        plane.metrics.connections_open.inc()
+        self.deadline = plane.clock() + plane.cfg.idle_timeout
+        if plane.draining:
+            self.drain()
+
+    def verified_chain(self) -> list[x509.Certificate] | None:
+        """The client's verified chain (admission.Peer.verified_chain)."""
+        return self.admitted.verified_chain()
+
+    def cut(self) -> None:
+        """The reloaded trust refuses this client: close at once."""
+        self.closed = True
+        self.admitted.sslobj = None
+        self.abort()
+
+    def abort(self) -> None:
+        """Close without waiting."""
+        self.aborting = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drain(self) -> None:
+        """Shutdown: GOAWAY now; close once the open streams are answered (rule 4)."""
+        self.draining = True
+        if self.transport is None:
+            return
+        self.plane.metrics.h2_goaways.labels(reason="shutdown").inc()
+        self.h2.close_connection()
+        self.flush()
+        if not self._streams:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Release everything the connection holds."""
+        self.closed = True
+        for st in list(self._streams.values()):
+            st.ex.abandon()
+        self._streams.clear()
+        self._by_ex.clear()
+        self.transport = self.flow.transport = None
+        self.admitted.sslobj = None
+        self.plane.connections.discard(self)
+        self.plane.metrics.connections_open.dec()
+        self._release()
+
+    def check_deadlines(self, now: float) -> None:
+        """Called by the sweeper: the idle timeout, the send timeout and each exchange's
+        upstream deadline."""
+        if self.send_deadline and now >= self.send_deadline:
+            self.abort()  # the client stopped reading: nothing more can be said to it
+            return
+        for st in list(self._streams.values()):
+            ex = st.ex
+            if ex.up_deadline and now >= ex.up_deadline:
+                ex.up_deadline = 0.0
+                ex.on_upstream_timeout()
+        if self.deadline and now >= self.deadline and not self._streams:
+            self.deadline = 0.0
+            self.goaway(h2.errors.ErrorCodes.NO_ERROR, "idle")
+
+    def goaway(self, code: int, reason: str) -> None:
+        """GOAWAY with *code*, counted by *reason*, and close (rule 5)."""
+        self.plane.metrics.h2_goaways.labels(reason=reason).inc()
+        if self.transport is None:
+            return
+        if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM:
+            logger.warning("HTTP/2 client over a limit", extra={"error": reason})
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(error_code=code)
+        self.flush()
+        self.transport.close()
+
+    def pause_writing(self) -> None:
+        """The client reads slowly: stop reading it (what it sends may need an answer: PING,
+        SETTINGS), and give it --send-timeout to take a byte."""
+        self.flow.pause("send")
+        self.send_deadline = self.plane.clock() + self.plane.cfg.send_timeout
+
+    def resume_writing(self) -> None:
+        """The client caught up."""
+        self.send_deadline = 0.0
+        self.flow.resume("send")
+
+    def proxy_reset(self) -> None:
+        """A stream the proxy ends because of the client: the reset budget counts it too."""
+        self.plane.metrics.h2_resets.labels(by="proxy").inc()
+        over = self.guard.reset(self.plane.clock())
+        if over is not None:
+            self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, over)
+
+    # -- reading ------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        """Feed h2 and act on its events (rule 1)."""
+        if self.closed or self.transport is None:
+            return
+        over = self.guard.feed(data, self.plane.clock())
+        if over is not None:
+            self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, over)
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            logger.info("HTTP/2 protocol error", extra={"error": type(exc).__name__})
+            self.plane.metrics.h2_goaways.labels(reason="protocol_error").inc()
+            self.flush()  # h2 queued the GOAWAY
+            self.transport.close()
+            return
+        for ev in events:
+            if isinstance(ev, h2.events.RequestReceived):
+                self._request(ev)
+            elif isinstance(ev, h2.events.DataReceived):
+                self._data(ev)
+            elif isinstance(ev, h2.events.StreamEnded):
+                st = self._streams.get(ev.stream_id)
+                if st is not None:
+                    st.ex.end_body()
+            elif isinstance(ev, h2.events.StreamReset):
+                self.plane.metrics.h2_resets.labels(by="client").inc()
+                self._reset(ev.stream_id)
+            elif isinstance(ev, h2.events.WindowUpdated):
+                self._send_pending(ev.stream_id)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self.flush()
+                self.transport.close()
+                return
+        self.flush()
+
+    def _request(self, ev: h2.events.RequestReceived) -> None:
+        sid = ev.stream_id
+        headers = [(bytes(n), bytes(v)) for n, v in ev.headers or ()]
+        end_stream = ev.stream_ended is not None
+        self._rid += 1
+        rid = b"%b%04x" % (self._rid_prefix, self._rid)
+        try:
+            req = translate(headers, end_stream)
+        except ProxyError as err:
+            ct = next((v for n, v in headers if n == b"content-type"), None)
+            self._start(sid, self._refused(err, b"-", b"-", rid), grpc.is_grpc(ct), end_stream)
+            self.proxy_reset()  # a malformed stream, answered: MadeYouReset's currency
+            return
+        is_grpc = grpc.is_grpc(req.content_type)
+        try:
+            prep = prepare(
+                req.method,
+                req.path,
+                "1.1",
+                req.raw,
+                upgrade=False,
+                client_ip=self.client_ip,
+                block=self.admitted.block,
+                default_host=self.plane.upstream_host,
+                normalize=bool(self.plane.gen.policy.routes),
+                port=self._port,
+                underscores=self.plane.cfg.underscore_headers,
+                request_id=rid,
+            )
+        except ProxyError as err:
+            self._start(sid, self._refused(err, req.method, req.path, rid), is_grpc, end_stream)
+            return
+        ex: Exchange
+        if is_grpc or self.plane.cfg.upstream_protocol == "h2c":
+            ex = hx = H2Exchange(self, req.method, req.path, prep.request_id, is_grpc)
+            hx.te_trailers = req.te_trailers
+            hx.grpc_timeout = next((v for n, v in req.raw if n == b"grpc-timeout"), None)
+        else:
+            ex = Exchange(self, req.method, req.path, prep.request_id)
+            ex.chunked = prep.chunked
+        ex.path, ex.head = prep.path, prep.head
+        ex.has_body, ex.length = prep.has_body, prep.length
+        self._start(sid, ex, is_grpc, end_stream)
+
+    def _refused(self, err: ProxyError, method: bytes, path: bytes, rid: bytes) -> Exchange:
+        ex = Exchange(self, method, path, rid)
+        ex.fail(err)
+        if isinstance(err, MalformedH2Request):
+            ex.reason = f"{err.public_message}: {err.detail}"
+        return ex
+
+    def _start(self, sid: int, ex: Exchange, is_grpc: bool, end_stream: bool) -> None:
+        ex.body_done = end_stream
+        st = H2Stream(sid, ex, is_grpc)
+        self._streams[sid] = st
+        self._by_ex[ex] = st
+        self.deadline = 0.0
+        ex.begin()
+
+    def _data(self, ev: h2.events.DataReceived) -> None:
+        st = self._streams.get(ev.stream_id)
+        data = ev.data or b""
+        n = ev.flow_controlled_length or 0
+        ex = st.ex if st is not None else None
+        if isinstance(ex, H2Exchange) and ex.accepts_body():
+            # h2upstream rule 1: the data bytes are acknowledged as they leave for the
+            # upstream; padding at once.
+            if n > len(data):
+                self.h2.acknowledge_received_data(n - len(data), ev.stream_id)
+            ex.bytes_in += len(data)
+            if data:
+                ex.send_body(data)
+            return
+        # Rule 3: acknowledged as handed on (or dropped, for an answered stream).
+        if n:
+            self.h2.acknowledge_received_data(n, ev.stream_id)
+        if ex is None or ex.status:
+            return
+        ex.bytes_in += len(data)
+        if data and ex.send_body(data):
+            self.flow.pause("buffer")
+
+    def _reset(self, sid: int) -> None:
+        st = self._streams.pop(sid, None)
+        if st is not None:
+            self._by_ex.pop(st.ex, None)
+            st.ex.status = st.ex.status or 499
+            st.ex.abandon()

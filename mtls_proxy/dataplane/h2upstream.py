@@ -1,0 +1,307 @@
+"""HTTP/2 to the upstream in cleartext with prior knowledge (h2c, RFC 9113 3.3): what a gRPC
+server (grpcio speaks only HTTP/2) needs, with `--upstream-protocol h2c|auto`.
+
+One `H2Upstream` connection carries many streams, each the upstream half of an `H2Exchange`
+(h2exchange.py); the pool opens another connection only when the open ones are at the
+upstream's SETTINGS_MAX_CONCURRENT_STREAMS or going away.
+
+Rules:
+1. Request DATA is sent as the upstream's windows allow; what does not fit waits per stream,
+   and the exchange acknowledges the client's bytes only as they leave (`on_request_sent`), so
+   the client's own HTTP/2 window is the back-pressure, per stream, with no buffer of ours
+   beyond one window.
+2. Response DATA is acknowledged to the upstream as it is handed to the client, except while
+   the exchange holds the stream (its client reads slowly): then the acknowledgements wait, and
+   the upstream's window closes.
+3. GOAWAY from the upstream: streams above its last-stream-id were never processed and fail
+   (502, UNAVAILABLE for gRPC); the others finish; the connection takes no new stream.
+4. A lost connection fails every stream on it (before the response head: 502; after: reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Final, Protocol
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from mtls_proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
+
+if TYPE_CHECKING:
+    from mtls_proxy.core.addresses import Upstream
+
+STREAM_WINDOW: Final = 1024 * 1024  # our receive window per upstream stream (rule 2)
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+_OPEN_WINDOW_STEP: Final = CONNECTION_WINDOW - 65535
+
+
+class StreamSink(Protocol):
+    """The exchange behind one upstream stream (h2exchange.H2Exchange)."""
+
+    def on_request_sent(self, n: int) -> None:
+        """*n* request body bytes left for the upstream (rule 1)."""
+
+    def on_h2_head(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        """The response HEADERS."""
+
+    def on_response_body(self, data: bytes) -> None:
+        """A response DATA payload."""
+
+    def on_h2_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """The response trailers (END_STREAM)."""
+
+    def on_h2_end(self) -> None:
+        """The response is complete."""
+
+    def on_h2_reset(self, code: int) -> None:
+        """The upstream reset the stream (or never processed it, or the connection is lost)."""
+
+
+class H2Upstream(asyncio.Protocol):
+    """One h2c client connection to the upstream."""
+
+    def __init__(self, pool: H2UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.usable = True  # may take new streams (rule 3)
+        self.sinks: dict[int, StreamSink] = {}
+        self._pending: dict[int, list[bytes]] = {}
+        self._ending: set[int] = set()
+        self._held: dict[int, int] = {}  # stream -> response bytes not yet acknowledged
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = h2.connection.H2Connection(config=config)
+
+    def has_room(self) -> bool:
+        """Whether a new stream fits (rule 3, and the upstream's concurrency limit)."""
+        return (
+            self.usable
+            and self.transport is not None
+            and self.h2.open_outbound_streams < self.h2.remote_settings.max_concurrent_streams
+        )
+
+    # -- asyncio ----------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The connection preface, our SETTINGS and a connection window of CONNECTION_WINDOW."""
+        self.transport = transport  # type: ignore[assignment]
+        h2c = self.h2
+        h2c.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.pool.max_header_list,
+            },
+        )
+        h2c.initiate_connection()
+        h2c.increment_flow_control_window(_OPEN_WINDOW_STEP)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Rule 4."""
+        self.transport = None
+        self.usable = False
+        self.pool.discard(self)
+        sinks, self.sinks = self.sinks, {}
+        for sink in sinks.values():
+            sink.on_h2_reset(-1)
+
+    def data_received(self, data: bytes) -> None:
+        """Feed h2; hand each event to its stream's exchange."""
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.flush()
+            self.close()
+            return
+        for ev in events:
+            sid = getattr(ev, "stream_id", 0)
+            sink = self.sinks.get(sid) if sid else None
+            if isinstance(ev, h2.events.ResponseReceived) and sink is not None:
+                sink.on_h2_head(list(ev.headers or ()), ev.stream_ended is not None)
+            elif isinstance(ev, h2.events.DataReceived):
+                self._on_data(sid, sink, ev)
+            elif isinstance(ev, h2.events.TrailersReceived) and sink is not None:
+                sink.on_h2_trailers(list(ev.headers or ()))
+            elif isinstance(ev, h2.events.StreamEnded) and sink is not None:
+                self._drop(sid)
+                sink.on_h2_end()
+            elif isinstance(ev, h2.events.StreamReset) and sink is not None:
+                self._drop(sid)
+                sink.on_h2_reset(int(ev.error_code or 0))
+            elif isinstance(ev, h2.events.WindowUpdated):
+                self._window(sid)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                self._goaway(ev.last_stream_id or 0)
+        self.flush()
+        if not self.usable and not self.sinks:
+            self.close()
+
+    # -- streams ----------------------------------------------------------------------------------
+    def open(self, sink: StreamSink, headers: list[tuple[bytes, bytes]], end_stream: bool) -> int:
+        """A new stream for *sink*: its HEADERS now; returns the stream id."""
+        sid = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(sid, headers, end_stream=end_stream)
+        self.sinks[sid] = sink
+        self.flush()
+        return sid
+
+    def send(self, sid: int, data: bytes, end: bool) -> None:
+        """Request body bytes (and/or the end of the body) for stream *sid* (rule 1)."""
+        if sid not in self.sinks:
+            return
+        if data:
+            self._pending.setdefault(sid, []).append(data)
+        if end:
+            self._ending.add(sid)
+        self._send_pending(sid)
+        self.flush()
+
+    def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abandon stream *sid* (the client left, reset it, or the deadline passed)."""
+        if self.sinks.pop(sid, None) is None:
+            return
+        self._drop(sid)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.reset_stream(sid, code)
+        self.flush()
+
+    def hold(self, sid: int) -> None:
+        """Stop acknowledging stream *sid*'s response bytes (rule 2)."""
+        self._held.setdefault(sid, 0)
+
+    def release(self, sid: int) -> None:
+        """Acknowledge what was held: the upstream may send again."""
+        n = self._held.pop(sid, 0)
+        if n and sid in self.sinks:
+            self.h2.acknowledge_received_data(n, sid)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what h2 has queued."""
+        data = self.h2.data_to_send()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close the connection (its streams fail in connection_lost)."""
+        self.usable = False
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _on_data(self, sid: int, sink: StreamSink | None, ev: h2.events.DataReceived) -> None:
+        n = ev.flow_controlled_length or 0
+        if sink is not None and ev.data:
+            sink.on_response_body(ev.data)
+        if not n:
+            return
+        if sink is not None and sid in self._held:
+            self._held[sid] += n
+        else:
+            self.h2.acknowledge_received_data(n, sid)
+
+    def _window(self, sid: int) -> None:
+        for s in list(self._pending) if sid == 0 else [sid]:
+            self._send_pending(s)
+
+    def _send_pending(self, sid: int) -> None:
+        h2c, pending = self.h2, self._pending.get(sid)
+        sent = 0
+        try:
+            while pending:
+                window = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                chunk = pending[0]
+                if len(chunk) > window:
+                    pending[0], chunk = chunk[window:], chunk[:window]
+                else:
+                    pending.pop(0)
+                h2c.send_data(sid, chunk)
+                sent += len(chunk)
+            if not pending and sid in self._ending:
+                self._ending.discard(sid)
+                self._pending.pop(sid, None)
+                h2c.end_stream(sid)
+        except h2.exceptions.StreamClosedError:
+            self._pending.pop(sid, None)
+            self._ending.discard(sid)
+        sink = self.sinks.get(sid)
+        if sent and sink is not None:
+            sink.on_request_sent(sent)
+
+    def _drop(self, sid: int) -> None:
+        self.sinks.pop(sid, None)
+        self._pending.pop(sid, None)
+        self._ending.discard(sid)
+        self._held.pop(sid, None)
+
+    def _goaway(self, last: int) -> None:
+        """Rule 3."""
+        self.usable = False
+        self.pool.discard(self)
+        for sid in [s for s in self.sinks if s > last]:
+            sink = self.sinks[sid]
+            self._drop(sid)
+            sink.on_h2_reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+
+
+class H2UpstreamPool:
+    """The h2c connections to one upstream (usually one, multiplexed)."""
+
+    def __init__(self, upstream: Upstream, connect_timeout: float, max_header_list: int) -> None:
+        self.upstream = upstream
+        self.connect_timeout = connect_timeout
+        self.max_header_list = max_header_list
+        self.conns: list[H2Upstream] = []
+        self._connecting: asyncio.Task[H2Upstream] | None = None
+
+    def take(self) -> H2Upstream | None:
+        """An open connection with room for a stream, or None."""
+        for conn in self.conns:
+            if conn.has_room():
+                return conn
+        return None
+
+    async def get(self) -> H2Upstream:
+        """An open connection with room, connecting (once, for every waiter) if needed."""
+        conn = self.take()
+        if conn is not None:
+            return conn
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+        return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> H2Upstream:
+        loop = asyncio.get_running_loop()
+        u = self.upstream
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if u.scheme == "unix":
+                    _, proto = await loop.create_unix_connection(lambda: H2Upstream(self), u.path)
+                else:
+                    _, proto = await loop.create_connection(
+                        lambda: H2Upstream(self), u.host, u.port
+                    )
+        except TimeoutError:
+            raise UpstreamTimeout from None
+        except OSError as exc:
+            raise UpstreamUnavailable from exc
+        self.conns.append(proto)
+        return proto
+
+    def discard(self, conn: H2Upstream) -> None:
+        """Forget a connection that is going away."""
+        with contextlib.suppress(ValueError):
+            self.conns.remove(conn)
+
+    def close(self) -> None:
+        """Close every connection (shutdown)."""
+        for conn in list(self.conns):
+            conn.close()

@@ -1,0 +1,244 @@
+"""HTTP/2 downstream (--http2 on): curl --http2 and a raw h2 client over real mTLS, a real
+HTTP/1.1 upstream behind (tests.helpers: h11)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from tests.helpers import Pki, Upstream, client_ctx, curl, run_proxy
+
+
+def _h2_client(port: int, ctx: ssl.SSLContext) -> tuple[ssl.SSLSocket, h2.connection.H2Connection]:
+    ctx.set_alpn_protocols(["h2"])
+    s = ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost"
+    )
+    assert s.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    conn.initiate_connection()
+    s.sendall(conn.data_to_send())
+    return s, conn
+
+
+def _exchange(
+    s: ssl.SSLSocket,
+    conn: h2.connection.H2Connection,
+    streams: dict[int, tuple[list[tuple[bytes, bytes]], bytes | None]],
+) -> dict[int, dict[str, object]]:
+    """Send each stream's headers (and body), read until every stream ended or was reset."""
+    bodies: dict[int, bytes] = {}
+    for sid, (headers, body) in streams.items():
+        conn.send_headers(sid, headers, end_stream=body is None)
+        if body is not None:
+            bodies[sid] = body
+
+    def send_bodies() -> None:  # as the proxy's windows allow
+        for sid, rest in list(bodies.items()):
+            n = min(len(rest), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if n > 0 or not rest:
+                conn.send_data(sid, rest[:n], end_stream=n == len(rest))
+                bodies[sid] = rest[n:]
+                if n == len(rest):
+                    del bodies[sid]
+
+    send_bodies()
+    s.sendall(conn.data_to_send())
+    out: dict[int, dict[str, object]] = {sid: {"data": b""} for sid in streams}
+    pending = set(streams)
+    while pending:
+        data = s.recv(65536)
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                out[ev.stream_id]["headers"] = dict(ev.headers)
+            elif isinstance(ev, h2.events.DataReceived):
+                out[ev.stream_id]["data"] += ev.data  # type: ignore[operator]
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                if isinstance(ev, h2.events.StreamReset):
+                    out[ev.stream_id]["reset"] = ev.error_code
+                pending.discard(ev.stream_id)
+            elif isinstance(ev, h2.events.ConnectionTerminated):
+                out[0] = {"goaway": ev.error_code}
+                pending.clear()
+        send_bodies()
+        s.sendall(conn.data_to_send())
+    return out
+
+
+def _get(path: bytes, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", b"localhost"),
+        (b":path", path),
+        *extra,
+    ]
+
+
+def test_curl_http2_gets_identity_and_the_upstream_speaks_http1(
+    tp: Pki, upstream: Upstream
+) -> None:
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--http2", "on") as p:
+        url = f"https://localhost:{p.port}/h2?x=1"
+        ok = curl(
+            tp,
+            "good",
+            url,
+            "--http2",
+            "-H",
+            "X-Client-Subject: CN=admin",
+            "-d",
+            "hello",
+            "-w",
+            "\n%{http_version}",
+        )
+        denied = curl(
+            tp, "other", url, "--http2", "-o", "/dev/null", "-w", "%{http_code} %{http_version}"
+        )
+        deadline = time.monotonic() + 5  # access records leave in batches
+        while len(access := [r for r in p.records() if r.get("msg") == "access"]) < 2:
+            assert time.monotonic() < deadline, p.records()
+            time.sleep(0.02)
+        h2_allowed = p.metric(
+            'mtls_proxy_requests_total{code="2xx",decision="allow",protocol="h2"}'
+        )
+    assert h2_allowed == 1
+    assert ok.returncode == 0, ok.stderr
+    body, version = ok.stdout.rsplit("\n", 1)
+    assert version == "2"
+    echo = json.loads(body)
+    assert echo["target"] == "/h2?x=1" and echo["body_len"] == 5
+    assert ["x-client-subject", "CN=client-good,O=Example Corp"] in echo["headers"]
+    assert ["x-client-subject", "CN=admin"] not in echo["headers"]
+    assert denied.stdout == "403 2"
+    assert sorted(r.get("status") for r in access) == [200, 403]
+    assert {r.get("protocol") for r in access} == {"h2"}
+
+
+@pytest.mark.skipif(shutil.which("nghttp") is None, reason="nghttp: .ci/run installs it")
+def test_nghttp_concurrent_streams_on_one_connection(tp: Pki, upstream: Upstream) -> None:
+    """nghttp (nghttp2's client) fetches two URIs as two streams of one connection."""
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--http2", "on") as p:
+        base = f"https://localhost:{p.port}"
+        out = subprocess.run(
+            [
+                "nghttp",
+                "-y",
+                "--cert",
+                tp.crt("good"),
+                "--key",
+                tp.key("good"),
+                "-H",
+                "x-forwarded-client-cert: By=forged",
+                f"{base}/one",
+                f"{base}/two",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert out.returncode == 0, out.stderr
+    echoes, text, dec = [], out.stdout.strip(), json.JSONDecoder()
+    while text:  # the two bodies, back to back
+        echo, end = dec.raw_decode(text)
+        echoes.append(echo)
+        text = text[end:].lstrip()
+    assert sorted(e["target"] for e in echoes) == ["/one", "/two"]
+    for echo in echoes:
+        xfcc = [v for k, v in echo["headers"] if k == "x-forwarded-client-cert"]
+        assert len(xfcc) == 1 and "forged" not in xfcc[0]
+
+
+def test_http1_still_default_and_alpn_offers_h2_only_when_on(tp: Pki, upstream: Upstream) -> None:
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}") as p:
+        out = curl(
+            tp,
+            "good",
+            f"https://localhost:{p.port}/x",
+            "--http2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version}",
+        )
+    assert out.stdout == "1.1"
+
+
+def test_streams_multiplexed_and_spoofed_identity_stripped(tp: Pki, upstream: Upstream) -> None:
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--http2", "on") as p:
+        s, conn = _h2_client(p.port, client_ctx(tp, "good"))
+        with s:
+            post = [(b":method", b"POST"), *_get(b"/post")[1:]]
+            res = _exchange(
+                s,
+                conn,
+                {
+                    1: (_get(b"/one", (b"x-forwarded-client-cert", b"Hash=forged")), None),
+                    3: (_get(b"/two", (b"x-client_verified", b"SUCCESS")), None),
+                    5: (post, b"x" * 100_000),  # beyond the 64 KiB default window: flow control
+                },
+            )
+    assert all(r["headers"][b":status"] == b"200" for r in res.values()), res  # type: ignore[index]
+    echoes = {json.loads(r["data"])["target"]: json.loads(r["data"]) for r in res.values()}  # type: ignore[arg-type]
+    assert set(echoes) == {"/one", "/two", "/post"}
+    assert echoes["/post"]["body_len"] == 100_000
+    for echo in echoes.values():
+        xfcc = [v for k, v in echo["headers"] if k == "x-forwarded-client-cert"]
+        assert len(xfcc) == 1 and "forged" not in xfcc[0]
+        assert not [k for k, _ in echo["headers"] if "_" in k]
+
+
+def test_malformed_and_denied_streams(tp: Pki, upstream: Upstream) -> None:
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--http2", "on") as p:
+        s, conn = _h2_client(p.port, client_ctx(tp, "other"))
+        with s:
+            res = _exchange(
+                s,
+                conn,
+                {
+                    1: ([*_get(b"/x")[:2], (b":authority", b"a b"), (b":path", b"/x")], None),
+                    3: (_get(b"/denied"), None),  # "other" is not allowed: 403
+                    5: (
+                        [
+                            (b":method", b"POST"),
+                            *_get(b"/pkg.Svc/Call")[1:],
+                            (b"content-type", b"application/grpc"),
+                            (b"te", b"trailers"),
+                        ],
+                        b"\x00\x00\x00\x00\x00",
+                    ),
+                    7: (  # a malformed gRPC call: INTERNAL, trailers-only
+                        [
+                            (b":method", b"POST"),
+                            (b":scheme", b"https"),
+                            (b":authority", b"user@svc"),
+                            (b":path", b"/pkg.Svc/Call"),
+                            (b"content-type", b"application/grpc+proto"),
+                        ],
+                        None,
+                    ),
+                },
+            )
+    assert res[1]["headers"][b":status"] == b"400"  # type: ignore[index]
+    assert res[3]["headers"][b":status"] == b"403"  # type: ignore[index]
+    assert json.loads(res[3]["data"])["error"] == "forbidden"  # type: ignore[arg-type]
+    grpc_headers = res[5]["headers"]  # trailers-only: PERMISSION_DENIED
+    assert grpc_headers[b":status"] == b"200" and grpc_headers[b"grpc-status"] == b"7"  # type: ignore[index]
+    malformed = res[7]["headers"]
+    assert malformed[b":status"] == b"200" and malformed[b"grpc-status"] == b"13"  # type: ignore[index]
+    assert upstream.seen == []
