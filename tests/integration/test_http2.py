@@ -5,78 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import ssl
 import subprocess
 import time
 
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 
+from tests.h2client import h2_client, h2_exchange
 from tests.helpers import Pki, Upstream, client_ctx, curl, run_proxy
-
-
-def _h2_client(port: int, ctx: ssl.SSLContext) -> tuple[ssl.SSLSocket, h2.connection.H2Connection]:
-    ctx.set_alpn_protocols(["h2"])
-    s = ctx.wrap_socket(
-        socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost"
-    )
-    assert s.selected_alpn_protocol() == "h2"
-    conn = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, header_encoding=None)
-    )
-    conn.initiate_connection()
-    s.sendall(conn.data_to_send())
-    return s, conn
-
-
-def _exchange(
-    s: ssl.SSLSocket,
-    conn: h2.connection.H2Connection,
-    streams: dict[int, tuple[list[tuple[bytes, bytes]], bytes | None]],
-) -> dict[int, dict[str, object]]:
-    """Send each stream's headers (and body), read until every stream ended or was reset."""
-    bodies: dict[int, bytes] = {}
-    for sid, (headers, body) in streams.items():
-        conn.send_headers(sid, headers, end_stream=body is None)
-        if body is not None:
-            bodies[sid] = body
-
-    def send_bodies() -> None:  # as the proxy's windows allow
-        for sid, rest in list(bodies.items()):
-            n = min(len(rest), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-            if n > 0 or not rest:
-                conn.send_data(sid, rest[:n], end_stream=n == len(rest))
-                bodies[sid] = rest[n:]
-                if n == len(rest):
-                    del bodies[sid]
-
-    send_bodies()
-    s.sendall(conn.data_to_send())
-    out: dict[int, dict[str, object]] = {sid: {"data": b""} for sid in streams}
-    pending = set(streams)
-    while pending:
-        data = s.recv(65536)
-        if not data:
-            break
-        for ev in conn.receive_data(data):
-            if isinstance(ev, h2.events.ResponseReceived):
-                out[ev.stream_id]["headers"] = dict(ev.headers)
-            elif isinstance(ev, h2.events.DataReceived):
-                out[ev.stream_id]["data"] += ev.data  # type: ignore[operator]
-                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
-                if isinstance(ev, h2.events.StreamReset):
-                    out[ev.stream_id]["reset"] = ev.error_code
-                pending.discard(ev.stream_id)
-            elif isinstance(ev, h2.events.ConnectionTerminated):
-                out[0] = {"goaway": ev.error_code}
-                pending.clear()
-        send_bodies()
-        s.sendall(conn.data_to_send())
-    return out
 
 
 def _get(path: bytes, *extra: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
@@ -181,10 +116,10 @@ def test_http1_still_default_and_alpn_offers_h2_only_when_on(tp: Pki, upstream: 
 
 def test_streams_multiplexed_and_spoofed_identity_stripped(tp: Pki, upstream: Upstream) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--http2", "on") as p:
-        s, conn = _h2_client(p.port, client_ctx(tp, "good"))
+        s, conn = h2_client(p.port, client_ctx(tp, "good"))
         with s:
             post = [(b":method", b"POST"), *_get(b"/post")[1:]]
-            res = _exchange(
+            res = h2_exchange(
                 s,
                 conn,
                 {
@@ -205,9 +140,9 @@ def test_streams_multiplexed_and_spoofed_identity_stripped(tp: Pki, upstream: Up
 
 def test_malformed_and_denied_streams(tp: Pki, upstream: Upstream) -> None:
     with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--http2", "on") as p:
-        s, conn = _h2_client(p.port, client_ctx(tp, "other"))
+        s, conn = h2_client(p.port, client_ctx(tp, "other"))
         with s:
-            res = _exchange(
+            res = h2_exchange(
                 s,
                 conn,
                 {
