@@ -44,14 +44,18 @@ def h2_exchange(
         if body is not None:
             bodies[sid] = body
 
-    def send_bodies() -> None:  # as the proxy's windows allow
+    def send_bodies() -> None:  # as much as the proxy's windows allow, frame by frame
         for sid, rest in list(bodies.items()):
-            n = min(len(rest), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-            if n > 0 or not rest:
+            while True:
+                window = conn.local_flow_control_window(sid)
+                n = min(len(rest), window, conn.max_outbound_frame_size)
+                if n <= 0 and rest:
+                    break
                 conn.send_data(sid, rest[:n], end_stream=n == len(rest))
-                bodies[sid] = rest[n:]
-                if n == len(rest):
+                rest = bodies[sid] = rest[n:]
+                if not rest:
                     del bodies[sid]
+                    break
 
     send_bodies()
     s.sendall(conn.data_to_send())

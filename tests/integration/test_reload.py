@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mtls_proxy.cli import pki
+from tests.h2client import h2_client, h2_exchange
 from tests.helpers import (
     Pki,
     Proxy,
@@ -266,3 +267,26 @@ def test_a_reload_that_keeps_only_the_intermediate_cuts_as_the_handshake_would(
         else:
             assert (cut, status) == (0, 200)
             assert get(p.port, client_ctx(tp, "good"))[0] == 200
+
+
+def test_a_reload_cuts_http2_connections_the_new_trust_refuses(
+    tp: Pki, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Reload semantics are the same for HTTP/2 (docs/http2.md): the bundle loses the clients'
+    CA, so an open h2 connection with streams to come is cut."""
+    d = material_dir(tp, tmp_path)
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", *material_args(d), "--http2", "on",
+        extra_cert_args=False,
+    ) as p:  # fmt: skip
+        s, conn = h2_client(p.port, client_ctx(tp, "good"))
+        get = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a")]
+        before = h2_exchange(s, conn, {1: ([*get, (b":path", b"/before")], None)})
+        assert before[1]["headers"][b":status"] == b"200"  # type: ignore[index]
+        (d / "ca.crt").write_bytes(pki.make_ca("unrelated root").cert_pem(with_chain=False))
+        p.proc.send_signal(signal.SIGHUP)
+        wait_reload(p, 1, "success")
+        assert p.metric('mtls_proxy_connections_cut_total{reason="unknown_ca"}') == 1
+        with s:
+            after = h2_exchange(s, conn, {3: ([*get, (b":path", b"/after")], None)})
+    assert "headers" not in after[3]  # the connection ended: no answer on the new stream
