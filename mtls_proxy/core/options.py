@@ -196,6 +196,14 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         ("http1", "h2c", "auto"),
     ),
     Opt(
+        "h2-library",
+        ("h2_library",),
+        "enum",
+        "h2",
+        "HTTP/2 implementation: h2 (python-hyper) or jh2 (same API, Rust HPACK; pip install jh2)",
+        ("h2", "jh2"),
+    ),
+    Opt(
         "h2-max-concurrent-streams",
         ("h2_max_concurrent_streams",),
         "int",

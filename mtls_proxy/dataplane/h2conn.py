@@ -28,15 +28,9 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
 from mtls_proxy.core import grpc
 from mtls_proxy.core.errors import ProxyError
+from mtls_proxy.dataplane import h2lib
 from mtls_proxy.dataplane.exchange import Exchange
 from mtls_proxy.dataplane.flow import ReadGate
 from mtls_proxy.dataplane.h2exchange import H2Exchange
@@ -79,10 +73,10 @@ class H2Connection(H2Writer, asyncio.Protocol):
         self._streams: dict[int, H2Stream] = {}
         self._by_ex: dict[Exchange, H2Stream] = {}
         self.h2pool = plane.h2pool
-        config = h2.config.H2Configuration(
+        config = h2lib.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=True
         )
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = h2lib.connection.H2Connection(config=config)
 
     @property
     def peer(self) -> PeerIdentity | None:
@@ -111,13 +105,13 @@ class H2Connection(H2Writer, asyncio.Protocol):
                 None,
             )
         cfg = plane.cfg
-        self.h2.local_settings = h2.settings.Settings(
+        self.h2.local_settings = h2lib.settings.Settings(
             client=False,
             initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: cfg.h2_max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: cfg.h2_initial_stream_window,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: cfg.h2_max_header_list_bytes,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2lib.settings.SettingCodes.MAX_CONCURRENT_STREAMS: cfg.h2_max_concurrent_streams,
+                h2lib.settings.SettingCodes.INITIAL_WINDOW_SIZE: cfg.h2_initial_stream_window,
+                h2lib.settings.SettingCodes.MAX_HEADER_LIST_SIZE: cfg.h2_max_header_list_bytes,
+                h2lib.settings.SettingCodes.ENABLE_PUSH: 0,
             },
         )
         self.h2.initiate_connection()
@@ -183,16 +177,16 @@ class H2Connection(H2Writer, asyncio.Protocol):
                 ex.on_upstream_timeout()
         if self.deadline and now >= self.deadline and not self._streams:
             self.deadline = 0.0
-            self.goaway(h2.errors.ErrorCodes.NO_ERROR, "idle")
+            self.goaway(h2lib.errors.ErrorCodes.NO_ERROR, "idle")
 
     def goaway(self, code: int, reason: str) -> None:
         """GOAWAY with *code*, counted by *reason*, and close (rule 5)."""
         self.plane.metrics.h2_goaways.labels(reason=reason).inc()
         if self.transport is None:
             return
-        if code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM:
+        if code == h2lib.errors.ErrorCodes.ENHANCE_YOUR_CALM:
             logger.warning("HTTP/2 client over a limit", extra={"error": reason})
-        with contextlib.suppress(h2.exceptions.ProtocolError):
+        with contextlib.suppress(h2lib.exceptions.ProtocolError):
             self.h2.close_connection(error_code=code)
         self.flush()
         self.transport.close()
@@ -213,7 +207,7 @@ class H2Connection(H2Writer, asyncio.Protocol):
         self.plane.metrics.h2_resets.labels(by="proxy").inc()
         over = self.guard.reset(self.plane.clock())
         if over is not None:
-            self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, over)
+            self.goaway(h2lib.errors.ErrorCodes.ENHANCE_YOUR_CALM, over)
 
     # -- reading ------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -222,37 +216,37 @@ class H2Connection(H2Writer, asyncio.Protocol):
             return
         over = self.guard.feed(data, self.plane.clock())
         if over is not None:
-            self.goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, over)
+            self.goaway(h2lib.errors.ErrorCodes.ENHANCE_YOUR_CALM, over)
             return
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+        except h2lib.exceptions.ProtocolError as exc:
             logger.info("HTTP/2 protocol error", extra={"error": type(exc).__name__})
             self.plane.metrics.h2_goaways.labels(reason="protocol_error").inc()
             self.flush()  # h2 queued the GOAWAY
             self.transport.close()
             return
         for ev in events:
-            if isinstance(ev, h2.events.RequestReceived):
+            if isinstance(ev, h2lib.events.RequestReceived):
                 self._request(ev)
-            elif isinstance(ev, h2.events.DataReceived):
+            elif isinstance(ev, h2lib.events.DataReceived):
                 self._data(ev)
-            elif isinstance(ev, h2.events.StreamEnded):
+            elif isinstance(ev, h2lib.events.StreamEnded):
                 st = self._streams.get(ev.stream_id)
                 if st is not None:
                     st.ex.end_body()
-            elif isinstance(ev, h2.events.StreamReset):
+            elif isinstance(ev, h2lib.events.StreamReset):
                 self.plane.metrics.h2_resets.labels(by="client").inc()
                 self._reset(ev.stream_id)
-            elif isinstance(ev, h2.events.WindowUpdated):
+            elif isinstance(ev, h2lib.events.WindowUpdated):
                 self._send_pending(ev.stream_id)
-            elif isinstance(ev, h2.events.ConnectionTerminated):
+            elif isinstance(ev, h2lib.events.ConnectionTerminated):
                 self.flush()
                 self.transport.close()
                 return
         self.flush()
 
-    def _request(self, ev: h2.events.RequestReceived) -> None:
+    def _request(self, ev: h2lib.events.RequestReceived) -> None:
         sid = ev.stream_id
         headers = [(bytes(n), bytes(v)) for n, v in ev.headers or ()]
         end_stream = ev.stream_ended is not None
@@ -311,7 +305,7 @@ class H2Connection(H2Writer, asyncio.Protocol):
         self.deadline = 0.0
         ex.begin()
 
-    def _data(self, ev: h2.events.DataReceived) -> None:
+    def _data(self, ev: h2lib.events.DataReceived) -> None:
         st = self._streams.get(ev.stream_id)
         data = ev.data or b""
         n = ev.flow_controlled_length or 0

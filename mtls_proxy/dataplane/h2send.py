@@ -19,11 +19,8 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Final
 
-import h2.connection
-import h2.errors
-import h2.exceptions
-
 from mtls_proxy.core import grpc
+from mtls_proxy.dataplane import h2lib
 from mtls_proxy.http1.response import error_response
 from mtls_proxy.http2.response import error_headers, h2_headers
 
@@ -58,7 +55,7 @@ class H2Writer:
     plane: DataPlane
     transport: asyncio.Transport | None
     flow: ReadGate
-    h2: h2.connection.H2Connection
+    h2: h2lib.connection.H2Connection
     closed: bool
     draining: bool
     deadline: float
@@ -147,7 +144,7 @@ class H2Writer:
             return
         st.ended = st.sent_end = True
         st.pending.clear()
-        with contextlib.suppress(h2.exceptions.ProtocolError):
+        with contextlib.suppress(h2lib.exceptions.ProtocolError):
             self.h2.reset_stream(st.sid, code)
         self._forget(st)
 
@@ -178,13 +175,13 @@ class H2Writer:
         while the client still sends asks it to stop, without error (RFC 9113 8.1)."""
         st = self._by_ex.get(ex)
         if st is not None and not st.ended:
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.h2.reset_stream(st.sid, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            with contextlib.suppress(h2lib.exceptions.ProtocolError):
+                self.h2.reset_stream(st.sid, h2lib.errors.ErrorCodes.INTERNAL_ERROR)
             self._forget(st)
         elif st is not None and not st.pending:
             if st.sent_end and not ex.body_done:
-                with contextlib.suppress(h2.exceptions.ProtocolError):
-                    self.h2.reset_stream(st.sid, h2.errors.ErrorCodes.NO_ERROR)
+                with contextlib.suppress(h2lib.exceptions.ProtocolError):
+                    self.h2.reset_stream(st.sid, h2lib.errors.ErrorCodes.NO_ERROR)
             self._forget(st)
         self.flush()
 
@@ -224,7 +221,7 @@ class H2Writer:
                 if st.paused:
                     st.paused = False
                     st.ex.resume_upstream(False)
-        except h2.exceptions.StreamClosedError:
+        except h2lib.exceptions.StreamClosedError:
             self._forget(st)
 
     def _forget(self, st: H2Stream) -> None:

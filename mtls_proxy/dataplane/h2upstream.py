@@ -24,14 +24,8 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Final, Protocol
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
 from mtls_proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
+from mtls_proxy.dataplane import h2lib
 
 if TYPE_CHECKING:
     from mtls_proxy.core.addresses import Upstream
@@ -74,8 +68,8 @@ class H2Upstream(asyncio.Protocol):
         self._pending: dict[int, list[bytes]] = {}
         self._ending: set[int] = set()
         self._held: dict[int, int] = {}  # stream -> response bytes not yet acknowledged
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config=config)
+        config = h2lib.config.H2Configuration(client_side=True, header_encoding=None)
+        self.h2 = h2lib.connection.H2Connection(config=config)
 
     def has_room(self) -> bool:
         """Whether a new stream fits (rule 3, and the upstream's concurrency limit)."""
@@ -90,12 +84,12 @@ class H2Upstream(asyncio.Protocol):
         """The connection preface, our SETTINGS and a connection window of CONNECTION_WINDOW."""
         self.transport = transport  # type: ignore[assignment]
         h2c = self.h2
-        h2c.local_settings = h2.settings.Settings(
+        h2c.local_settings = h2lib.settings.Settings(
             client=True,
             initial_values={
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.pool.max_header_list,
+                h2lib.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2lib.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2lib.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.pool.max_header_list,
             },
         )
         h2c.initiate_connection()
@@ -115,28 +109,28 @@ class H2Upstream(asyncio.Protocol):
         """Feed h2; hand each event to its stream's exchange."""
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError:
+        except h2lib.exceptions.ProtocolError:
             self.flush()
             self.close()
             return
         for ev in events:
             sid = getattr(ev, "stream_id", 0)
             sink = self.sinks.get(sid) if sid else None
-            if isinstance(ev, h2.events.ResponseReceived) and sink is not None:
+            if isinstance(ev, h2lib.events.ResponseReceived) and sink is not None:
                 sink.on_h2_head(list(ev.headers or ()), ev.stream_ended is not None)
-            elif isinstance(ev, h2.events.DataReceived):
+            elif isinstance(ev, h2lib.events.DataReceived):
                 self._on_data(sid, sink, ev)
-            elif isinstance(ev, h2.events.TrailersReceived) and sink is not None:
+            elif isinstance(ev, h2lib.events.TrailersReceived) and sink is not None:
                 sink.on_h2_trailers(list(ev.headers or ()))
-            elif isinstance(ev, h2.events.StreamEnded) and sink is not None:
+            elif isinstance(ev, h2lib.events.StreamEnded) and sink is not None:
                 self._drop(sid)
                 sink.on_h2_end()
-            elif isinstance(ev, h2.events.StreamReset) and sink is not None:
+            elif isinstance(ev, h2lib.events.StreamReset) and sink is not None:
                 self._drop(sid)
                 sink.on_h2_reset(int(ev.error_code or 0))
-            elif isinstance(ev, h2.events.WindowUpdated):
+            elif isinstance(ev, h2lib.events.WindowUpdated):
                 self._window(sid)
-            elif isinstance(ev, h2.events.ConnectionTerminated):
+            elif isinstance(ev, h2lib.events.ConnectionTerminated):
                 self._goaway(ev.last_stream_id or 0)
         self.flush()
         if not self.usable and not self.sinks:
@@ -162,12 +156,12 @@ class H2Upstream(asyncio.Protocol):
         self._send_pending(sid)
         self.flush()
 
-    def reset(self, sid: int, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+    def reset(self, sid: int, code: int = h2lib.errors.ErrorCodes.CANCEL) -> None:
         """Abandon stream *sid* (the client left, reset it, or the deadline passed)."""
         if self.sinks.pop(sid, None) is None:
             return
         self._drop(sid)
-        with contextlib.suppress(h2.exceptions.ProtocolError):
+        with contextlib.suppress(h2lib.exceptions.ProtocolError):
             self.h2.reset_stream(sid, code)
         self.flush()
 
@@ -195,7 +189,7 @@ class H2Upstream(asyncio.Protocol):
             self.transport.close()
 
     # -- internals --------------------------------------------------------------------------------
-    def _on_data(self, sid: int, sink: StreamSink | None, ev: h2.events.DataReceived) -> None:
+    def _on_data(self, sid: int, sink: StreamSink | None, ev: h2lib.events.DataReceived) -> None:
         n = ev.flow_controlled_length or 0
         if sink is not None and ev.data:
             sink.on_response_body(ev.data)
@@ -229,7 +223,7 @@ class H2Upstream(asyncio.Protocol):
                 self._ending.discard(sid)
                 self._pending.pop(sid, None)
                 h2c.end_stream(sid)
-        except h2.exceptions.StreamClosedError:
+        except h2lib.exceptions.StreamClosedError:
             self._pending.pop(sid, None)
             self._ending.discard(sid)
         sink = self.sinks.get(sid)
@@ -249,7 +243,7 @@ class H2Upstream(asyncio.Protocol):
         for sid in [s for s in self.sinks if s > last]:
             sink = self.sinks[sid]
             self._drop(sid)
-            sink.on_h2_reset(h2.errors.ErrorCodes.REFUSED_STREAM)
+            sink.on_h2_reset(h2lib.errors.ErrorCodes.REFUSED_STREAM)
 
 
 class H2UpstreamPool:

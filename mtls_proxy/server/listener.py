@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 from aiohttp import web
 
 from mtls_proxy import __version__
-from mtls_proxy.dataplane import handshakes
+from mtls_proxy.dataplane import h2lib, handshakes
 from mtls_proxy.dataplane.admission import Refused, admit
 from mtls_proxy.dataplane.connection import Http1Connection
 from mtls_proxy.dataplane.h2conn import H2Connection
@@ -80,6 +80,8 @@ class ProxyServer:
         self.metrics = metrics or Metrics()
         if cfg.http2 == "on":
             self.metrics.label_protocol()
+        if cfg.http2 == "on" or cfg.upstream_protocol != "http1":
+            h2lib.select(cfg.h2_library)  # ConfigError (exit 2) when jh2 is asked for and absent
         pool = UpstreamPool(
             cfg.upstream,
             cfg.upstream_timeout,

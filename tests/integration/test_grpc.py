@@ -98,9 +98,12 @@ def _proxy(tp: Pki, port: int, *extra: str) -> Any:
     )
 
 
-def test_all_four_call_kinds_and_identity(tp: Pki, grpc_server: tuple[int, Service]) -> None:
+@pytest.mark.parametrize("library", ["h2", "jh2"])
+def test_all_four_call_kinds_and_identity(
+    tp: Pki, grpc_server: tuple[int, Service], library: str
+) -> None:
     port, _ = grpc_server
-    with _proxy(tp, port) as p, _channel(tp, p.port) as ch:
+    with _proxy(tp, port, "--h2-library", library) as p, _channel(tp, p.port) as ch:
         md = (("x-forwarded-client-cert", "By=forged"), ("x-client-verified", "SUCCESS"))
         seen = json.loads(ch.unary_unary("/test.Echo/Who")(b"", metadata=md, timeout=10))
         xfcc = [v for k, v in seen if k == "x-forwarded-client-cert"]
