@@ -110,6 +110,7 @@ class Config:
     upstream_protocol: Literal["http1", "h2c", "auto"]
     h2_library: Literal["h2", "jh2"]
     h2_max_concurrent_streams: int
+    h2_connection_max_streams: int
     h2_initial_stream_window: int
     h2_initial_connection_window: int
     h2_max_header_list_bytes: int

@@ -211,6 +211,14 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         "HTTP/2 streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS)",
     ),
     Opt(
+        "h2-connection-max-streams",
+        ("h2_connection_max_streams",),
+        "int",
+        10000,
+        "streams one HTTP/2 connection may open in its life; then GOAWAY and the client "
+        "reconnects (nginx's keepalive_requests)",
+    ),
+    Opt(
         "h2-initial-stream-window",
         ("h2_initial_stream_window",),
         "int",

@@ -28,6 +28,8 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+from hyperframe.frame import GoAwayFrame
+
 from mtls_proxy.core import grpc
 from mtls_proxy.core.errors import ProxyError
 from mtls_proxy.dataplane import h2lib
@@ -140,14 +142,20 @@ class H2Connection(H2Writer, asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def drain(self) -> None:
-        """Shutdown: GOAWAY now; close once the open streams are answered (rule 4)."""
+    def drain(self, reason: str = "shutdown") -> None:
+        """GOAWAY now (shutdown, or the connection's last stream); close once the open streams
+        are answered (rule 4)."""
         self.draining = True
         if self.transport is None:
             return
-        self.plane.metrics.h2_goaways.labels(reason="shutdown").inc()
-        self.h2.close_connection()
+        self.plane.metrics.h2_goaways.labels(reason=reason).inc()
+        # Written here, not with h2's close_connection(): that moves h2 to CLOSED, where it
+        # refuses to send the open streams' DATA (and to refuse new streams), so no stream
+        # could finish. The frame is all a graceful GOAWAY is (RFC 9113 6.8).
         self.flush()
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = self.h2.highest_inbound_stream_id
+        self.transport.write(goaway.serialize())  # error code 0: NO_ERROR
         if not self._streams:
             self.transport.close()
 
@@ -248,6 +256,10 @@ class H2Connection(H2Writer, asyncio.Protocol):
 
     def _request(self, ev: h2lib.events.RequestReceived) -> None:
         sid = ev.stream_id
+        if self.draining:  # after our GOAWAY: never processed, the client may retry it
+            with contextlib.suppress(h2lib.exceptions.ProtocolError):
+                self.h2.reset_stream(sid, h2lib.errors.ErrorCodes.REFUSED_STREAM)
+            return
         headers = [(bytes(n), bytes(v)) for n, v in ev.headers or ()]
         end_stream = ev.stream_ended is not None
         self._rid += 1
@@ -304,6 +316,9 @@ class H2Connection(H2Writer, asyncio.Protocol):
         self._by_ex[ex] = st
         self.deadline = 0.0
         ex.begin()
+        # _rid counts the streams opened: --h2-connection-max-streams
+        if self._rid >= self.plane.cfg.h2_connection_max_streams and not self.draining:
+            self.drain("max_streams")  # this connection's last stream: GOAWAY names it
 
     def _data(self, ev: h2lib.events.DataReceived) -> None:
         st = self._streams.get(ev.stream_id)

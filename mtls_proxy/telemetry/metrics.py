@@ -28,13 +28,14 @@ HANDSHAKE_REASONS: Final = (
     "other",
 )
 # GOAWAY reasons: http2/guard.py's budgets (resets, header block bytes, frame floods), a protocol
-# error of the client (h2 found it), the idle timeout, shutdown (drain).
+# error of the client (h2 found it), the idle timeout, --h2-connection-max-streams, shutdown.
 H2_GOAWAY_REASONS: Final = (
     "reset_budget",
     "header_block",
     "flood",
     "protocol_error",
     "idle",
+    "max_streams",
     "shutdown",
 )
 BUCKETS: Final = (

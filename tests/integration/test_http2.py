@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
 import time
 
 import pytest
+from hpack import Encoder
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from tests.h2client import h2_client, h2_exchange
 from tests.helpers import Pki, Upstream, client_ctx, curl, run_proxy
@@ -177,3 +180,56 @@ def test_malformed_and_denied_streams(tp: Pki, upstream: Upstream) -> None:
     malformed = res[7]["headers"]
     assert malformed[b":status"] == b"200" and malformed[b"grpc-status"] == b"13"  # type: ignore[index]
     assert upstream.seen == []
+
+
+def test_connection_max_streams_ends_with_goaway_and_refuses_later_streams(
+    tp: Pki, upstream: Upstream
+) -> None:
+    """The third stream is the last: GOAWAY(NO_ERROR) names it; a stream sent after it is
+    refused (REFUSED_STREAM: never processed, safe to retry); the open ones finish."""
+    with run_proxy(
+        tp, f"http://127.0.0.1:{upstream.port}", "--http2", "on",
+        "--h2-connection-max-streams", "3",
+    ) as p:  # fmt: skip
+        s, conn = h2_client(p.port, client_ctx(tp, "good"))
+        for sid, path in ((1, b"/a"), (3, b"/a"), (5, b"/slow?s=1")):
+            conn.send_headers(sid, _get(path), end_stream=True)
+        s.sendall(conn.data_to_send())
+        frames = _raw_frames(s, until=GoAwayFrame)
+        late = HeadersFrame(7, Encoder().encode(_get(b"/late")))
+        late.flags.add("END_HEADERS")
+        late.flags.add("END_STREAM")
+        s.sendall(late.serialize())
+        frames += _raw_frames(s, until=None)
+        s.close()
+        goaways = p.metric('mtls_proxy_h2_goaways_total{reason="max_streams"}')
+    goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
+    assert (goaway.error_code, goaway.last_stream_id) == (0, 5)
+    refused = [f for f in frames if isinstance(f, RstStreamFrame) and f.stream_id == 7]
+    assert refused and refused[0].error_code == 0x7
+    ended = {f.stream_id for f in frames if "END_STREAM" in f.flags}
+    assert {1, 3, 5} <= ended  # the open streams were answered
+    assert sorted(s.target for s in upstream.seen) == ["/a", "/a", "/slow?s=1"]
+    assert goaways == 1
+
+
+def _raw_frames(s: ssl.SSLSocket, until: type[Frame] | None) -> list[Frame]:
+    """Frames as they come, until one of type *until* or the end of the connection."""
+    out: list[Frame] = []
+    buf = b""
+    while True:
+        try:
+            data = s.recv(65536)
+        except (ssl.SSLError, OSError):
+            return out
+        if not data:
+            return out
+        buf += data
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            n = 9 + int.from_bytes(buf[:3], "big")
+            frame, _ = Frame.parse_frame_header(memoryview(buf[:9]))
+            frame.parse_body(memoryview(buf[9:n]))
+            buf = buf[n:]
+            out.append(frame)
+            if until is not None and isinstance(frame, until):
+                return out
