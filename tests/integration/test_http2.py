@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import ssl
 import subprocess
 import time
@@ -233,3 +234,23 @@ def _raw_frames(s: ssl.SSLSocket, until: type[Frame] | None) -> list[Frame]:
             out.append(frame)
             if until is not None and isinstance(frame, until):
                 return out
+
+
+def test_shutdown_drain_answers_the_open_streams(tp: Pki, upstream: Upstream) -> None:
+    """SIGTERM: GOAWAY(NO_ERROR) at once, and the stream in flight still gets its answer."""
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--http2", "on") as p:
+        s, conn = h2_client(p.port, client_ctx(tp, "good"))
+        conn.send_headers(1, _get(b"/slow?s=1"), end_stream=True)
+        s.sendall(conn.data_to_send())
+        deadline = time.monotonic() + 5
+        while not upstream.seen:  # the request is at the upstream: now drain
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        p.proc.send_signal(signal.SIGTERM)
+        frames = _raw_frames(s, until=None)
+        s.close()
+    goaway = next(f for f in frames if isinstance(f, GoAwayFrame))
+    assert (goaway.error_code, goaway.last_stream_id) == (0, 1)
+    heads = [f for f in frames if isinstance(f, HeadersFrame) and f.stream_id == 1]
+    assert heads, [type(f).__name__ for f in frames]
+    assert any("END_STREAM" in f.flags for f in frames if f.stream_id == 1)
