@@ -14,7 +14,9 @@ Rules:
    the exchange holds the stream (its client reads slowly): then the acknowledgements wait, and
    the upstream's window closes.
 3. GOAWAY from the upstream: streams above its last-stream-id were never processed and fail
-   (502, UNAVAILABLE for gRPC); the others finish; the connection takes no new stream.
+   (502, UNAVAILABLE for gRPC); the others finish; the connection takes no new stream. The
+   frame is taken out before h2 reads it (http2/goaway.py): h2 would refuse the finishing
+   streams' frames after it.
 4. A lost connection fails every stream on it (before the response head: 502; after: reset).
 """
 
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from mtls_proxy.core.errors import UpstreamTimeout, UpstreamUnavailable
 from mtls_proxy.dataplane import h2lib
+from mtls_proxy.http2.goaway import GoAwayTap
 
 if TYPE_CHECKING:
     from mtls_proxy.core.addresses import Upstream
@@ -68,6 +71,7 @@ class H2Upstream(asyncio.Protocol):
         self._pending: dict[int, list[bytes]] = {}
         self._ending: set[int] = set()
         self._held: dict[int, int] = {}  # stream -> response bytes not yet acknowledged
+        self._tap = GoAwayTap()  # rule 3: h2 would close on a GOAWAY and cut the streams
         config = h2lib.config.H2Configuration(client_side=True, header_encoding=None)
         self.h2 = h2lib.connection.H2Connection(config=config)
 
@@ -106,7 +110,10 @@ class H2Upstream(asyncio.Protocol):
             sink.on_h2_reset(-1)
 
     def data_received(self, data: bytes) -> None:
-        """Feed h2; hand each event to its stream's exchange."""
+        """Feed h2 (without GOAWAYs: rule 3); hand each event to its stream's exchange."""
+        data, goaways = self._tap.feed(data)
+        for last, _code in goaways:
+            self._goaway(last)
         try:
             events = self.h2.receive_data(data)
         except h2lib.exceptions.ProtocolError:
@@ -130,7 +137,7 @@ class H2Upstream(asyncio.Protocol):
                 sink.on_h2_reset(int(ev.error_code or 0))
             elif isinstance(ev, h2lib.events.WindowUpdated):
                 self._window(sid)
-            elif isinstance(ev, h2lib.events.ConnectionTerminated):
+            elif isinstance(ev, h2lib.events.ConnectionTerminated):  # never, after the tap
                 self._goaway(ev.last_stream_id or 0)
         self.flush()
         if not self.usable and not self.sinks:

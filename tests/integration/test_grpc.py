@@ -215,3 +215,25 @@ def test_upstream_down_is_unavailable(tp: Pki) -> None:
     ):
         ch.unary_unary("/test.Echo/Echo")(b"x", timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_upstream_graceful_stop_lets_the_call_in_flight_finish(tp: Pki) -> None:
+    """The grpcio server stops with a grace period while a call is in flight: its GOAWAY must
+    not cut the call (h2 alone would refuse the call's frames after the GOAWAY)."""
+    svc = Service()
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=OPTIONS)
+    handler = grpc.unary_unary_rpc_method_handler(svc.slow)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("test.Echo", {"Slow": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with _proxy(tp, port) as p, _channel(tp, p.port) as ch:
+            call = ch.unary_unary("/test.Echo/Slow").future(b"", timeout=20)
+            time.sleep(0.5)  # the call is at the server
+            stopped = server.stop(grace=10)
+            assert call.result() == b"late"
+            stopped.wait(10)
+    finally:
+        server.stop(None)
