@@ -365,6 +365,11 @@ class Proxy:
             if line.startswith(prefix)
         )
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the proxy process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_kb(self, field: str = "VmRSS") -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):

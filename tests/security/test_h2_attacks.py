@@ -23,8 +23,10 @@ from hyperframe.frame import (
     GoAwayFrame,
     HeadersFrame,
     PingFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from tests.helpers import Pki, Proxy, Upstream, client_ctx, run_proxy
@@ -128,6 +130,7 @@ def _still_serves(tp: Pki, port: int) -> None:
 
 def test_rapid_reset(tp: Pki, proxy: Proxy) -> None:
     """CVE-2023-44487: open and cancel streams as fast as the socket takes them."""
+    cpu = proxy.cpu_seconds()
     s = _open(tp, proxy.port)
     block = _block()
     frames = b"".join(
@@ -140,6 +143,7 @@ def test_rapid_reset(tp: Pki, proxy: Proxy) -> None:
     _still_serves(tp, proxy.port)
     assert proxy.metric('mtls_proxy_h2_goaways_total{reason="reset_budget"}') == 1
     assert proxy.metric('mtls_proxy_h2_stream_resets_total{by="client"}') <= 51
+    assert proxy.cpu_seconds() - cpu < 2.0  # cut after ~50 streams, not 1,000
 
 
 def test_made_you_reset_malformed_streams(tp: Pki, proxy: Proxy) -> None:
@@ -190,21 +194,27 @@ def test_hpack_bomb_is_refused(tp: Pki, proxy: Proxy) -> None:
     _still_serves(tp, proxy.port)
 
 
-@pytest.mark.parametrize("kind", ["ping", "settings", "empty-data"])
+@pytest.mark.parametrize("kind", ["ping", "settings", "priority", "window-update", "empty-data"])
 def test_control_and_empty_frame_floods(tp: Pki, proxy: Proxy, kind: str) -> None:
     """CVE-2019-9512/9515/9518: frames that cost the proxy work and carry no request."""
+    cpu = proxy.cpu_seconds()
     s = _open(tp, proxy.port)
     if kind == "ping":
         one = PingFrame(0, b"12345678").serialize()
     elif kind == "settings":
         one = SettingsFrame(0).serialize()
+    elif kind == "priority":
+        one = PriorityFrame(1, depends_on=0, stream_weight=16).serialize()
+    elif kind == "window-update":
+        one = WindowUpdateFrame(0, 1).serialize()
     else:
         s.sendall(_headers(1, _block(), ("END_HEADERS",)).serialize())
         one = DataFrame(1, b"").serialize()
-    _send_quietly(s, one * 5000)
+    _send_quietly(s, one * 12000)
     assert _goaway_code(s) == ENHANCE_YOUR_CALM
     s.close()
     assert proxy.metric('mtls_proxy_h2_goaways_total{reason="flood"}') == 1
+    assert proxy.cpu_seconds() - cpu < 2.0
     _still_serves(tp, proxy.port)
 
 
