@@ -192,7 +192,7 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         ("upstream_protocol",),
         "enum",
         "http1",
-        "http1; h2c (HTTP/2 prior knowledge) for every HTTP/2 stream; auto: h2c for gRPC only",
+        "http1; h2c (HTTP/2 prior knowledge) for every request; auto: h2c for gRPC only",
         ("http1", "h2c", "auto"),
     ),
     Opt(

@@ -29,6 +29,8 @@ from mtls_proxy.core.headers import LOOKALIKE, classify
 from mtls_proxy.dataplane.deadlines import WAIT_BODY, WAIT_HEAD, WAIT_IDLE, Http1Deadlines
 from mtls_proxy.dataplane.exchange import Exchange
 from mtls_proxy.dataplane.flow import ReadGate
+from mtls_proxy.dataplane.h1toh2 import Http1ToH2
+from mtls_proxy.dataplane.h2exchange import H2Exchange
 from mtls_proxy.dataplane.handshakes import SEEN
 from mtls_proxy.dataplane.reader import RequestReader, Stop
 from mtls_proxy.dataplane.tlsconn import keep_session
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters outlive module paths
 
 
-class Http1Connection(Http1Framing, Http1Deadlines, Http1Upgrade, asyncio.Protocol):
+class Http1Connection(Http1Framing, Http1Deadlines, Http1Upgrade, Http1ToH2, asyncio.Protocol):
     """A client connection speaking HTTP/1.1 (plane.Connection, exchange.Downstream)."""
 
     protocol = "http1"  # the metrics' and access log's protocol label
@@ -242,15 +244,16 @@ class Http1Connection(Http1Framing, Http1Deadlines, Http1Upgrade, asyncio.Protoc
         keep_alive: bool,
     ) -> None:
         """Validate and queue the request; start it when it is first in line."""
-        ex = Exchange(self, method, url, self._next_id())
         cfg = self.plane.cfg
+        h2c = cfg.upstream_protocol == "h2c"  # h1toh2.py: every request as an h2c stream
+        ex = (H2Exchange if h2c else Exchange)(self, method, url, self._next_id())
         try:
             req = prepare(
                 method,
                 url,
                 version,
                 raw,
-                upgrade=upgrade,
+                upgrade=upgrade and not h2c,  # no WebSocket over h2c: a plain request
                 client_ip=self.client_ip,
                 block=self.admitted.block,
                 default_host=self.plane.upstream_host,

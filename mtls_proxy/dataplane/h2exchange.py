@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from mtls_proxy.dataplane.h2upstream import H2Upstream, H2UpstreamPool
 
 GRACE: Final = 1.0  # seconds past grpc-timeout before the proxy's backstop (rule 4)
+BACKLOG: Final = 256 * 1024  # request bytes waiting for the upstream's window: stop reading
 CANCEL: Final = 0x8
 _HOP: Final = frozenset(
     (b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te")
@@ -51,12 +52,15 @@ class GrpcNeedsH2Upstream(UpstreamUnavailable):
 class H2Downstream(Downstream, Protocol):
     """The HTTP/2 client side (h2conn.H2Connection): what an h2 upstream's stream needs more."""
 
-    h2pool: H2UpstreamPool | None
+    @property
+    def h2pool(self) -> H2UpstreamPool | None:
+        """The h2c upstream connections (None: --upstream-protocol http1)."""
 
     def send_h2_head(
         self, ex: Exchange, headers: list[tuple[bytes, bytes]], end_stream: bool
-    ) -> None:
-        """The upstream's response HEADERS, as they are."""
+    ) -> bool:
+        """The upstream's response HEADERS, framed for the client; False when the client's
+        protocol cannot carry them (h1toh2 rule 1)."""
 
     def send_trailers(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> None:
         """Trailers, after the pending body; they end the stream."""
@@ -105,7 +109,12 @@ class H2Exchange(Exchange):
     down: H2Downstream
 
     def __init__(
-        self, down: H2Downstream, method: bytes, path: bytes, request_id: bytes, grpc_call: bool
+        self,
+        down: H2Downstream,
+        method: bytes,
+        path: bytes,
+        request_id: bytes,
+        grpc_call: bool = False,
     ) -> None:
         super().__init__(down, method, path, request_id)
         self.grpc = grpc_call
@@ -158,16 +167,23 @@ class H2Exchange(Exchange):
         if self.body or (self.body_done and not end):
             up.send(self.up_sid, b"".join(self.body), self.body_done)
             self.body.clear()
+            self.buffered = 0
         if self.body_done and not self.deadline_fixed:
             self._arm_upstream()
 
     def send_body(self, data: bytes) -> bool:
-        """A request body piece; acknowledged to the client as it leaves (h2upstream rule 1)."""
+        """A request body piece; acknowledged to the client as it leaves (h2upstream rule 1).
+        True when more than h1toh2.HOLD bytes wait (an HTTP/1.1 client is then not read)."""
         if self.up is not None:
             self.up.send(self.up_sid, data, False)
         else:
             self.body.append(data)
-        return False
+            self.buffered += len(data)
+        return self.upstream_backlog() > BACKLOG
+
+    def upstream_backlog(self) -> int:
+        """Request bytes received and not yet sent upstream."""
+        return self.up.backlog(self.up_sid) if self.up is not None else self.buffered
 
     def end_body(self) -> None:
         """The request body is complete."""
@@ -183,16 +199,22 @@ class H2Exchange(Exchange):
         self.down.ack(self, n)
 
     def on_h2_head(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        """Relay the response HEADERS."""
+        """Relay the response HEADERS (an HTTP/1.1 client may be unable to take them: 502)."""
         status = next((v for n, v in headers if n == b":status"), b"502")
-        self.status = self.upstream_status = int(status) if status.isdigit() else 502
+        code = int(status) if status.isdigit() else 502
+        if not self.down.send_h2_head(self, headers, end_stream):
+            up, self.up = self.up, None
+            if up is not None:
+                up.reset(self.up_sid)
+            self._upstream_failed(UpstreamUnavailable(), "protocol")
+            return
+        self.status = self.upstream_status = code
         self.upstream_ms = int((time.monotonic() - self.sent_at) * 1e6) / 1000
         self.response_started = True
         if end_stream:  # trailers-only
             self._note_grpc_status(headers)
         if not self.deadline_fixed:  # rule 4: quiet streams are gRPC's normal
             self.up_deadline = 0.0 if self.grpc else self.up_deadline
-        self.down.send_h2_head(self, headers, end_stream)
 
     def on_response_body(self, data: bytes) -> None:
         """Relay a DATA payload."""

@@ -119,14 +119,15 @@ class H2Writer:
 
     def send_h2_head(
         self, ex: Exchange, headers: list[tuple[bytes, bytes]], end_stream: bool
-    ) -> None:
+    ) -> bool:
         """An HTTP/2 upstream's response HEADERS, as they are (h2 checked them)."""
         st = self._by_ex.get(ex)
         if st is None:
-            return
+            return True  # the stream is gone: nothing to send, nothing wrong with the head
         self.h2.send_headers(st.sid, headers, end_stream=end_stream)
         if end_stream:
             st.ended = st.sent_end = True
+        return True
 
     def send_trailers(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> None:
         """Trailers: they end the stream once the pending body is sent."""

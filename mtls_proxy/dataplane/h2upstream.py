@@ -172,6 +172,10 @@ class H2Upstream(asyncio.Protocol):
             self.h2.reset_stream(sid, code)
         self.flush()
 
+    def backlog(self, sid: int) -> int:
+        """Request bytes of stream *sid* waiting for the upstream's window."""
+        return sum(map(len, self._pending.get(sid, ())))
+
     def hold(self, sid: int) -> None:
         """Stop acknowledging stream *sid*'s response bytes (rule 2)."""
         self._held.setdefault(sid, 0)

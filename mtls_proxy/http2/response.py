@@ -11,16 +11,31 @@ Rules:
    have none). A chunked or close-delimited body has no length: HTTP/2 frames it with
    END_STREAM.
 3. The reason phrase is dropped: HTTP/2 has none.
+4. The other way (h1_head: an h2c upstream's HEADERS for an HTTP/1.1 client): pseudo-headers and
+   connection-specific fields never become lines; a value with CR, LF or NUL, a :status that is
+   not three digits, or a content-length that is not one number is a malformed response (502);
+   the framing is the one HTTP/1.1 would give: none for HEAD, 1xx, 204 and 304, the upstream's
+   content-length, else chunked.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import re
+from http import HTTPStatus
+from typing import Final
 
-from mtls_proxy.http1.response import LENGTH, NONE
+from mtls_proxy.core.headers import HOP_BY_HOP
+from mtls_proxy.http1.response import (
+    CHUNKED,
+    LENGTH,
+    NONE,
+    BodyMode,
+    MalformedResponse,
+    ResponseHead,
+)
 
-if TYPE_CHECKING:
-    from mtls_proxy.http1.response import BodyMode, ResponseHead
+_BAD_VALUE: Final = re.compile(rb"[\x00\r\n]")
+_DROP: Final = HOP_BY_HOP | {b"content-length"}
 
 
 def h2_headers(head: ResponseHead, mode: BodyMode, length: int) -> list[tuple[bytes, bytes]]:
@@ -44,3 +59,40 @@ def error_headers(status: int, body_length: int) -> list[tuple[bytes, bytes]]:
         (b"content-type", b"application/json"),
         (b"content-length", b"%d" % body_length),
     ]
+
+
+def h1_head(
+    headers: list[tuple[bytes, bytes]], is_head: bool
+) -> tuple[ResponseHead, BodyMode, int]:
+    """An h2c upstream's response HEADERS as an HTTP/1.1 head and its framing (rule 4)."""
+    status = b""
+    lines: list[bytes] = []
+    lengths: list[bytes] = []
+    for name, value in headers:
+        if _BAD_VALUE.search(value) or _BAD_VALUE.search(name):
+            raise MalformedResponse("control byte in a response field")
+        if name == b":status":
+            status = value
+        elif name == b"content-length":
+            lengths.append(value)
+        elif name[:1] != b":" and name not in _DROP:
+            lines.append(b"%s: %s\r\n" % (name, value))
+    if len(status) != 3 or not status.isdigit():
+        raise MalformedResponse("invalid :status")
+    code = int(status)
+    if len(set(lengths)) > 1 or (lengths and not lengths[0].isdigit()):
+        raise MalformedResponse("invalid content-length")
+    head = ResponseHead(code, _reason(code), False, lines, lengths[:1])
+    if is_head or code < 200 or code in (204, 304):
+        return head, NONE, 0
+    if lengths:
+        return head, LENGTH, int(lengths[0])
+    return head, CHUNKED, 0
+
+
+def _reason(code: int) -> bytes:
+    """A reason phrase for the HTTP/1.1 status line (HTTP/2 carries none)."""
+    try:
+        return HTTPStatus(code).phrase.encode()
+    except ValueError:
+        return b""

@@ -11,7 +11,7 @@ import pytest
 
 from tests.h2client import h2_client, h2_exchange
 from tests.h2server import H2Upstream, run_h2_upstream
-from tests.helpers import Pki, Proxy, client_ctx, curl, run_proxy
+from tests.helpers import Pki, Proxy, client_ctx, connect, curl, read_response, run_proxy
 
 GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"svc")]
 
@@ -106,3 +106,37 @@ def test_https_upstream_with_h2c_is_a_config_error(tp: Pki) -> None:
     )
     assert out.returncode == 2
     assert "--upstream-protocol: h2c is cleartext HTTP/2" in out.stderr
+
+
+def test_http1_clients_reach_an_h2c_upstream(tp: Pki, proxy: Proxy, h2up: H2Upstream) -> None:
+    """--upstream-protocol h2c: an HTTP/1.1 client's requests go as HTTP/2 streams too (the
+    upstream may speak nothing else); the response comes back as HTTP/1.1, trailers dropped."""
+    base = f"https://localhost:{proxy.port}"
+    out = curl(
+        tp, "good", f"{base}/one", f"{base}/two", "--http1.1", "-H",
+        "X-Forwarded-Client-Cert: By=forged", "-w", "\n%{http_version} %{http_code} %{url}\n",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().split("\n")
+    echoes = [json.loads(line) for line in lines[0::2]]
+    for echo, written in zip(echoes, lines[1::2], strict=True):  # each answer is its request's
+        assert written == f"1.1 200 {base}{echo['path']}"
+    assert sorted(e["path"] for e in echoes) == ["/one", "/two"]
+    for echo in echoes:
+        xfcc = [v for k, v in echo["headers"] if k == "x-forwarded-client-cert"]
+        assert len(xfcc) == 1 and "forged" not in xfcc[0]
+    big = b"q" * 1_000_000
+    s = connect(proxy.port, client_ctx(tp, "good"))
+    with s:
+        s.sendall(
+            b"POST /big HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)
+        )
+        status, headers, body = read_response(s, bytearray())
+        assert (status, body) == (200, big)
+        assert headers.get("transfer-encoding") == "chunked" and "x-trailer" not in headers
+        s.sendall(b"HEAD /h HTTP/1.1\r\nHost: svc\r\n\r\n")
+        status, headers, body = read_response(s, bytearray(), head_only=True)
+        assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+        s.sendall(b"GET /reset HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+        assert read_response(s, bytearray())[0] == 502
+    assert h2up.connections == 1  # every request, from both clients, on one h2c connection

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from mtls_proxy.http1.response import body_mode, parse_head
-from mtls_proxy.http2.response import error_headers, h2_headers
+import pytest
+
+from mtls_proxy.http1.response import (
+    CHUNKED,
+    LENGTH,
+    NONE,
+    MalformedResponse,
+    body_mode,
+    parse_head,
+)
+from mtls_proxy.http2.response import error_headers, h1_head, h2_headers
 
 
 def _h2(raw: bytes, is_head: bool = False) -> list[tuple[bytes, bytes]]:
@@ -53,3 +62,35 @@ def test_error_headers() -> None:
         (b"content-type", b"application/json"),
         (b"content-length", b"57"),
     ]
+
+
+# h1_head: an h2c upstream's HEADERS for an HTTP/1.1 client (rule 4).
+def test_h1_head_framing_and_fields() -> None:
+    fields = [(b"content-type", b"text/plain"), (b"keep-alive", b"x"), (b"x-a", b"1")]
+    head, mode, length = h1_head([(b":status", b"200"), *fields], False)
+    assert (head.status, head.reason, mode, length) == (200, b"OK", CHUNKED, 0)
+    assert head.lines == [b"content-type: text/plain\r\n", b"x-a: 1\r\n"]
+    sized = [(b":status", b"201"), (b"content-length", b"7"), (b"content-length", b"7")]
+    assert h1_head(sized, False)[1:] == (LENGTH, 7)
+    head, mode, _ = h1_head(sized, True)  # HEAD keeps the length it describes
+    assert mode == NONE and head.content_length == [b"7"]
+    for status in (b"204", b"304", b"103"):
+        assert h1_head([(b":status", status)], False)[1] == NONE
+    assert h1_head([(b":status", b"599")], False)[0].reason == b""
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b":status", b"20")],
+        [(b":status", b"abc")],
+        [],
+        [(b":status", b"200"), (b"content-length", b"1"), (b"content-length", b"2")],
+        [(b":status", b"200"), (b"content-length", b"-1")],
+        [(b":status", b"200"), (b"x", b"a\r\nInjected: 1")],
+        [(b":status", b"200"), (b"x\n", b"a")],
+    ],
+)
+def test_h1_head_refuses_malformed(headers: list[tuple[bytes, bytes]]) -> None:
+    with pytest.raises(MalformedResponse):
+        h1_head(headers, False)
