@@ -19,6 +19,7 @@ above it, unless the native part is OpenSSL, libc's system calls or uvloop.
 import collections
 import re
 import sys
+from pathlib import Path
 
 PY = re.compile(r"^(?P<fn>.+?) \((?P<file>[^():]+\.py)(?::\d+)?\)$")
 NATIVE = re.compile(r"^(?P<fn>.+?) \((?P<lib>[^()]+)\)$")
@@ -80,7 +81,7 @@ def classify(frames):
             return bucket_py(m["fn"], m["file"])
         m = NATIVE.match(f)
         native_tail.append((m["fn"], m["lib"]) if m else (f, ""))
-    for fn, lib in native_tail:
+    for _fn, lib in native_tail:
         if "libssl" in lib or "libcrypto" in lib:
             return "TLS (OpenSSL)"
         if "uvloop" in lib or "loop.cpython" in lib:
@@ -91,7 +92,9 @@ def classify(frames):
 def main(path):
     buckets, total = collections.Counter(), 0
     selfs = collections.Counter()
-    for line in open(path, encoding="utf-8", errors="replace"):
+    with Path(path).open(encoding="utf-8", errors="replace") as fh:
+        lines = fh.readlines()
+    for line in lines:
         stack, _, n = line.rstrip("\n").rpartition(" ")
         if not n.isdigit():
             continue
