@@ -6,6 +6,12 @@
 #   bench/run.sh                         # nginx + mtls-proxy, 3 rounds (~10 min)
 #   bench/run.sh --runs 1 --duration 5   # quick look
 #   BENCH_TARGETS="nginx haproxy caddy" bench/run.sh
+#   BENCH_TARGETS="nginx haproxy grpc-relay" bench/run.sh --phases h2,grpc --runs 1   # HTTP/2, gRPC
+#   BENCH_PROXY_PYTHON=/path/to/python bench/run.sh ...  # that interpreter (with mtls-proxy's
+#       dependencies) runs this checkout via PYTHONPATH; no .venv is made or changed
+#
+# With the h2 or grpc phase, mtls-proxy also gets `--http2 on --upstream-protocol auto` (in the
+# grpc phase the harness points BENCH_UPSTREAM_URL at its grpcio h2c upstream).
 #
 # mtls-proxy runs in its default configuration: policy (--allow-cn), XFCC + simple identity
 # headers, JSON access log and the admin/metrics listener all ON.
@@ -15,16 +21,28 @@ HARNESS=${BENCH_HARNESS:-$ROOT/bench/harness}
 STATE=${BENCH_STATE:-${TMPDIR:-/tmp}/mtls-proxy-bench}
 export BENCH_STATE=$STATE
 
-[[ -x "$ROOT/.venv/bin/pip" ]] || python3 -m venv "$ROOT/.venv"
-# Every time: a venv made before a dependency was added must get it (a few seconds).
-"$ROOT/.venv/bin/pip" install -q -e "$ROOT" 2>&1 | grep -v '^WARNING: Location' || true
+if [[ -n "${BENCH_PROXY_PYTHON:-}" ]]; then
+  PROXY="env PYTHONPATH=$ROOT $BENCH_PROXY_PYTHON -m mtls_proxy"
+else
+  [[ -x "$ROOT/.venv/bin/pip" ]] || python3 -m venv "$ROOT/.venv"
+  # Every time: a venv made before a dependency was added must get it (a few seconds).
+  "$ROOT/.venv/bin/pip" install -q -e "$ROOT" 2>&1 | grep -v '^WARNING: Location' || true
+  PROXY="$ROOT/.venv/bin/mtls-proxy"
+fi
 # shellcheck disable=SC2086  # BENCH_TARGETS is a list of names
 bash "$HARNESS/setup.sh" ${BENCH_TARGETS:-nginx} 2>&1 | grep -v "^WARNING: Location" | tail -2
 
-PROXY="$ROOT/.venv/bin/mtls-proxy"
+H2ARGS=""
+PH=$(sed -n 's/.* --phases \([^ ]*\).*/\1/p' <<< " $* ")
+PH=${PH:-${BENCH_PHASES:-ka,new,reuse,close,close_resume}}
+if [[ ",$PH," =~ ,(h2|grpc), ]]; then H2ARGS=" --http2 on --upstream-protocol auto"; fi
+# A run of only the h2/grpc phases writes RESULTS-h2.md (same format), so that it does not
+# replace the HTTP/1.1 tables of RESULTS.md; its notes are NOTES.md's "HTTP/2 and gRPC" section.
+OUTFILE=RESULTS.md
+if ! [[ ",$PH," =~ ,(ka|new|reuse|close|close_resume), ]]; then OUTFILE=RESULTS-h2.md; fi
 TARGET="mtls-proxy=exec $PROXY serve --listen \"\$BENCH_HOST:\$BENCH_PORT\" \
  --upstream \"\$BENCH_UPSTREAM_URL\" --cert \"\$BENCH_SERVER_CERT\" --key \"\$BENCH_SERVER_KEY\" \
- --cacert \"\$BENCH_CLIENT_CA\" --allow-cn \"\$BENCH_ALLOWED_CN\" --admin 127.0.0.1:0"
+ --cacert \"\$BENCH_CLIENT_CA\" --allow-cn \"\$BENCH_ALLOWED_CN\" --admin 127.0.0.1:0$H2ARGS"
 
 # Resumed handshakes under load (close_resume) are measured too, beside s_time's serial reuse.
 PHASES=()
@@ -58,7 +76,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
   echo
   echo "Measured $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) x ${cpu}, $(free -g | awk '/Mem:/{print $2}') GiB,"
   echo "$(uname -sr), $(python3 --version), $(openssl version | cut -d' ' -f1,2),"
-  echo "mtls-proxy $("$PROXY" --version | cut -d' ' -f2) on uvloop, 1 worker, pinned as the harness pins peers."
+  echo "mtls-proxy $($PROXY --version | cut -d' ' -f2) on uvloop, 1 worker, pinned as the harness pins peers."
   echo
   echo "Command: \`bench/run.sh $*\` (targets: ${BENCH_TARGETS:-nginx} + mtls-proxy), harness"
   echo "\`$harness\` (see its README.md for the phases). Raw data: \`$raw\` (not committed)."
@@ -66,8 +84,12 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
   cat "$latest/table.md"
   if [[ -f "$ROOT/bench/NOTES.md" ]]; then
     echo
-    cat "$ROOT/bench/NOTES.md"
+    if [[ $OUTFILE == RESULTS.md ]]; then
+      cat "$ROOT/bench/NOTES.md"
+    else
+      awk '/^## /{on = ($0 == "## HTTP/2 and gRPC")} on' "$ROOT/bench/NOTES.md"
+    fi
   fi
-} > "$ROOT/bench/RESULTS.md"
-echo "bench/run.sh: wrote bench/RESULTS.md (harness exit $rc)"
+} > "$ROOT/bench/$OUTFILE"
+echo "bench/run.sh: wrote bench/$OUTFILE (harness exit $rc)"
 exit "$rc"

@@ -10,6 +10,11 @@ Usually started through ./run.sh (see README.md).  For every target and round:
   close  full-handshake capacity: wrk with `Connection: close` (every request = new TCP connection +
          full TLS handshake; the shim drops wrk's cached session), -c CLOSE_CONNS, HS_DURATION s
   close_resume (opt-in) the same with TLS 1.3 resumption (wrk's default behaviour)
+  h2     (opt-in) HTTP/2 GETs over keep-alive mTLS: h2load (+ the same client-cert shim),
+         H2_CONNS connections x H2_STREAMS concurrent streams each, DURATION s
+  grpc   (opt-in) small unary gRPC calls over keep-alive mTLS: h2load POSTs gRPC-framed messages;
+         the target is restarted in gRPC mode, in front of a grpcio upstream (h2c), checked with
+         a real grpcio client, and the calls the upstream served are counted against h2load's
 CPU time of the target's process tree, the upstream and the load generator is sampled from /proc
 around each phase, so cost per request / per handshake can be compared even on a busy machine.
 Every process the harness starts is put in its own session; it is stopped by killing that recorded
@@ -43,6 +48,7 @@ HOST = "127.0.0.1"
 # and the actual port is passed to the target in BENCH_PORT / BENCH_UPSTREAM*.
 UPSTREAM_PORT = int(os.environ.get("BENCH_UPSTREAM_PORT", "18080"))
 ORIGINATOR_PORT = int(os.environ.get("BENCH_ORIGINATOR_PORT", "18090"))
+GRPC_UPSTREAM_PORT = int(os.environ.get("BENCH_GRPC_UPSTREAM_PORT", "18081"))
 PORTS = {
     "nginx": 18443,
     "haproxy": 18444,
@@ -50,6 +56,7 @@ PORTS = {
     "aiohttp": 18446,
     "aiohttp-uvloop": 18447,
     "nginx-direct": 18448,
+    "grpc-relay": 18449,
 }
 EXTERNAL_PORT_BASE = 18460
 DEFAULT_TARGETS = [
@@ -62,6 +69,15 @@ DEFAULT_TARGETS = [
     "aiohttp-uvloop",
 ]
 REFERENCE = {"upstream-plain", "nginx-direct"}  # not proxies: ceilings of the harness
+HTTP_PHASES = {"ka", "new", "reuse", "close", "close_resume", "h2"}
+ALL_PHASES = HTTP_PHASES | {"grpc"}
+# Built-in targets without HTTP/2 (h2load would fall back to HTTP/1.1): no h2 phase for them.
+NO_H2 = {"upstream-plain", "aiohttp", "aiohttp-uvloop"}
+# Built-in targets that speak gRPC only (no HTTP/1.1 phases), and those with no gRPC mode.
+GRPC_ONLY = {"grpc-relay"}
+NO_GRPC = {"nginx-direct", "caddy", "aiohttp", "aiohttp-uvloop"}
+GRPC_METHOD = "/bench.Bench/Echo"
+GRPC_MSG = b"bench-grpc-call-0123456789abcdef"  # 32 bytes; framed: 37 bytes of DATA
 BODY_LEN = 64
 HZ = os.sysconf("SC_CLK_TCK")
 ALLOWED_CN = "client-a"
@@ -350,6 +366,72 @@ def plain_check(port):
         conn.close()
 
 
+def _grpc_channel(port, cert=None, key=None):
+    import grpc  # only the gRPC phase needs grpcio
+
+    creds = grpc.ssl_channel_credentials(
+        (PKI / "root.crt").read_bytes(),
+        Path(key).read_bytes() if key else None,
+        Path(cert).read_bytes() if cert else None,
+    )
+    return grpc.secure_channel(f"{HOST}:{port}", creds)
+
+
+def grpc_call(channel, metadata=()):
+    """One unary Echo call: {'code': 'OK'|..., 'initial': {...}, 'body_ok': bool}."""
+    import grpc
+
+    try:
+        resp, call = channel.unary_unary(GRPC_METHOD).with_call(
+            GRPC_MSG, metadata=[("x-bench-echo", "1"), *metadata], timeout=5
+        )
+        return {
+            "code": "OK",
+            "initial": dict(call.initial_metadata() or ()),
+            "body_ok": resp == GRPC_MSG,
+        }
+    except grpc.RpcError as e:
+        return {"code": e.code().name, "details": (e.details() or "")[:120]}
+
+
+def grpc_check(port):
+    """The gRPC counterpart of correctness(): a real grpcio client over mTLS."""
+    res = {}
+    with _grpc_channel(port, PKI / "client-a-chain.pem", PKI / "client-a.key") as ch:
+        a = grpc_call(ch, [("x-client-subject", "spoofed"), ("x-client-uri", "spoofed")])
+    subj = str(a.get("initial", {}).get("x-client-subject", ""))
+    uri = str(a.get("initial", {}).get("x-client-uri", ""))
+    res["allowed"] = {
+        "ok": a["code"] == "OK"
+        and a.get("body_ok")
+        and f"CN={ALLOWED_CN}" in subj
+        and "spoofed" not in subj
+        and "spoofed" not in uri,
+        "status": a["code"],
+        "subject": subj,
+        "uri": uri,
+        "error": a.get("details"),
+    }
+    for name, cert, key in (
+        ("no_cert", None, None),
+        ("client_b", PKI / "client-b-chain.pem", PKI / "client-b.key"),
+        ("untrusted_ca", PKI / "client-rogue.crt", PKI / "client-rogue.key"),
+    ):
+        with _grpc_channel(port, cert, key) as ch:
+            r = grpc_call(ch)
+        res[name] = {"ok": r["code"] != "OK", "how": r["code"]}
+    res["ok"] = all(v["ok"] for v in res.values() if isinstance(v, dict))
+    return res
+
+
+def grpc_upstream_count(port):
+    """Echo calls the grpcio upstream has served (its Count method, h2c, not through a proxy)."""
+    import grpc
+
+    with grpc.insecure_channel(f"{HOST}:{port}") as ch:
+        return int(ch.unary_unary("/bench.Bench/Count")(b"", timeout=5))
+
+
 # ----------------------------------------------------------------------------- load tools
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
@@ -375,6 +457,31 @@ def parse_wrk(out):
     return r
 
 
+def parse_h2load(out):
+    """h2load's summary: 2xx responses per second, failures, mean time per request, ALPN."""
+    r = {"rps": 0.0, "requests": 0, "non2xx": 0, "failed": 0, "mean_ms": None, "alpn": None}
+    m = re.search(r"Application protocol: (\S+)", out)
+    r["alpn"] = m.group(1) if m else None
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if m:
+        r["requests"] = int(m.group(1))
+        r["non2xx"] = sum(map(int, m.groups()[1:]))
+    m = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+    )
+    if m:
+        r["failed"] = int(m.group(5)) + int(m.group(6)) + int(m.group(7))
+    m = re.search(r"finished in ([\d.]+)(\w+),", out)
+    secs = (_ms(m.group(1) + m.group(2)) or 0) / 1e3 if m else 0
+    if secs:
+        r["rps"] = round(r["requests"] / secs, 1)
+    m = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    r["mean_ms"] = _ms(m.group(3)) if m else None
+    return r
+
+
 class Harness:
     def __init__(self, args, outdir):
         self.a = args
@@ -384,6 +491,10 @@ class Harness:
         self.rundir = BENCH / "run"
         self.rundir.mkdir(exist_ok=True)
         self.upstream = None
+        self.grpc_up = None
+        self.grpc_port = None
+        self.grpc_body = self.out / "grpc-request.bin"  # one gRPC message: 5-byte prefix + body
+        self.grpc_body.write_bytes(b"\x00" + len(GRPC_MSG).to_bytes(4, "big") + GRPC_MSG)
         pin = "" if args.pin in ("", "none") else args.pin
         if pin and not re.fullmatch(r"[\d,-]+/[\d,-]+", pin):
             raise SystemExit(
@@ -412,7 +523,12 @@ class Harness:
             BENCH_ALLOWED_URI="spiffe://example.org/ns/default/sa/client-a",
             BENCH_RUNDIR=str(self.rundir / name),
             BENCH_PYTHON=str(BENCH / ".venv" / "bin" / "python"),
+            # h2/grpc phases: targets offer ALPN h2 (HTTP/1.1 clients are served as before)
+            BENCH_HTTP2="1" if self.a.phases & {"h2", "grpc"} else "0",
+            BENCH_MODE="http",
         )
+        if self.grpc_port:
+            env["BENCH_GRPC_UPSTREAM"] = f"{HOST}:{self.grpc_port}"
         (self.rundir / name).mkdir(exist_ok=True)
         return env
 
@@ -427,6 +543,25 @@ class Harness:
         )
         if not wait_port(self.up_port, self.upstream):
             raise SystemExit("upstream nginx did not start; see run/upstream.log")
+
+    def start_grpc_upstream(self):
+        env = self.target_env("grpc-upstream", self.grpc_port)
+        self.grpc_up = Proc(
+            "grpc-upstream",
+            [
+                str(BENCH / ".venv" / "bin" / "python"),
+                str(BENCH / "tools" / "grpc_upstream.py"),
+                "--host",
+                HOST,
+                "--port",
+                str(self.grpc_port),
+            ],
+            env,
+            self.rundir,
+            self.pin_harness,
+        )
+        if not wait_port(self.grpc_port, self.grpc_up):
+            raise SystemExit("the grpcio upstream did not start; see run/grpc-upstream.log")
 
     def start_originator(self, target_port, tls):
         """haproxy that accepts plain HTTP from wrk and opens keep-alive (m)TLS to the target."""
@@ -522,6 +657,39 @@ backend be
         r["rc"] = rc
         return r
 
+    def h2load(self, url, dur, tag, grpc=False, tls=True):
+        """h2load -t1 with H2_CONNS connections x H2_STREAMS concurrent streams, the client
+        certificate from the same LD_PRELOAD shim as wrk (h2load links libssl dynamically and
+        makes one SSL_CTX with SSL_CTX_new)."""
+        argv = [
+            "h2load",
+            "-t1",
+            f"-c{self.a.h2_conns}",
+            f"-m{self.a.h2_streams}",
+            f"-D{dur}",
+        ]
+        if grpc:
+            argv += [
+                "-d",
+                str(self.grpc_body),
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+            ]
+        argv.append(url)
+        out, rc, _ = self.run_cmd(argv, dur + 30, self.wrk_env() if tls else None, tag)
+        r = parse_h2load(out)
+        r["rc"] = rc
+        return r
+
+    def grpc_load(self, url, dur, tag, tls=True):
+        """h2load with gRPC calls, and the calls the upstream served meanwhile."""
+        c0 = grpc_upstream_count(self.grpc_port)
+        r = self.h2load(url, dur, tag, grpc=True, tls=tls)
+        r["upstream_calls"] = grpc_upstream_count(self.grpc_port) - c0
+        return r
+
     def s_time(self, port, mode, dur, tag):
         argv = [
             "openssl",
@@ -580,13 +748,87 @@ backend be
 
     # -- one target, one round
     def run_target(self, spec, rnd):
-        name, cmd = spec
+        name = spec[0]
         res = {"target": name, "round": rnd, "ts": dt.datetime.now().isoformat(timespec="seconds")}
+        if self.a.phases & HTTP_PHASES and name not in GRPC_ONLY:
+            res.update(self._run_http(spec, rnd))
+        if "grpc" in self.a.phases and name not in NO_GRPC:
+            res.update(self._run_grpc(spec, rnd))
+        return res
+
+    def _start(self, spec, port, env):
+        name, cmd = spec
+        argv = (
+            ["bash", str(BENCH / "targets" / f"{name}.sh")] if cmd is None else ["bash", "-c", cmd]
+        )
+        return Proc(name, argv, env, self.rundir, self.pin_target)
+
+    def _run_grpc(self, spec, rnd):
+        """The gRPC phase: the target restarted with the grpcio upstream (BENCH_MODE=grpc and
+        BENCH_UPSTREAM* pointing at it), checked with grpcio, loaded with h2load."""
+        name = spec[0]
+        a = self.a
+        res = {}
+        url_path = GRPC_METHOD
+        if name == "upstream-plain":  # the ceiling: h2load -> grpcio upstream, h2c, no proxy
+            pids = {"target": self.grpc_up.pid, "upstream": None}
+            url = f"http://{HOST}:{self.grpc_port}{url_path}"
+            self.h2load(url, 1, f"{name}.r{rnd}.grpc-warm", grpc=True, tls=False)
+            r = self.measure(
+                pids, lambda: self.grpc_load(url, a.duration, f"{name}.r{rnd}.grpc", tls=False)
+            )
+            r["target_us_per_req"] = (
+                round(r["cpu_target_s"] / r["requests"] * 1e6, 1) if r["requests"] else None
+            )
+            res["grpc"] = r
+            return res
+        port = self.ports[name]
+        if not port_free(port):
+            res["grpc_error"] = f"port {port} already in use"
+            return res
+        env = self.target_env(name, port)
+        env.update(
+            BENCH_MODE="grpc",
+            BENCH_UPSTREAM=f"{HOST}:{self.grpc_port}",
+            BENCH_UPSTREAM_PORT=str(self.grpc_port),
+            BENCH_UPSTREAM_URL=f"http://{HOST}:{self.grpc_port}",
+        )
+        proc = self._start(spec, port, env)
+        try:
+            if not wait_port(port, proc):
+                res["grpc_error"] = f"did not listen on {port} in gRPC mode; see run/{name}.log"
+                return res
+            time.sleep(0.3)
+            res["check_grpc"] = chk = grpc_check(port)
+            if not chk["allowed"]["ok"]:
+                res["grpc_error"] = f"gRPC check failed: {chk['allowed']}"
+                return res
+            pids = {"target": proc.pid, "upstream": self.grpc_up.pid}
+            url = f"https://{HOST}:{port}{url_path}"
+            self.h2load(url, 1, f"{name}.r{rnd}.grpc-warm", grpc=True)
+            r = self.measure(pids, lambda: self.grpc_load(url, a.duration, f"{name}.r{rnd}.grpc"))
+            r["target_us_per_req"] = (
+                round(r["cpu_target_s"] / r["requests"] * 1e6, 1) if r["requests"] else None
+            )
+            if r["alpn"] != "h2":
+                res["grpc_error"] = f"h2load negotiated {r['alpn']!r}, not h2"
+            res["grpc"] = r
+            if not proc.alive():
+                res["grpc_error"] = "target exited during the gRPC run"
+        finally:
+            proc.stop()
+        return res
+
+    def _run_http(self, spec, rnd):
+        name = spec[0]
+        res = {}
         a = self.a
         if (
             name == "upstream-plain"
         ):  # harness ceiling: load generator -> plain upstream, no TLS, no proxy
             res["check"] = plain_check(self.up_port)
+            if "ka" not in a.phases:
+                return res
             pids = {"target": None, "upstream": self.upstream.pid}
             orig = (
                 self.start_originator(self.up_port, tls=False)
@@ -611,10 +853,7 @@ backend be
             res["error"] = f"port {port} already in use"
             return res
         env = self.target_env(name, port)
-        argv = (
-            ["bash", str(BENCH / "targets" / f"{name}.sh")] if cmd is None else ["bash", "-c", cmd]
-        )
-        proc = Proc(name, argv, env, self.rundir, self.pin_target)
+        proc = self._start(spec, port, env)
         try:
             if not wait_port(port, proc):
                 res["error"] = f"did not listen on {port}; see run/{name}.log"
@@ -699,6 +938,17 @@ backend be
                         round(r["cpu_target_s"] / r["requests"] * 1e6) if r["requests"] else None
                     )
                     res[ph] = r
+            # HTTP/2 GETs: h2load, many streams per keep-alive connection, the HTTP/1.1 upstream.
+            if "h2" in phases and name not in NO_H2:
+                url = f"https://{HOST}:{port}/"
+                self.h2load(url, 1, f"{name}.r{rnd}.h2-warm")
+                r = self.measure(pids, lambda: self.h2load(url, a.duration, f"{name}.r{rnd}.h2"))
+                r["target_us_per_req"] = (
+                    round(r["cpu_target_s"] / r["requests"] * 1e6, 1) if r["requests"] else None
+                )
+                if r["alpn"] != "h2":
+                    res["error"] = f"h2load negotiated {r['alpn']!r}, not h2"
+                res["h2"] = r
             if not proc.alive():
                 res["error"] = "target exited during the run"
         finally:
@@ -723,10 +973,8 @@ def summarize(results, targets, baseline):
         ka = [r["ka"]["rps"] for r in rs if "ka" in r]
         rows[name] = {
             "runs": len(rs),
-            "check": "ok"
-            if rs and all(r.get("check", {}).get("ok") for r in rs)
-            else ("FAIL" if any("check" in r for r in rs) else "-"),
-            "errors": sorted({r["error"] for r in rs if r.get("error")}),
+            "check": _check_cell(rs),
+            "errors": sorted({r[k] for r in rs for k in ("error", "grpc_error") if r.get(k)}),
             "rps": g("ka", "rps"),
             "p50": g("ka", "p50_ms"),
             "p99": g("ka", "p99_ms"),
@@ -750,6 +998,27 @@ def summarize(results, targets, baseline):
             "close_res": g("close_resume", "rps"),
             "us_close_res": g("close_resume", "target_us_per_conn"),
             "spread_rps": (min(ka), max(ka)) if ka else None,
+            "h2": g("h2", "rps"),
+            "us_h2": g("h2", "target_us_per_req"),
+            "mean_h2": g("h2", "mean_ms"),
+            "cpu_t_h2": g("h2", "cpu_target"),
+            "other_h2": g("h2", "cpu_other"),
+            "h2_bad": (g("h2", "non2xx") or 0) + (g("h2", "failed") or 0),
+            "grpc": g("grpc", "rps"),
+            "us_grpc": g("grpc", "target_us_per_req"),
+            "mean_grpc": g("grpc", "mean_ms"),
+            "cpu_t_grpc": g("grpc", "cpu_target"),
+            "cpu_up_grpc": g("grpc", "cpu_upstream"),
+            "cpu_lg_grpc": g("grpc", "cpu_loadgen"),
+            "other_grpc": g("grpc", "cpu_other"),
+            "grpc_bad": (g("grpc", "non2xx") or 0) + (g("grpc", "failed") or 0),
+            "grpc_reached": med(
+                [
+                    r["grpc"]["upstream_calls"] / r["grpc"]["requests"]
+                    for r in rs
+                    if r.get("grpc", {}).get("requests")
+                ]
+            ),
         }
     # Ratios to the baseline: the median over rounds of (target / baseline measured in the same
     # round), which cancels slow drift of a shared machine better than a ratio of medians; falls
@@ -762,6 +1031,10 @@ def summarize(results, targets, baseline):
         "us_req": ("ka", "target_us_per_req", True),
         "us_close": ("close", "target_us_per_conn", True),
         "us_new": ("new", "target_us_per_conn", True),
+        "h2": ("h2", "rps", False),
+        "us_h2": ("h2", "target_us_per_req", True),
+        "grpc": ("grpc", "rps", False),
+        "us_grpc": ("grpc", "target_us_per_req", True),
     }
     by_round = {}
     for r in results:
@@ -781,12 +1054,62 @@ def summarize(results, targets, baseline):
     return rows
 
 
+def _check_cell(rs):
+    checks = [r[k] for r in rs for k in ("check", "check_grpc") if k in r]
+    if not checks:
+        return "-"
+    return "ok" if all(c.get("ok") for c in checks) else "FAIL"
+
+
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
 def table(rows, baseline):
     b = baseline
+    h1 = any(
+        r.get(k) is not None for r in rows.values() for k in ("rps", "hs_new", "hs_reuse", "close")
+    )
+    h2 = any(r.get(k) is not None for r in rows.values() for k in ("h2", "grpc"))
+    out = (_table_h1(rows, b) if h1 or not h2 else []) + (_table_h2(rows, b) if h2 else [])
+    notes = _notes(rows)
+    return "\n".join(out) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
+
+
+def _table_h2(rows, b):
+    out = [
+        "",
+        f"| target | h2 GET req/s | x {b} | µs CPU/req | x {b} (cost) | mean ms | target cores "
+        f"| gRPC calls/s | x {b} | µs CPU/call | x {b} (cost) | mean ms | target cores "
+        f"| gRPC upstream cores | other cores (h2, gRPC) |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for n, r in rows.items():
+        if r.get("h2") is None and r.get("grpc") is None:
+            continue
+        tag = f"{n} (ref)" if n in REFERENCE else n
+        cells = [
+            tag,
+            fmt(r["h2"], ",.0f"),
+            fmt(r["ratio_h2"], ".2f"),
+            fmt(r["us_h2"], ".1f"),
+            fmt(r["ratio_us_h2"], ".2f"),
+            fmt(r["mean_h2"], ".2f"),
+            fmt(r["cpu_t_h2"], ".2f"),
+            fmt(r["grpc"], ",.0f"),
+            fmt(r["ratio_grpc"], ".2f"),
+            fmt(r["us_grpc"], ".1f"),
+            fmt(r["ratio_us_grpc"], ".2f"),
+            fmt(r["mean_grpc"], ".2f"),
+            fmt(r["cpu_t_grpc"], ".2f"),
+            fmt(r["cpu_up_grpc"], ".2f"),
+            f"{fmt(r['other_h2'], '.2f')}, {fmt(r['other_grpc'], '.2f')}",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _table_h1(rows, b):
     out = [
         f"| target | req/s | p50 ms | p99 ms | x {b} | hs/s new (s_time) | hs/s reuse (s_time) "
         f"| full hs/s (wrk close) | x {b} | resumed hs/s (wrk close) | check |",
@@ -833,8 +1156,21 @@ def table(rows, baseline):
             "-" if not sp else f"{sp[0]:,.0f}..{sp[1]:,.0f}",
         ]
         out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _notes(rows):
     notes = []
     for n, r in rows.items():
+        if r.get("h2_bad") or r.get("grpc_bad"):
+            notes.append(
+                f"- {n}: median non-2xx+failed h2 requests={r['h2_bad']}, gRPC={r['grpc_bad']}"
+            )
+        if r.get("grpc_reached") is not None and not 0.99 <= r["grpc_reached"] <= 1.05:
+            notes.append(
+                f"- {n}: the upstream served {r['grpc_reached']:.3f} calls per 2xx that h2load "
+                "counted (expected about 1)"
+            )
         for e in r["errors"]:
             notes.append(f"- {n}: {e}")
         if r["ka_bad"] or r["ka_sockerr"] or r["close_bad"]:
@@ -850,7 +1186,7 @@ def table(rows, baseline):
             notes.append(
                 f"- {n}: other processes used {r['other']:.2f} cores during keep-alive (noise)"
             )
-    return "\n".join(out) + ("\n\n" + "\n".join(notes) if notes else "") + "\n"
+    return notes
 
 
 # ----------------------------------------------------------------------------- main
@@ -896,9 +1232,21 @@ def main():
     p.add_argument("--close-conns", type=int, default=int(env("BENCH_CLOSE_CONNS", "32")))
     p.add_argument("--threads", type=int, default=int(env("BENCH_WRK_THREADS", "1")))
     p.add_argument(
+        "--h2-conns",
+        type=int,
+        default=int(env("BENCH_H2_CONNS", "16")),
+        help="h2/grpc phases: h2load connections",
+    )
+    p.add_argument(
+        "--h2-streams",
+        type=int,
+        default=int(env("BENCH_H2_STREAMS", "10")),
+        help="h2/grpc phases: concurrent streams per connection (h2load -m)",
+    )
+    p.add_argument(
         "--phases",
         default=env("BENCH_PHASES", "ka,new,reuse,close"),
-        help="comma list of ka,new,reuse,close,close_resume",
+        help="comma list of ka,new,reuse,close,close_resume,h2,grpc",
     )
     p.add_argument(
         "--loadgen",
@@ -933,6 +1281,8 @@ def main():
     if a.merge:
         return merge(a.merge, a.baseline)
     a.phases = set(a.phases.split(","))
+    if a.phases - ALL_PHASES:
+        raise SystemExit(f"unknown phases: {sorted(a.phases - ALL_PHASES)}")
     specs = parse_targets(a.targets or DEFAULT_TARGETS)
     names = [n for n, _ in specs]
     if len(set(names)) != len(names):
@@ -946,6 +1296,8 @@ def main():
         f.unlink()
     h.up_port = pick_port(UPSTREAM_PORT)
     h.orig_port = pick_port(ORIGINATOR_PORT)
+    if "grpc" in a.phases:
+        h.grpc_port = pick_port(GRPC_UPSTREAM_PORT)
     ext = iter(range(EXTERNAL_PORT_BASE, EXTERNAL_PORT_BASE + 1000))
     h.ports = {n: pick_port(PORTS.get(n) or next(ext)) for n, c in specs if n != "upstream-plain"}
 
@@ -966,6 +1318,8 @@ def main():
     results = []
     try:
         h.start_upstream()
+        if h.grpc_port:
+            h.start_grpc_upstream()
         log(f"[bench] results -> {outdir}")
         for rnd in range(a.runs):
             order = specs[rnd % len(specs) :] + specs[: rnd % len(specs)]  # rotate to spread drift
@@ -994,16 +1348,19 @@ def main():
     (outdir / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (outdir / "table.md").write_text(
         f"<!-- {stamp} runs={a.runs} conns={a.conns} duration={a.duration}s "
-        f"hs={a.hs_duration}s loadgen={a.loadgen} pin={a.pin or 'none'} -->\n" + txt
+        f"hs={a.hs_duration}s loadgen={a.loadgen} pin={a.pin or 'none'} "
+        f"phases={','.join(sorted(a.phases))} h2={a.h2_conns}x{a.h2_streams} -->\n" + txt
     )
     print(txt)
     print("correctness:")
     for r in results:
-        if r.get("round") == 0 and "check" in r:
-            c = r["check"]
+        for ck, label in (("check", ""), ("check_grpc", " (gRPC)")):
+            if r.get("round") != 0 or ck not in r:
+                continue
+            c = r[ck]
             al = c.get("allowed", {})
             print(
-                f"  {r['target']:16s} ok={c.get('ok')} allowed={al.get('status')} "
+                f"  {r['target'] + label:23s} ok={c.get('ok')} allowed={al.get('status')} "
                 f"subject={al.get('subject')!r} uri={al.get('uri')!r} "
                 + " ".join(
                     f"{k}={v.get('how')}"
@@ -1023,7 +1380,7 @@ def main():
             f"because other processes used > {a.noise_limit} cores"
         )
     print(f"raw outputs: {outdir}")
-    return 0 if all(r["check"] == "ok" for r in rows.values()) else 1
+    return 0 if all(r["check"] in ("ok", "-") and not r["errors"] for r in rows.values()) else 1
 
 
 def merge(dirs, baseline):
@@ -1054,6 +1411,7 @@ def versions():
         "haproxy": first(["haproxy", "-v"]),
         "caddy": first(["caddy", "version"]),
         "wrk": first(["wrk", "-v"]),
+        "h2load": first(["h2load", "--version"]),
         "openssl": first(["openssl", "version"]),
         "python": sys.version.split()[0],
     }
@@ -1062,6 +1420,12 @@ def versions():
         import uvloop
 
         v.update(aiohttp=aiohttp.__version__, uvloop=uvloop.__version__)
+    except ImportError:
+        pass
+    try:
+        import grpc
+
+        v["grpcio"] = grpc.__version__
     except ImportError:
         pass
     return v

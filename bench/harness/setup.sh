@@ -2,11 +2,13 @@
 # Prepare this machine for the harness (Debian 12, as root). Idempotent: safe to run again.
 #   bench/harness/setup.sh [TARGET ...]
 # Installs what is missing:
-#   - Debian: nginx (the upstream, and the nginx targets), wrk (load), openssl (PKI, s_time,
+#   - Debian: nginx (the upstream, and the nginx targets), wrk (load), nghttp2-client (h2load,
+#     the h2/grpc phases), openssl (PKI, s_time,
 #     speed), gcc + libc6-dev + libssl-dev (builds the wrk client-certificate shim), curl,
 #     util-linux (taskset), python3-venv; haproxy and caddy only for those targets (all of
 #     them when no TARGET is named; haproxy also serves --loadgen originator)
-#   - PyPI, into .venv here: aiohttp and uvloop (requirements.txt) for the naive baseline
+#   - PyPI, into .venv here: aiohttp and uvloop (requirements.txt) for the naive baseline, grpcio
+#     for the gRPC upstream, the naive gRPC relay and the gRPC check
 #   - builds tools/wrk_clientcert.so and makes the PKI in pki/ (pki.sh)
 # apt is kept from starting the packaged nginx/haproxy services.
 set -euo pipefail
@@ -21,7 +23,7 @@ if [[ ! -w "$SRC" ]]; then
 fi
 cd "$SRC"
 
-PKGS=(nginx wrk openssl gcc libc6-dev libssl-dev curl util-linux python3-venv ca-certificates)
+PKGS=(nginx wrk nghttp2-client openssl gcc libc6-dev libssl-dev curl util-linux python3-venv ca-certificates)
 # haproxy / caddy: for every target when none is named, else only for the named ones.
 wants() { (($# == 0)) && return 0; local t; for t in "$@"; do [[ "${t%%=*}" == "$WANT" ]] && return 0; done; return 1; }
 WANT=haproxy; if wants "$@"; then PKGS+=(haproxy); fi
@@ -50,7 +52,7 @@ PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import aiohttp, uvloop' 2>/dev/null; then
+if ! .venv/bin/python -c 'import aiohttp, uvloop, grpc' 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 fi
 echo "setup: python $(.venv/bin/python -c 'import sys,aiohttp,uvloop,ssl;print(sys.version.split()[0],"aiohttp",aiohttp.__version__,"uvloop",uvloop.__version__,ssl.OPENSSL_VERSION)')"
