@@ -17,7 +17,11 @@ Rules:
    while the client does not read, the exchanges' upstream deadline; a drain sends GOAWAY and
    closes once the open streams are answered.
 5. The attack classes (http2/guard.py: CONTINUATION, Rapid Reset, MadeYouReset, floods) end the
-   connection with GOAWAY(ENHANCE_YOUR_CALM); every GOAWAY is counted by reason.
+   connection with GOAWAY(ENHANCE_YOUR_CALM); every GOAWAY is counted by reason. After our
+   GOAWAY nothing more is sent (h2 is CLOSED): the exchanges still running find their stream
+   gone.
+6. A client's GOAWAY is read before h2 sees it (http2/goaway.py): its open streams are answered,
+   then the connection closes.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from mtls_proxy.dataplane.flow import ReadGate
 from mtls_proxy.dataplane.h2exchange import H2Exchange
 from mtls_proxy.dataplane.h2send import H2Stream, H2Writer
 from mtls_proxy.http1.request import prepare
-from mtls_proxy.http2.guard import FrameGuard
+from mtls_proxy.http2.goaway import GoAwayTap
+from mtls_proxy.http2.guard import PREFACE, FrameGuard
 from mtls_proxy.http2.request import MalformedH2Request, translate
 
 if TYPE_CHECKING:
@@ -70,6 +75,7 @@ class H2Connection(H2Writer, asyncio.Protocol):
         self.send_deadline = 0.0  # writing is paused: the client must take a byte by then
         cfg = plane.cfg
         self.guard = FrameGuard(cfg.h2_max_header_list_bytes, cfg.h2_reset_budget)
+        self._tap = GoAwayTap(len(PREFACE))  # rule 6
         self._rid_prefix = os.urandom(6).hex().encode()
         self._rid = 0
         self._streams: dict[int, H2Stream] = {}
@@ -192,6 +198,7 @@ class H2Connection(H2Writer, asyncio.Protocol):
         self.plane.metrics.h2_goaways.labels(reason=reason).inc()
         if self.transport is None:
             return
+        self.closed = True  # h2 will be CLOSED: the exchanges' sends find their streams gone
         if code == h2lib.errors.ErrorCodes.ENHANCE_YOUR_CALM:
             logger.warning("HTTP/2 client over a limit", extra={"error": reason})
         with contextlib.suppress(h2lib.exceptions.ProtocolError):
@@ -226,12 +233,19 @@ class H2Connection(H2Writer, asyncio.Protocol):
         if over is not None:
             self.goaway(h2lib.errors.ErrorCodes.ENHANCE_YOUR_CALM, over)
             return
+        data, goaways = self._tap.feed(data)
+        if goaways and not self.draining:  # rule 6: it opens no more streams; ours finish
+            self.draining = True
+            if not self._streams:
+                self.transport.close()
+                return
         try:
             events = self.h2.receive_data(data)
         except h2lib.exceptions.ProtocolError as exc:
             logger.info("HTTP/2 protocol error", extra={"error": type(exc).__name__})
             self.plane.metrics.h2_goaways.labels(reason="protocol_error").inc()
             self.flush()  # h2 queued the GOAWAY
+            self.closed = True  # rule 5
             self.transport.close()
             return
         for ev in events:
@@ -248,8 +262,9 @@ class H2Connection(H2Writer, asyncio.Protocol):
                 self._reset(ev.stream_id)
             elif isinstance(ev, h2lib.events.WindowUpdated):
                 self._send_pending(ev.stream_id)
-            elif isinstance(ev, h2lib.events.ConnectionTerminated):
+            elif isinstance(ev, h2lib.events.ConnectionTerminated):  # not after the tap
                 self.flush()
+                self.closed = True
                 self.transport.close()
                 return
         self.flush()

@@ -62,6 +62,10 @@ class H2Writer:
     _streams: dict[int, H2Stream]
     _by_ex: dict[Exchange, H2Stream]
 
+    def _live(self, ex: Exchange) -> H2Stream | None:
+        """*ex*'s stream while the connection can still send (after our GOAWAY h2 cannot)."""
+        return None if self.closed else self._by_ex.get(ex)
+
     def is_current(self, ex: Exchange) -> bool:
         """*ex*'s stream is open on an open connection."""
         return not self.closed and ex in self._by_ex
@@ -71,14 +75,14 @@ class H2Writer:
 
     def send_head(self, ex: Exchange, head: ResponseHead, mode: BodyMode, length: int) -> None:
         """The response HEADERS (http2.response)."""
-        st = self._by_ex.get(ex)
+        st = self._live(ex)
         if st is None:
             return
         self.h2.send_headers(st.sid, h2_headers(head, mode, length))
 
     def send_data(self, ex: Exchange, data: bytes) -> None:
         """A body piece, as the windows allow (rule 2)."""
-        st = self._by_ex.get(ex)
+        st = self._live(ex)
         if st is None or not data:
             return
         st.pending.append(data)
@@ -88,7 +92,7 @@ class H2Writer:
 
     def send_end(self, ex: Exchange) -> None:
         """END_STREAM once the pending body is sent."""
-        st = self._by_ex.get(ex)
+        st = self._live(ex)
         if st is None:
             return
         st.ended = True
@@ -96,7 +100,7 @@ class H2Writer:
 
     def send_error(self, ex: Exchange, status: int, error: str, message: str) -> None:
         """A refusal: trailers-only for gRPC (core/grpc.py), else the JSON error."""
-        st = self._by_ex.get(ex)
+        st = self._live(ex)
         if st is None:
             return
         if st.grpc:
@@ -121,7 +125,7 @@ class H2Writer:
         self, ex: Exchange, headers: list[tuple[bytes, bytes]], end_stream: bool
     ) -> bool:
         """An HTTP/2 upstream's response HEADERS, as they are (h2 checked them)."""
-        st = self._by_ex.get(ex)
+        st = self._live(ex)
         if st is None:
             return True  # the stream is gone: nothing to send, nothing wrong with the head
         self.h2.send_headers(st.sid, headers, end_stream=end_stream)
@@ -131,7 +135,7 @@ class H2Writer:
 
     def send_trailers(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> None:
         """Trailers: they end the stream once the pending body is sent."""
-        st = self._by_ex.get(ex)
+        st = self._live(ex)
         if st is None:
             return
         st.trailers = headers
@@ -140,7 +144,7 @@ class H2Writer:
 
     def send_reset(self, ex: Exchange, code: int) -> None:
         """Reset *ex*'s stream (the upstream reset or cancelled its side)."""
-        st = self._by_ex.get(ex)
+        st = self._live(ex)
         if st is None:
             return
         st.ended = st.sent_end = True
@@ -151,7 +155,7 @@ class H2Writer:
 
     def ack(self, ex: Exchange, n: int) -> None:
         """*n* request body bytes of *ex* were handed on: the client may send more."""
-        st = self._by_ex.get(ex)
+        st = self._live(ex)
         if st is not None and not self.closed:
             self.h2.acknowledge_received_data(n, st.sid)
             self.flush()
@@ -174,7 +178,7 @@ class H2Writer:
         """*ex* is over: its stream leaves once its pending bytes are sent. A response that could
         not be completed (the upstream failed inside the body) resets the stream; a complete one
         while the client still sends asks it to stop, without error (RFC 9113 8.1)."""
-        st = self._by_ex.get(ex)
+        st = self._live(ex)
         if st is not None and not st.ended:
             with contextlib.suppress(h2lib.exceptions.ProtocolError):
                 self.h2.reset_stream(st.sid, h2lib.errors.ErrorCodes.INTERNAL_ERROR)

@@ -2,15 +2,17 @@
 
 python-hyper's h2 moves a connection to CLOSED on a received GOAWAY, and in CLOSED it refuses
 every later frame, also the DATA of the streams the GOAWAY lets finish: an upstream's graceful
-shutdown (a grpcio server's stop(grace), a max-connection-age) would cut the calls in flight.
-The proxy's h2c upstream connection reads the GOAWAY here instead (h2upstream.py rule 3): the
-library never learns of it, the streams at or below last-stream-id finish, the others fail.
+shutdown (a grpcio server's stop(grace), a max-connection-age) would cut the calls in flight,
+and a client's GOAWAY (it opens no more streams) would leave its open streams unanswered. Both
+connections read the GOAWAY here instead (h2upstream.py rule 3, h2conn.py rule 6): the library
+never learns of it and the streams it lets finish do.
 
 Rules:
 1. Frames other than GOAWAY (type 0x7) pass through byte for byte, in order, with any split.
 2. A GOAWAY is withheld whole and reported as (last_stream_id, error_code); its debug data is
    dropped.
 3. A frame header split across reads is held until complete; nothing else is buffered.
+4. On the server side the client preface (24 bytes, not a frame) passes through first.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ class GoAwayTap:
 
     __slots__ = ("_frame", "_head", "_need", "_skip")
 
-    def __init__(self) -> None:
+    def __init__(self, preface: int = 0) -> None:
         self._head = b""  # a frame header split across reads
-        self._skip = 0  # payload bytes of a passed-through frame still to come
+        # Bytes to pass through: a passed-through frame's payload, and first the client
+        # preface (*preface* bytes, on the server side), which is not a frame.
+        self._skip = preface
         self._frame: bytearray | None = None  # a GOAWAY's payload so far
         self._need = 0  # bytes of that payload still to come
 

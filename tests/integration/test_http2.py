@@ -254,3 +254,24 @@ def test_shutdown_drain_answers_the_open_streams(tp: Pki, upstream: Upstream) ->
     heads = [f for f in frames if isinstance(f, HeadersFrame) and f.stream_id == 1]
     assert heads, [type(f).__name__ for f in frames]
     assert any("END_STREAM" in f.flags for f in frames if f.stream_id == 1)
+
+
+def test_client_goaway_still_gets_its_open_streams_answered(tp: Pki, upstream: Upstream) -> None:
+    """A client's GOAWAY says it opens no more streams; the one in flight is still answered
+    (h2 alone would be CLOSED and fail the response's frames), and nothing is logged as an
+    error."""
+    with run_proxy(tp, f"http://127.0.0.1:{upstream.port}", "--http2", "on") as p:
+        s, conn = h2_client(p.port, client_ctx(tp, "good"))
+        conn.send_headers(1, _get(b"/slow?s=0.5"), end_stream=True)
+        s.sendall(conn.data_to_send())
+        deadline = time.monotonic() + 5
+        while not upstream.seen:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        s.sendall(GoAwayFrame(0).serialize())  # last-stream-id 0: we push nothing
+        frames = _raw_frames(s, until=None)
+        s.close()
+        logs = list(p.logs)
+    assert any(isinstance(f, HeadersFrame) and f.stream_id == 1 for f in frames), frames
+    assert any("END_STREAM" in f.flags for f in frames if f.stream_id == 1)
+    assert not [line for line in logs if "Traceback" in line or '"level": "error"' in line]
