@@ -28,6 +28,8 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Final, Protocol
 
+from hpack import NeverIndexedHeaderTuple
+
 from mtls_proxy.core import grpc
 from mtls_proxy.core.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from mtls_proxy.dataplane.exchange import Downstream, Exchange
@@ -84,6 +86,8 @@ def h2_request_headers(head: bytes, te_trailers: bool) -> list[tuple[bytes, byte
         name, value = name.lower(), value.strip()
         if name == b"host":
             authority = value
+        elif name == b"x-request-id":  # unique per request: never worth an HPACK table entry
+            fields.append(NeverIndexedHeaderTuple(name, value))
         elif name not in _HOP:
             fields.append((name, value))
     pseudo = [(b":method", method), (b":scheme", b"http"), (b":authority", authority)]
@@ -171,12 +175,17 @@ class H2Exchange(Exchange):
         if self.body_done and not self.deadline_fixed:
             self._arm_upstream()
 
-    def send_body(self, data: bytes) -> bool:
-        """A request body piece; acknowledged to the client as it leaves (h2upstream rule 1).
-        True when more than h1toh2.HOLD bytes wait (an HTTP/1.1 client is then not read)."""
+    def send_body(self, data: bytes, end: bool = False) -> bool:
+        """A request body piece (*end*: the last); acknowledged to the client as it leaves
+        (h2upstream rule 1). True when more than BACKLOG bytes wait (an HTTP/1.1 client is
+        then not read)."""
+        if end:
+            self.body_done = True
         if self.up is not None:
-            self.up.send(self.up_sid, data, False)
-        else:
+            self.up.send(self.up_sid, data, end)
+            if end and not self.response_started and not self.deadline_fixed:
+                self._arm_upstream()
+        elif data:
             self.body.append(data)
             self.buffered += len(data)
         return self.upstream_backlog() > BACKLOG
@@ -186,7 +195,9 @@ class H2Exchange(Exchange):
         return self.up.backlog(self.up_sid) if self.up is not None else self.buffered
 
     def end_body(self) -> None:
-        """The request body is complete."""
+        """The request body is complete (once: send_body may have said so already)."""
+        if self.body_done:
+            return
         self.body_done = True
         if self.up is not None:
             self.up.send(self.up_sid, b"", True)

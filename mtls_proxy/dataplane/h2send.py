@@ -16,6 +16,7 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Final
 
@@ -25,8 +26,6 @@ from mtls_proxy.http1.response import error_response
 from mtls_proxy.http2.response import error_headers, h2_headers
 
 if TYPE_CHECKING:
-    import asyncio
-
     from mtls_proxy.dataplane.exchange import Exchange
     from mtls_proxy.dataplane.flow import ReadGate
     from mtls_proxy.dataplane.plane import DataPlane
@@ -61,6 +60,7 @@ class H2Writer:
     deadline: float
     _streams: dict[int, H2Stream]
     _by_ex: dict[Exchange, H2Stream]
+    _flush_due: bool
 
     def _live(self, ex: Exchange) -> H2Stream | None:
         """*ex*'s stream while the connection can still send (after our GOAWAY h2 cannot)."""
@@ -158,7 +158,13 @@ class H2Writer:
         st = self._live(ex)
         if st is not None and not self.closed:
             self.h2.acknowledge_received_data(n, st.sid)
-            self.flush()
+            if not self._flush_due:  # one write for the WINDOW_UPDATEs of this loop turn
+                self._flush_due = True
+                asyncio.get_running_loop().call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_due = False
+        self.flush()
 
     def flush(self) -> None:
         """Write what h2 has queued, in one TLS write."""

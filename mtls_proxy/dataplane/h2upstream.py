@@ -71,6 +71,7 @@ class H2Upstream(asyncio.Protocol):
         self._pending: dict[int, list[bytes]] = {}
         self._ending: set[int] = set()
         self._held: dict[int, int] = {}  # stream -> response bytes not yet acknowledged
+        self._flush_due = False
         self._tap = GoAwayTap()  # rule 3: h2 would close on a GOAWAY and cut the streams
         config = h2lib.config.H2Configuration(client_side=True, header_encoding=None)
         self.h2 = h2lib.connection.H2Connection(config=config)
@@ -149,7 +150,7 @@ class H2Upstream(asyncio.Protocol):
         sid = self.h2.get_next_available_stream_id()
         self.h2.send_headers(sid, headers, end_stream=end_stream)
         self.sinks[sid] = sink
-        self.flush()
+        self.flush_soon()
         return sid
 
     def send(self, sid: int, data: bytes, end: bool) -> None:
@@ -161,7 +162,7 @@ class H2Upstream(asyncio.Protocol):
         if end:
             self._ending.add(sid)
         self._send_pending(sid)
-        self.flush()
+        self.flush_soon()
 
     def reset(self, sid: int, code: int = h2lib.errors.ErrorCodes.CANCEL) -> None:
         """Abandon stream *sid* (the client left, reset it, or the deadline passed)."""
@@ -170,7 +171,7 @@ class H2Upstream(asyncio.Protocol):
         self._drop(sid)
         with contextlib.suppress(h2lib.exceptions.ProtocolError):
             self.h2.reset_stream(sid, code)
-        self.flush()
+        self.flush_soon()
 
     def backlog(self, sid: int) -> int:
         """Request bytes of stream *sid* waiting for the upstream's window."""
@@ -185,7 +186,17 @@ class H2Upstream(asyncio.Protocol):
         n = self._held.pop(sid, 0)
         if n and sid in self.sinks:
             self.h2.acknowledge_received_data(n, sid)
-            self.flush()
+            self.flush_soon()
+
+    def flush_soon(self) -> None:
+        """Write at the end of this loop turn: a call's HEADERS and DATA go in one write."""
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._flush_due = False
+        self.flush()
 
     def flush(self) -> None:
         """Write what h2 has queued."""
