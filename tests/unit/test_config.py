@@ -144,6 +144,19 @@ def test_env_allow_lists_and_secrets() -> None:
         ({"flags": {"allow-all": True}}, "--allow-all cannot be combined"),
         ({"flags": {"allow-anonymous": True}}, "--allow-anonymous needs --client-auth optional"),
         ({"flags": {"client-auth": "none"}}, "--client-auth none requests no certificate"),
+        (
+            {"flags": {"h2-initial-stream-window": "2147483648"}},
+            "--h2-initial-stream-window: must be 1 to 2147483647 (got 2147483648)",
+        ),
+        (
+            {"text": "h2_initial_connection_window: 1000", "filename": "f.yaml"},
+            "f.yaml: h2_initial_connection_window: must be 65535 to 2147483647",
+        ),
+        (
+            {"flags": {"upstream": "https://u:443", "upstream-protocol": "auto"}},
+            "--upstream-protocol: h2c is cleartext HTTP/2",
+        ),
+        ({"flags": {"upstream-protocol": "h3"}}, "--upstream-protocol: must be one of"),
     ],
 )
 def test_invalid_values_name_the_source(kw: dict[str, object], needle: str) -> None:
@@ -304,3 +317,14 @@ def test_example_yaml_comments_say_what_the_code_does() -> None:
     reload = _comment_of(text, "reload_interval")
     # reloader.py watches the files' directories whatever reload_interval says; 0 adds no polling.
     assert "only on SIGHUP" not in reload and "watched" in reload and "SIGHUP" in reload
+
+
+def test_http2_options_and_yaml_booleans_for_on_off() -> None:
+    """YAML 1.1 reads a bare on/off as a boolean: `http2: on` still means "on"."""
+    c = load_config(text="http2: on\nupstream_protocol: h2c\n", filename="f.yaml", flags=BASE)
+    assert (c.http2, c.upstream_protocol, c.h2_library) == ("on", "h2c", "h2")
+    assert load_config(text="http2: off\n", filename="f.yaml", flags=BASE).http2 == "off"
+    d = load_config(flags=BASE)
+    assert (d.http2, d.upstream_protocol, d.h2_max_concurrent_streams) == ("off", "http1", 100)
+    assert (d.h2_initial_stream_window, d.h2_initial_connection_window) == (65536, 1048576)
+    assert (d.h2_reset_budget, d.h2_connection_max_streams) == (100, 10000)
