@@ -14,14 +14,19 @@ Rules:
 3. Request bodies are acknowledged (WINDOW_UPDATE) as they are handed to the upstream side, so
    the client can never have more than the stream window in flight per stream.
 4. Timeouts are the listener sweeper's: --idle-timeout with no stream open, --send-timeout
-   while the client does not read, the exchanges' upstream deadline; a drain sends GOAWAY and
-   closes once the open streams are answered.
+   while the client does not read (the connection) or keeps a stream's window shut with
+   response bytes waiting (that stream is reset), the exchanges' upstream deadline; a drain
+   sends GOAWAY and closes once the open streams are answered.
 5. The attack classes (http2/guard.py: CONTINUATION, Rapid Reset, MadeYouReset, floods) end the
    connection with GOAWAY(ENHANCE_YOUR_CALM); every GOAWAY is counted by reason. After our
    GOAWAY nothing more is sent (h2 is CLOSED): the exchanges still running find their stream
    gone.
 6. A client's GOAWAY is read before h2 sees it (http2/goaway.py): its open streams are answered,
    then the connection closes.
+7. A request that declared a content-length ends with exactly that many DATA bytes: h2 checks
+   DATA frames only, so a body cut short by trailers would reach an HTTP/1.1 upstream framed
+   for bytes that never come (the next request's head would be read as this body: smuggling).
+   Short, it is reset (PROTOCOL_ERROR) and its upstream connection closed.
 """
 
 from __future__ import annotations
@@ -177,7 +182,8 @@ class H2Connection(H2Writer, asyncio.Protocol):
         """Release everything the connection holds."""
         self.closed = True
         for st in list(self._streams.values()):
-            st.ex.abandon()
+            if not st.ended:  # answered ones were recorded already
+                st.ex.abandon()
         self._streams.clear()
         self._by_ex.clear()
         self.transport = self.flow.transport = None
@@ -192,7 +198,16 @@ class H2Connection(H2Writer, asyncio.Protocol):
         if self.send_deadline and now >= self.send_deadline:
             self.abort()  # the client stopped reading: nothing more can be said to it
             return
+        send_timeout = self.plane.cfg.send_timeout
         for st in list(self._streams.values()):
+            if st.blocked and now - st.blocked >= send_timeout:
+                # Rule 4: response bytes wait for a window the client never opens.
+                with contextlib.suppress(h2lib.exceptions.ProtocolError):
+                    self.h2.reset_stream(st.sid, h2lib.errors.ErrorCodes.CANCEL)
+                self._reset(st.sid)
+                self.proxy_reset()
+                self.flush()
+                continue
             ex = st.ex
             if ex.up_deadline and now >= ex.up_deadline:
                 ex.up_deadline = 0.0
@@ -224,6 +239,11 @@ class H2Connection(H2Writer, asyncio.Protocol):
         """The client caught up."""
         self.send_deadline = 0.0
         self.flow.resume("send")
+
+    def _gone(self) -> bool:
+        """The connection was closed while a batch of events is handled (a method: mypy would
+        take `closed` as still False from the check before the loop)."""
+        return self.closed
 
     def proxy_reset(self) -> None:
         """A stream the proxy ends because of the client: the reset budget counts it too."""
@@ -259,21 +279,22 @@ class H2Connection(H2Writer, asyncio.Protocol):
             self.transport.close()
             return
         for ev in events:
-            if self.closed:  # our GOAWAY (a budget): the rest of the batch is not acted on
+            if self._gone():  # our GOAWAY (a budget): the rest of the batch is not acted on
                 return
             if isinstance(ev, h2lib.events.RequestReceived):
                 self._request(ev)
             elif isinstance(ev, h2lib.events.DataReceived):
                 self._data(ev)
             elif isinstance(ev, h2lib.events.StreamEnded):
-                st = self._streams.get(ev.stream_id)
-                if st is not None:
-                    st.ex.end_body()
+                self._ended(ev.stream_id)
             elif isinstance(ev, h2lib.events.StreamReset):
-                self.plane.metrics.h2_resets.labels(by="client").inc()
+                if ev.remote_reset:
+                    self.plane.metrics.h2_resets.labels(by="client").inc()
+                else:  # h2 reset it because of the client (MadeYouReset's currency)
+                    self.proxy_reset()
                 self._reset(ev.stream_id)
-            elif isinstance(ev, h2lib.events.WindowUpdated):
-                self._send_pending(ev.stream_id)
+            elif isinstance(ev, h2lib.events.WindowUpdated | h2lib.events.RemoteSettingsChanged):
+                self._send_pending(getattr(ev, "stream_id", 0))  # a new initial window too
             elif isinstance(ev, h2lib.events.ConnectionTerminated):  # not after the tap
                 self.flush()
                 self.closed = True
@@ -328,6 +349,9 @@ class H2Connection(H2Writer, asyncio.Protocol):
         ex.path, ex.head = prep.path, prep.head
         ex.has_body, ex.length = prep.has_body, prep.length
         self._start(sid, ex, is_grpc, end_stream)
+        st = self._streams.get(sid)
+        if st is not None and prep.has_body and not prep.chunked:
+            st.declared = prep.length  # rule 7: checked when the stream ends
 
     def _refused(self, err: ProxyError, method: bytes, path: bytes, rid: bytes) -> Exchange:
         ex = Exchange(self, method, path, rid)
@@ -364,15 +388,31 @@ class H2Connection(H2Writer, asyncio.Protocol):
         # Rule 3: acknowledged as handed on (or dropped, for an answered stream).
         if n:
             self.h2.acknowledge_received_data(n, ev.stream_id)
-        if ex is None or ex.status:
+        if ex is None:
             return
-        ex.bytes_in += len(data)
+        ex.bytes_in += len(data)  # also when answered: rule 7 compares it
+        if ex.status:
+            return
         if data and ex.send_body(data):
             self.flow.pause("buffer")
+
+    def _ended(self, sid: int) -> None:
+        """The request body is complete: as long as it said (rule 7), or the stream is refused."""
+        st = self._streams.get(sid)
+        if st is None:
+            return
+        if st.declared is not None and st.ex.bytes_in != st.declared:
+            with contextlib.suppress(h2lib.exceptions.ProtocolError):
+                self.h2.reset_stream(sid, h2lib.errors.ErrorCodes.PROTOCOL_ERROR)
+            self.proxy_reset()
+            self._reset(sid)  # the upstream got a length it will not get: it is not reused
+            return
+        st.ex.end_body()
 
     def _reset(self, sid: int) -> None:
         st = self._streams.pop(sid, None)
         if st is not None:
             self._by_ex.pop(st.ex, None)
-            st.ex.status = st.ex.status or 499
-            st.ex.abandon()
+            if not st.ended:  # an answered exchange was recorded: once (F7)
+                st.ex.status = st.ex.status or 499
+                st.ex.abandon()

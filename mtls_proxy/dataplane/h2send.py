@@ -37,13 +37,26 @@ WINDOW_HOLD: Final = 256 * 1024  # response bytes waiting for window, per stream
 class H2Stream:
     """One stream's exchange and the response bytes waiting for flow-control window."""
 
-    __slots__ = ("ended", "ex", "grpc", "paused", "pending", "sent_end", "sid", "trailers")
+    __slots__ = (
+        "blocked",
+        "declared",
+        "ended",
+        "ex",
+        "grpc",
+        "paused",
+        "pending",
+        "sent_end",
+        "sid",
+        "trailers",
+    )
 
     def __init__(self, sid: int, ex: Exchange, is_grpc: bool) -> None:
         self.sid, self.ex, self.grpc = sid, ex, is_grpc
         self.pending: list[bytes] = []
         self.trailers: list[tuple[bytes, bytes]] | None = None  # sent after pending, ending it
         self.sent_end = False  # END_STREAM (or RST_STREAM) is sent: nothing more goes out
+        self.declared: int | None = None  # the request's content-length (h2conn rule 7)
+        self.blocked = 0.0  # since when response bytes wait for a window that does not open
         self.ended = False  # the response is complete: END_STREAM once pending is sent
         self.paused = False  # the upstream is paused for this stream (rule 2)
 
@@ -78,7 +91,7 @@ class H2Writer:
         st = self._live(ex)
         if st is None:
             return
-        self.h2.send_headers(st.sid, h2_headers(head, mode, length))
+        self._headers(st, h2_headers(head, mode, length), False)
 
     def send_data(self, ex: Exchange, data: bytes) -> None:
         """A body piece, as the windows allow (rule 2)."""
@@ -104,15 +117,14 @@ class H2Writer:
         if st is None:
             return
         if st.grpc:
-            self.h2.send_headers(st.sid, grpc.trailers_only(status, message), end_stream=True)
-            st.ended = st.sent_end = True
+            self._headers(st, grpc.trailers_only(status, message), True)
             return
         body = error_response(status, error, message, False, False).partition(b"\r\n\r\n")[2]
         if ex.is_head:
-            self.h2.send_headers(st.sid, error_headers(status, len(body)), end_stream=True)
-            st.ended = st.sent_end = True
+            self._headers(st, error_headers(status, len(body)), True)
             return
-        self.h2.send_headers(st.sid, error_headers(status, len(body)))
+        if not self._headers(st, error_headers(status, len(body)), False):
+            return
         st.pending.append(body)
         st.ended = True
         self._send_pending(st.sid)
@@ -128,8 +140,19 @@ class H2Writer:
         st = self._live(ex)
         if st is None:
             return True  # the stream is gone: nothing to send, nothing wrong with the head
-        self.h2.send_headers(st.sid, headers, end_stream=end_stream)
-        if end_stream:
+        self._headers(st, headers, end_stream)
+        return True
+
+    def _headers(self, st: H2Stream, headers: list[tuple[bytes, bytes]], end: bool) -> bool:
+        """HEADERS on *st*; False when the stream is gone meanwhile (the client reset it in the
+        same read that opened it): the stream is forgotten, nothing raises into the loop."""
+        try:
+            self.h2.send_headers(st.sid, headers, end_stream=end)
+        except h2lib.exceptions.ProtocolError:
+            st.ended = st.sent_end = True
+            self._forget(st)
+            return False
+        if end:
             st.ended = st.sent_end = True
         return True
 
@@ -205,6 +228,7 @@ class H2Writer:
                     self._send_pending(other.sid)
             return
         h2c = self.h2
+        sent = 0
         try:
             while st.pending:
                 window = min(h2c.local_flow_control_window(sid), h2c.max_outbound_frame_size)
@@ -217,7 +241,11 @@ class H2Writer:
                 else:
                     st.pending.pop(0)
                 h2c.send_data(sid, chunk)
-            if not st.pending:
+                sent += len(chunk)
+            if st.pending:  # h2conn rule 4: a window that stays shut is a client not reading
+                st.blocked = self.plane.clock() if sent or not st.blocked else st.blocked
+            else:
+                st.blocked = 0.0
                 if st.ended and st.trailers is not None:
                     h2c.send_headers(sid, st.trailers, end_stream=True)
                     st.trailers, st.sent_end = None, True
@@ -232,7 +260,7 @@ class H2Writer:
                 if st.paused:
                     st.paused = False
                     st.ex.resume_upstream(False)
-        except h2lib.exceptions.StreamClosedError:
+        except h2lib.exceptions.ProtocolError:  # the stream closed meanwhile
             self._forget(st)
 
     def _forget(self, st: H2Stream) -> None:

@@ -11,13 +11,16 @@ Rules:
    the client's own HTTP/2 window is the back-pressure, per stream, with no buffer of ours
    beyond one window.
 2. Response DATA is acknowledged to the upstream as it is handed to the client, except while
-   the exchange holds the stream (its client reads slowly): then the acknowledgements wait, and
-   the upstream's window closes.
+   the exchange holds the stream (its client reads slowly): then the stream's acknowledgements
+   wait and its window closes; the connection's window is opened at once (shared by every
+   client's streams, it must not close because of one).
 3. GOAWAY from the upstream: streams above its last-stream-id were never processed and fail
    (502, UNAVAILABLE for gRPC); the others finish; the connection takes no new stream. The
    frame is taken out before h2 reads it (http2/goaway.py): h2 would refuse the finishing
    streams' frames after it.
 4. A lost connection fails every stream on it (before the response head: 502; after: reset).
+5. What one read from the upstream produced is flushed to each client it concerns at the end
+   of that read: a streamed response moves as it comes, not when the call ends.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class StreamSink(Protocol):
 
     def on_h2_reset(self, code: int) -> None:
         """The upstream reset the stream (or never processed it, or the connection is lost)."""
+
+    def flush(self) -> None:
+        """Write what this upstream read produced for the client."""
 
 
 class H2Upstream(asyncio.Protocol):
@@ -121,9 +127,12 @@ class H2Upstream(asyncio.Protocol):
             self.flush()
             self.close()
             return
+        touched: set[StreamSink] = set()
         for ev in events:
             sid = getattr(ev, "stream_id", 0)
             sink = self.sinks.get(sid) if sid else None
+            if sink is not None:
+                touched.add(sink)
             if isinstance(ev, h2lib.events.ResponseReceived) and sink is not None:
                 sink.on_h2_head(list(ev.headers or ()), ev.stream_ended is not None)
             elif isinstance(ev, h2lib.events.DataReceived):
@@ -141,6 +150,8 @@ class H2Upstream(asyncio.Protocol):
             elif isinstance(ev, h2lib.events.ConnectionTerminated):  # never, after the tap
                 self._goaway(ev.last_stream_id or 0)
         self.flush()
+        for sink in touched:  # rule 5: what this read produced goes to the clients now
+            sink.flush()
         if not self.usable and not self.sinks:
             self.close()
 
@@ -185,7 +196,8 @@ class H2Upstream(asyncio.Protocol):
         """Acknowledge what was held: the upstream may send again."""
         n = self._held.pop(sid, 0)
         if n and sid in self.sinks:
-            self.h2.acknowledge_received_data(n, sid)
+            with contextlib.suppress(h2lib.exceptions.ProtocolError):
+                self.h2.increment_flow_control_window(n, stream_id=sid)  # the stream's only
             self.flush_soon()
 
     def flush_soon(self) -> None:
@@ -218,7 +230,10 @@ class H2Upstream(asyncio.Protocol):
         if not n:
             return
         if sink is not None and sid in self._held:
+            # Rule 2: only the stream's window waits; the connection's is shared by every
+            # client's streams and opens at once, or one slow reader would stall them all.
             self._held[sid] += n
+            self.h2.increment_flow_control_window(n)
         else:
             self.h2.acknowledge_received_data(n, sid)
 

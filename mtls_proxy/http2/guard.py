@@ -12,10 +12,13 @@ Rules:
 1. A header block (HEADERS and its CONTINUATIONs) may carry at most `max_header_block` raw
    bytes, counted as the frames arrive, so an endless block is cut before it is decoded.
 2. Stream resets, the client's RST_STREAM frames plus the streams the proxy resets because of the
-   client (`reset()`), are at most `reset_budget` in any one-second window.
+   client (`reset()`), are at most `reset_budget` in any one-second window, estimated as the
+   current second's count plus the previous second's weighted by how much of it the window
+   still covers (a burst across a second boundary counts whole).
 3. PING, SETTINGS and PRIORITY frames (each costs an answer or a state change, none carries a
    request) are at most CONTROL_BUDGET per second; WINDOW_UPDATE at most WINDOW_UPDATE_BUDGET;
-   DATA frames with no payload and no END_STREAM at most EMPTY_DATA_BUDGET.
+   DATA frames with no payload and no END_STREAM at most EMPTY_DATA_BUDGET; each over any
+   one-second window, estimated as in rule 2.
 4. Frame lengths are the frame's own; a length over the 16,384-byte maximum frame size we
    announce is h2's to refuse (a FRAME_SIZE_ERROR); the guard only skips the payload.
 """
@@ -32,6 +35,7 @@ CONTROL_BUDGET: Final = 1000
 WINDOW_UPDATE_BUDGET: Final = 10000
 EMPTY_DATA_BUDGET: Final = 100
 _CONTROL: Final = frozenset((PING, SETTINGS, PRIORITY))
+_RESETS, _CONTROLS, _UPDATES, _EMPTY = 0, 1, 2, 3  # the budgets' counters
 
 
 class FrameGuard:
@@ -39,14 +43,13 @@ class FrameGuard:
 
     __slots__ = (
         "_block",
-        "_control",
-        "_empty",
+        "_count",
         "_head",
+        "_now",
         "_preface",
-        "_resets",
+        "_prev",
         "_second",
         "_skip",
-        "_updates",
         "max_header_block",
         "reset_budget",
     )
@@ -59,7 +62,11 @@ class FrameGuard:
         self._skip = 0  # payload bytes of the current frame still to pass over
         self._block = -1  # raw bytes of the open header block; -1 = none open
         self._second = -1
-        self._resets = self._control = self._updates = self._empty = 0
+        self._now = 0.0
+        # Per budget (resets, control, window updates, empty DATA): this second's count and
+        # the previous second's (rule 2's estimate).
+        self._count = [0, 0, 0, 0]
+        self._prev = [0, 0, 0, 0]
 
     def feed(self, data: bytes, now: float) -> str | None:
         """Count the frames in *data* (any split); the budget it exceeds, or None."""
@@ -90,14 +97,22 @@ class FrameGuard:
     def reset(self, now: float) -> str | None:
         """The proxy reset a stream because of the client (rule 2): over budget, or None."""
         self._tick(now)
-        self._resets += 1
-        return "reset_budget" if self._resets > self.reset_budget else None
+        return "reset_budget" if self._over(_RESETS, self.reset_budget) else None
 
     def _tick(self, now: float) -> None:
+        self._now = now
         second = int(now)
         if second != self._second:
+            gap = second - self._second
+            self._prev = self._count if gap == 1 else [0, 0, 0, 0]
+            self._count = [0, 0, 0, 0]
             self._second = second
-            self._resets = self._control = self._updates = self._empty = 0
+
+    def _over(self, kind: int, budget: int) -> bool:
+        """Count one event of *kind*; whether the one-second estimate passes *budget*."""
+        self._count[kind] += 1
+        weight = 1.0 - (self._now - self._second)  # the previous second's share of the window
+        return self._count[kind] + self._prev[kind] * weight > budget
 
     def _frame(self, head: bytes) -> str | None:
         length = int.from_bytes(head[:3], "big")
@@ -110,19 +125,19 @@ class FrameGuard:
             if flags & END_HEADERS:
                 self._block = -1
         elif kind == RST_STREAM:
-            self._resets += 1
-            if self._resets > self.reset_budget:
+            if self._over(_RESETS, self.reset_budget):
                 return "reset_budget"
         elif kind in _CONTROL:
-            self._control += 1
-            if self._control > CONTROL_BUDGET:
+            if self._over(_CONTROLS, CONTROL_BUDGET):
                 return "flood"
         elif kind == WINDOW_UPDATE:
-            self._updates += 1
-            if self._updates > WINDOW_UPDATE_BUDGET:
+            if self._over(_UPDATES, WINDOW_UPDATE_BUDGET):
                 return "flood"
-        elif kind == DATA and not length and not flags & END_STREAM:
-            self._empty += 1
-            if self._empty > EMPTY_DATA_BUDGET:
-                return "flood"
+        elif (
+            kind == DATA
+            and not length
+            and not flags & END_STREAM
+            and self._over(_EMPTY, EMPTY_DATA_BUDGET)
+        ):
+            return "flood"
         return None

@@ -11,7 +11,9 @@ Rules:
    and LF; the rest are what llhttp refuses over HTTP/1.1, so both protocols pass the same
    bytes) and no leading or trailing space or tab. An upper-case name is malformed, not folded.
 2. Pseudo-headers: only :method, :scheme, :path and :authority, each at most once, all before
-   the regular fields; :method, :scheme and :path are required. :method is a token, :path is
+   the regular fields; :method, :scheme and :path are required. :method is a token without
+   lower-case letters (as llhttp takes them over HTTP/1.1: a route's `methods` compare exactly,
+   and an upstream that folds case would run `delete` as DELETE past a DELETE rule), :path is
    origin-form (or `*` for OPTIONS) of visible ASCII without '#': an HTTP/2 :path reaches an
    HTTP/1.1 request line, where a space or a control byte would split it differently at a
    lenient upstream than at the route match. :scheme is https or http; CONNECT (the only form
@@ -42,7 +44,7 @@ _CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
 )
 _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
-_METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Z]+")  # no lower case: see rule 2
 _BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|^[ \t]|[ \t]$")
 _PATH: Final = re.compile(rb"/[\x21-\x22\x24-\x7e]*")
 _AUTHORITY: Final = re.compile(

@@ -82,14 +82,25 @@ def test_rapid_reset_budget() -> None:
     assert _feed_all_ways(_wire(*frames[:-2])) == {None}
 
 
-def test_proxy_resets_share_the_budget_and_the_window_rolls() -> None:
+def test_proxy_resets_share_the_budget_and_the_window_slides() -> None:
     g = FrameGuard(1000, 2)
     assert g.feed(_wire(RstStreamFrame(1)), 10.0) is None
     assert g.reset(10.5) is None
     assert g.reset(10.9) == "reset_budget"  # one client reset + two of the proxy's
-    assert g.reset(11.0) is None  # a new second
-    assert g.reset(11.2) is None
-    assert g.feed(RstStreamFrame(3).serialize(), 11.3) == "reset_budget"
+    assert g.reset(11.0) == "reset_budget"  # the previous second still counts whole
+    assert g.reset(13.5) is None  # two seconds on: nothing of 11.x is left in the window
+    assert g.reset(13.6) is None
+    assert g.feed(RstStreamFrame(3).serialize(), 13.7) == "reset_budget"
+
+
+def test_a_burst_across_a_second_boundary_counts_whole() -> None:
+    """Budget 50: 30 resets at x.92 and 30 at (x+1).05 are 60 within 130 ms."""
+    g = FrameGuard(1000, 50)
+    assert g.feed(PREFACE + RstStreamFrame(1).serialize() * 30, 7.92) is None
+    assert g.feed(RstStreamFrame(1).serialize() * 30, 8.05) == "reset_budget"
+    quiet = FrameGuard(1000, 50)  # the same 60 spread over two seconds pass
+    assert quiet.feed(PREFACE + RstStreamFrame(1).serialize() * 30, 7.1) is None
+    assert quiet.feed(RstStreamFrame(1).serialize() * 30, 8.95) is None
 
 
 @pytest.mark.parametrize(
@@ -109,7 +120,8 @@ def test_floods(frame: Frame, budget: int) -> None:
     assert g.feed(one, 1.5) in ("flood",)
     g2 = FrameGuard(1000, 5)
     assert g2.feed(PREFACE + one * budget, 1.0) is None
-    assert g2.feed(one, 2.0) is None  # the next second has its own budget
+    assert g2.feed(one, 2.0) == "flood"  # 1.0 .. 2.0 is one second: budget + 1
+    assert g2.feed(one, 2.5) is None  # half of 1.x is left in the window
 
 
 def test_empty_data_ending_the_stream_is_not_a_flood() -> None:
