@@ -308,7 +308,7 @@ class H2Connection(H2Writer, asyncio.Protocol):
             with contextlib.suppress(h2lib.exceptions.ProtocolError):
                 self.h2.reset_stream(sid, h2lib.errors.ErrorCodes.REFUSED_STREAM)
             return
-        headers = [(bytes(n), bytes(v)) for n, v in ev.headers or ()]
+        headers = ev.headers or []  # bytes already (header_encoding=None): no copy
         end_stream = ev.stream_ended is not None
         self._rid += 1
         rid = b"%b%04x" % (self._rid_prefix, self._rid)

@@ -45,6 +45,14 @@ _HOP: Final = frozenset(
 ) | {b"upgrade"}
 
 
+# Never in the upstream connection's HPACK table: x-request-id is unique per request (an entry
+# is pure cost), the others are secrets of one client on a connection shared by all (RFC 7541
+# 7.1.3; h2 does this for authorization and cookie only when it normalizes, which we turn off).
+_NEVER_INDEXED: Final = frozenset(
+    (b"x-request-id", b"authorization", b"proxy-authorization", b"cookie")
+)
+
+
 class GrpcNeedsH2Upstream(UpstreamUnavailable):
     """Rule 5."""
 
@@ -86,7 +94,7 @@ def h2_request_headers(head: bytes, te_trailers: bool) -> list[tuple[bytes, byte
         name, value = name.lower(), value.strip()
         if name == b"host":
             authority = value
-        elif name == b"x-request-id":  # unique per request: never worth an HPACK table entry
+        elif name in _NEVER_INDEXED:
             fields.append(NeverIndexedHeaderTuple(name, value))
         elif name not in _HOP:
             fields.append((name, value))
