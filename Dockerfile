@@ -4,8 +4,9 @@ FROM python:3.13.1-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mtls_proxy ./mtls_proxy
+# jh2: the faster HTTP/2 library (--h2-library auto takes it; docs/http2.md).
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && pip wheel --no-cache-dir --wheel-dir /wheels /wheels/mtls_proxy-*.whl
+ && pip wheel --no-cache-dir --wheel-dir /wheels /wheels/mtls_proxy-*.whl jh2
 
 FROM python:3.13.1-slim-bookworm
 # No .pyc writes (read-only root filesystem), logs straight to stderr.
@@ -14,7 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MTLS_PROXY_LISTEN=0.0.0.0:8443 \
     MTLS_PROXY_ADMIN=0.0.0.0:9901
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels mtls-proxy \
+RUN pip install --no-cache-dir --no-index --find-links /wheels mtls-proxy jh2 \
  && rm -rf /wheels
 # A fixed, unprivileged UID/GID (the "nonroot" convention); no shell login, no home writes.
 USER 65532:65532

@@ -108,7 +108,7 @@ class Config:
     underscore_headers: UnderscoreAction
     http2: Literal["on", "off"]
     upstream_protocol: Literal["http1", "h2c", "auto"]
-    h2_library: Literal["h2", "jh2"]
+    h2_library: Literal["auto", "h2", "jh2"]
     h2_max_concurrent_streams: int
     h2_connection_max_streams: int
     h2_initial_stream_window: int

@@ -67,7 +67,8 @@ def test_dockerfile_rules() -> None:
 
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The image's install steps: build the wheel, install it (and only it) into a fresh venv."""
+    """The image's install steps: build the wheel, install it (and only it, with jh2, the HTTP/2
+    library the image adds) into a fresh venv."""
     d = tmp_path_factory.mktemp("image")
     wheels = d / "wheels"
     subprocess.run(
@@ -89,7 +90,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     wheel = next(wheels.glob("mtls_proxy-*.whl"))
     subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "-q", str(wheel)], check=True, timeout=600
+        [str(venv / "bin" / "pip"), "install", "-q", str(wheel), "jh2"], check=True, timeout=600
     )
     return venv
 

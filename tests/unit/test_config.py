@@ -322,7 +322,7 @@ def test_example_yaml_comments_say_what_the_code_does() -> None:
 def test_http2_options_and_yaml_booleans_for_on_off() -> None:
     """YAML 1.1 reads a bare on/off as a boolean: `http2: on` still means "on"."""
     c = load_config(text="http2: on\nupstream_protocol: h2c\n", filename="f.yaml", flags=BASE)
-    assert (c.http2, c.upstream_protocol, c.h2_library) == ("on", "h2c", "h2")
+    assert (c.http2, c.upstream_protocol, c.h2_library) == ("on", "h2c", "auto")
     assert load_config(text="http2: off\n", filename="f.yaml", flags=BASE).http2 == "off"
     d = load_config(flags=BASE)
     assert (d.http2, d.upstream_protocol, d.h2_max_concurrent_streams) == ("off", "http1", 100)

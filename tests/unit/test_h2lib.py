@@ -21,6 +21,14 @@ def test_select_swaps_every_part_and_back() -> None:
     assert h2lib.events is h2.events
 
 
+def test_auto_takes_jh2_when_installed() -> None:
+    try:
+        assert h2lib.select("auto") == "jh2"
+        assert h2lib.events is jh2.events
+    finally:
+        h2lib.select("h2")
+
+
 def test_a_library_that_is_not_installed_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="not installed"):
         h2lib.select("no_such_h2_library")
