@@ -120,6 +120,7 @@ def test_all_four_call_kinds_and_identity(
     methods = {r["path"] for r in records}
     assert methods == {f"/test.Echo/{m}" for m in ("Who", "Count", "Total", "Chat")}
     assert [r["status"] for r in records] == [200] * 4, records
+    assert {r["grpc_status"] for r in records} == {0}  # OK, from the upstream's trailers
 
 
 def test_large_message_both_ways(tp: Pki, grpc_server: tuple[int, Service]) -> None:
@@ -173,6 +174,7 @@ def test_denial_is_permission_denied(tp: Pki, grpc_server: tuple[int, Service]) 
             time.sleep(0.05)
         denied = [r for r in p.records() if r.get("decision") == "deny"]
     assert [(r["path"], r["status"]) for r in denied] == [("/test.Echo/Echo", 403)]
+    assert (denied[0]["protocol"], denied[0]["grpc_status"]) == ("h2", 7)
 
 
 def test_per_method_policy(tp: Pki, grpc_server: tuple[int, Service], tmp_path: Path) -> None:
