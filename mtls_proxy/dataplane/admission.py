@@ -26,11 +26,13 @@ from mtls_proxy.core.identity import identity_from_der
 from mtls_proxy.core.paths import match_path
 from mtls_proxy.core.policy import decide_route
 from mtls_proxy.core.strict import strict_refusal
+from mtls_proxy.dataplane.handshakes import SEEN
 from mtls_proxy.dataplane.tlsconn import RefusedAfterHandshake
 from mtls_proxy.http1.response import error_response
 from mtls_proxy.material.chains import verified_ders
 
 if TYPE_CHECKING:
+    import asyncio
     import ssl
 
     from mtls_proxy.core.headers import IdentityBlock
@@ -174,3 +176,29 @@ def connection_identity(dialects: tuple[str, ...], sslobj: ssl.SSLObject) -> byt
             cipher[2] if cipher else None,
         )
     return "".join(f"{k}: {v}\r\n" for k, v in pairs).encode("ascii")
+
+
+def connection_facts(
+    plane: DataPlane, admitted: Peer, transport: asyncio.BaseTransport
+) -> tuple[bytes, bytes, str]:
+    """(client IP, our port, the access record's connection part) of a new client connection,
+    whatever protocol it speaks. Runs in the handshake's context: handshakes.SEEN holds the SNI
+    (the server-side SSLObject has none)."""
+    peername = transport.get_extra_info("peername")
+    client_ip = str(peername[0]).encode() if isinstance(peername, tuple) else b"unix"
+    sockname = transport.get_extra_info("sockname")
+    port = b"%d" % sockname[1] if isinstance(sockname, tuple) else b""
+    fields = ""
+    if plane.access_log is not None:
+        seen = SEEN.get()
+        sslobj = admitted.sslobj
+        cipher = sslobj.cipher() if sslobj is not None else None
+        fields = plane.access_log.connection_fields(
+            admitted.identity,
+            client_ip.decode(),
+            peername[1] if isinstance(peername, tuple) else None,
+            sslobj.version() if sslobj is not None else None,
+            cipher[0] if cipher else None,
+            seen.sni if seen is not None else None,
+        )
+    return client_ip, port, fields

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 
 from mtls_proxy.core.errors import BadRequest, ProxyError
 from mtls_proxy.core.headers import LOOKALIKE, classify
+from mtls_proxy.dataplane.admission import connection_facts
 from mtls_proxy.dataplane.deadlines import WAIT_BODY, WAIT_HEAD, WAIT_IDLE, Http1Deadlines
 from mtls_proxy.dataplane.exchange import Exchange
 from mtls_proxy.dataplane.flow import ReadGate
 from mtls_proxy.dataplane.h1toh2 import Http1ToH2
 from mtls_proxy.dataplane.h2exchange import H2Exchange
-from mtls_proxy.dataplane.handshakes import SEEN
 from mtls_proxy.dataplane.reader import RequestReader, Stop
 from mtls_proxy.dataplane.tlsconn import keep_session
 from mtls_proxy.dataplane.tunnel import Tunnel
@@ -124,26 +124,8 @@ class Http1Connection(Http1Framing, Http1Deadlines, Http1Upgrade, Http1ToH2, asy
         """Register the connection and wait for the first request."""
         self.transport = self.flow.transport = t = transport  # type: ignore[assignment]
         plane = self.plane
-        peername = t.get_extra_info("peername")
-        self.client_ip = str(peername[0]).encode() if isinstance(peername, tuple) else b"unix"
-        sockname = t.get_extra_info("sockname")
-        if isinstance(sockname, tuple):
-            self._port = b"%d" % sockname[1]
+        self.client_ip, self._port, self.log_fields = connection_facts(plane, self.admitted, t)
         self._rid_prefix = os.urandom(6).hex().encode()
-        if plane.access_log is not None:
-            # The server-side SSLObject has no SNI: handshakes.py read it from the ClientHello
-            # (this runs in the handshake's context).
-            seen = SEEN.get()
-            sslobj = self.admitted.sslobj
-            cipher = sslobj.cipher() if sslobj is not None else None
-            self.log_fields = plane.access_log.connection_fields(
-                self.admitted.identity,
-                self.client_ip.decode(),
-                peername[1] if isinstance(peername, tuple) else None,
-                sslobj.version() if sslobj is not None else None,
-                cipher[0] if cipher else None,
-                seen.sni if seen is not None else None,
-            )
         plane.connections.add(self)
         plane.metrics.connections_open.inc()
         self._wait(WAIT_IDLE)

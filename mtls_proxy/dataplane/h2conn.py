@@ -42,6 +42,7 @@ from hyperframe.frame import GoAwayFrame
 from mtls_proxy.core import grpc
 from mtls_proxy.core.errors import ProxyError
 from mtls_proxy.dataplane import h2lib
+from mtls_proxy.dataplane.admission import connection_facts
 from mtls_proxy.dataplane.exchange import Exchange
 from mtls_proxy.dataplane.flow import ReadGate
 from mtls_proxy.dataplane.h2exchange import H2Exchange
@@ -109,22 +110,7 @@ class H2Connection(H2Writer, asyncio.Protocol):
         """Send our SETTINGS and wait for the client's preface."""
         self.transport = self.flow.transport = t = transport  # type: ignore[assignment]
         plane = self.plane
-        peername = t.get_extra_info("peername")
-        self.client_ip = str(peername[0]).encode() if isinstance(peername, tuple) else b"unix"
-        sockname = t.get_extra_info("sockname")
-        if isinstance(sockname, tuple):
-            self._port = b"%d" % sockname[1]
-        if plane.access_log is not None:
-            sslobj = self.admitted.sslobj
-            cipher = sslobj.cipher() if sslobj is not None else None
-            self.log_fields = plane.access_log.connection_fields(
-                self.admitted.identity,
-                self.client_ip.decode(),
-                peername[1] if isinstance(peername, tuple) else None,
-                sslobj.version() if sslobj is not None else None,
-                cipher[0] if cipher else None,
-                None,
-            )
+        self.client_ip, self._port, self.log_fields = connection_facts(plane, self.admitted, t)
         cfg = plane.cfg
         self.h2.local_settings = h2lib.settings.Settings(
             client=False,
