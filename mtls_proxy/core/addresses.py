@@ -24,7 +24,7 @@ class Upstream:
     """Where requests are forwarded."""
 
     url: str
-    scheme: Literal["http", "https", "unix"]
+    scheme: Literal["http", "https", "unix", "tcp"]  # tcp: --mode tcp
     host: str = ""
     port: int = 0
     path: str = ""  # unix socket path
@@ -54,17 +54,20 @@ def parse_upstream(text: str) -> Upstream:
         if not path.startswith("/"):
             raise ValueError(f"unix socket path must be absolute (got {text!r})")
         return Upstream(text, "unix", path=path)
-    m = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?/?", text)
+    m = re.fullmatch(r"(https?|tcp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d+))?/?", text)
     if m is None:
         # HOST:PORT is what --listen takes, so it is the likely slip here: name the fix.
         bare = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d+/?", text)
         hint = f"; did you mean http://{text}?" if bare else ""
         raise ValueError(
-            f"expected http://host:port, https://host:port or unix:/path (got {text!r}){hint}"
+            "expected http://host:port, https://host:port, tcp://host:port (--mode tcp) or "
+            f"unix:/path (got {text!r}){hint}"
         )
     scheme = m.group(1)
     host = m.group(2).strip("[]")
+    if scheme == "tcp" and m.group(3) is None:
+        raise ValueError(f"tcp://HOST:PORT needs the port (got {text!r})")
     port = int(m.group(3) or (443 if scheme == "https" else 80))
     if not 0 < port <= 65535:
         raise ValueError(f"port out of range (got {port})")
-    return Upstream(text, "https" if scheme == "https" else "http", host, port)
+    return Upstream(text, scheme, host, port)  # type: ignore[arg-type]  # one of the regex's

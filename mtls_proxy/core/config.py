@@ -107,6 +107,8 @@ class Config:
     admin: Address | None
     underscore_headers: UnderscoreAction
     http2: Literal["on", "off"]
+    mode: Literal["http", "tcp"]
+    proxy_protocol: Literal["off", "conn", "tls", "tls-full"]
     upstream_protocol: Literal["http1", "h2c", "auto"]
     h2_library: Literal["auto", "h2", "jh2"]
     h2_max_concurrent_streams: int
@@ -320,7 +322,19 @@ def _check_http2(c: _Collector, top: dict[str, object]) -> None:
             key = name.replace("_", "-")
             c.problems.append(f"{c.sources[key]}: must be {low} to 2147483647 (got {value})")
     upstream = top["upstream"]
-    if top["upstream_protocol"] != "http1" and getattr(upstream, "scheme", "") == "https":
+    scheme = getattr(upstream, "scheme", "")
+    if top["mode"] == "tcp" and scheme in ("http", "https"):
+        c.problems.append(
+            f"{c.sources['upstream']}: --mode tcp relays bytes: the upstream is tcp://HOST:PORT "
+            "or unix:/path"
+        )
+    elif top["mode"] == "http" and scheme == "tcp":
+        c.problems.append(
+            f"{c.sources['upstream']}: tcp:// is for --mode tcp; an HTTP upstream is http://"
+        )
+    if top["proxy_protocol"] != "off" and top["mode"] != "tcp":
+        c.problems.append(f"{c.sources['proxy-protocol']}: needs --mode tcp")
+    if top["upstream_protocol"] != "http1" and scheme == "https":
         c.problems.append(
             f"{c.sources['upstream-protocol']}: h2c is cleartext HTTP/2; "
             "an https:// upstream is forwarded over HTTP/1.1 (use http1)"

@@ -188,6 +188,24 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         ("on", "off"),
     ),
     Opt(
+        "mode",
+        ("mode",),
+        "enum",
+        "http",
+        "http: an HTTP reverse proxy; tcp: relay bytes to a TCP service after the handshake "
+        "and the allow-list (--upstream tcp://HOST:PORT or unix:/path)",
+        ("http", "tcp"),
+    ),
+    Opt(
+        "proxy-protocol",
+        ("proxy_protocol",),
+        "enum",
+        "off",
+        "--mode tcp: a PROXY v2 header first on each upstream connection: conn (addresses), "
+        "tls (+ALPN, SNI, TLS version), tls-full (+client CN and certificate)",
+        ("off", "conn", "tls", "tls-full"),
+    ),
+    Opt(
         "upstream-protocol",
         ("upstream_protocol",),
         "enum",

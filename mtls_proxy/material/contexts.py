@@ -78,7 +78,10 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 1
     # h2 only when asked for (--http2 on); a client without ALPN speaks HTTP/1.1.
-    ctx.set_alpn_protocols(["h2", "http/1.1"] if cfg.http2 == "on" else ["http/1.1"])
+    # --mode tcp offers none: the client's ALPN is the TCP service's business (it is passed on
+    # in the PROXY v2 header when the client sent one and OpenSSL chose nothing).
+    if cfg.mode != "tcp":
+        ctx.set_alpn_protocols(["h2", "http/1.1"] if cfg.http2 == "on" else ["http/1.1"])
     try:
         _load_chain_from_memory(ctx, material)
     except ssl.SSLError as exc:

@@ -21,6 +21,7 @@ from mtls_proxy.dataplane.admission import Refused, admit
 from mtls_proxy.dataplane.connection import Http1Connection
 from mtls_proxy.dataplane.h2conn import H2Connection
 from mtls_proxy.dataplane.h2upstream import H2UpstreamPool
+from mtls_proxy.dataplane.l4 import TcpRelay
 from mtls_proxy.dataplane.plane import DataPlane
 from mtls_proxy.dataplane.tlsconn import TLSServerLayer
 from mtls_proxy.dataplane.upstream import UpstreamPool
@@ -252,9 +253,17 @@ class ProxyServer:
         gen, plane = self.plane.gen, self.plane  # the generation this connection is accepted under
         release = self._connection_slots.release
 
-        def admitted(sslobj: ssl_.SSLObject) -> Http1Connection | H2Connection:
+        tcp_mode = self.cfg.mode == "tcp"
+
+        def admitted(sslobj: ssl_.SSLObject) -> Http1Connection | H2Connection | TcpRelay:
             # After a successful handshake: who the client is, or Refused (admission.py); the
             # protocol is the one ALPN chose (h2 only with --http2 on).
+            if tcp_mode:
+                try:
+                    return TcpRelay(plane, admit(plane, gen, sslobj), release)
+                except Refused as exc:
+                    exc.answer = b""  # a TCP service's client reads no HTTP: just the close
+                    raise
             peer = admit(plane, gen, sslobj)
             if sslobj.selected_alpn_protocol() == "h2":
                 return H2Connection(plane, peer, release)

@@ -157,6 +157,10 @@ def test_env_allow_lists_and_secrets() -> None:
             "--upstream-protocol: h2c is cleartext HTTP/2",
         ),
         ({"flags": {"upstream-protocol": "h3"}}, "--upstream-protocol: must be one of"),
+        ({"flags": {"mode": "tcp"}}, "--upstream: --mode tcp relays bytes"),
+        ({"flags": {"upstream": "tcp://db:5432"}}, "--upstream: tcp:// is for --mode tcp"),
+        ({"flags": {"upstream": "tcp://db"}}, "tcp://HOST:PORT needs the port"),
+        ({"flags": {"proxy-protocol": "conn"}}, "--proxy-protocol: needs --mode tcp"),
     ],
 )
 def test_invalid_values_name_the_source(kw: dict[str, object], needle: str) -> None:
@@ -284,8 +288,8 @@ def test_upstream_without_a_scheme_is_one_problem_with_a_hint() -> None:
             env={"MTLS_PROXY_ALLOW_ALL": "1"},
         )
     assert exc.value.problems == [
-        "--upstream: expected http://host:port, https://host:port or unix:/path "
-        "(got '127.0.0.1:8080'); did you mean http://127.0.0.1:8080?"
+        "--upstream: expected http://host:port, https://host:port, tcp://host:port (--mode tcp) "
+        "or unix:/path (got '127.0.0.1:8080'); did you mean http://127.0.0.1:8080?"
     ]
 
 
@@ -328,3 +332,11 @@ def test_http2_options_and_yaml_booleans_for_on_off() -> None:
     assert (d.http2, d.upstream_protocol, d.h2_max_concurrent_streams) == ("off", "http1", 100)
     assert (d.h2_initial_stream_window, d.h2_initial_connection_window) == (65536, 1048576)
     assert (d.h2_reset_budget, d.h2_connection_max_streams) == (100, 10000)
+
+
+def test_tcp_mode() -> None:
+    c = load_config(
+        flags={**BASE, "mode": "tcp", "upstream": "tcp://db:5432", "proxy-protocol": "tls"}
+    )
+    assert (c.mode, c.proxy_protocol) == ("tcp", "tls")
+    assert (c.upstream.scheme, c.upstream.host, c.upstream.port) == ("tcp", "db", 5432)
