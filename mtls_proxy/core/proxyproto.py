@@ -8,10 +8,12 @@ Rules:
    as over a unix socket listener), the length of what follows, the addresses and the TLVs.
 2. Addresses are the client's (source) and the listener's (destination). When one is IPv6, an
    IPv4 one is written IPv4-mapped, so the pair is one family.
-3. TLVs: ALPN (0x01), AUTHORITY (0x02, the SNI), and SSL (0x20): client flags (SSL, and a
-   certificate on this connection), verify 0 (the chain was verified: the proxy refuses others
-   before this point), then the sub-TLVs VERSION (0x21, "TLSv1.3" as HAProxy writes it), and
-   with tls-full CN (0x22) and the leaf certificate in DER (0x28); CIPHER (0x23) when known.
+3. TLVs: ALPN (0x01), AUTHORITY (0x02, the SNI), and SSL (0x20): client flags (SSL; a
+   certificate on this connection, i.e. a full handshake; a certificate in this TLS session,
+   also when resumed: HAProxy sets both on a full handshake), verify 0 (the chain was verified:
+   the proxy refuses others before this point), then the sub-TLVs VERSION (0x21, "TLSv1.3" as
+   HAProxy writes it), and with tls-full CN (0x22), CIPHER (0x23) and the leaf certificate in
+   DER (0x28).
 4. A TLV or a header longer than 65,535 bytes cannot be written: ValueError (never a cut).
 """
 
@@ -26,7 +28,7 @@ PROXY_V2: Final = 0x21
 TCP4, TCP6, UNSPEC = 0x11, 0x21, 0x00
 ALPN, AUTHORITY, SSL = 0x01, 0x02, 0x20
 SSL_VERSION, SSL_CN, SSL_CIPHER, SSL_CLIENT_CERT = 0x21, 0x22, 0x23, 0x28
-CLIENT_SSL, CLIENT_CERT_CONN = 0x01, 0x02
+CLIENT_SSL, CLIENT_CERT_CONN, CLIENT_CERT_SESS = 0x01, 0x02, 0x04
 MODES: Final = ("off", "conn", "tls", "tls-full")
 
 
@@ -38,10 +40,17 @@ def tlv(kind: int, value: bytes) -> bytes:
 
 
 def ssl_tlv(
-    version: str, cn: str | None, leaf_der: bytes | None, cipher: str | None, has_cert: bool
+    version: str,
+    cn: str | None,
+    leaf_der: bytes | None,
+    cipher: str | None,
+    cert_conn: bool,
+    cert_sess: bool,
 ) -> bytes:
     """The PP2_TYPE_SSL TLV with its sub-TLVs (rule 3)."""
-    flags = CLIENT_SSL | (CLIENT_CERT_CONN if has_cert else 0)
+    flags = (
+        CLIENT_SSL | (CLIENT_CERT_CONN if cert_conn else 0) | (CLIENT_CERT_SESS if cert_sess else 0)
+    )
     subs = tlv(SSL_VERSION, version.encode("ascii"))
     if cn is not None:
         subs += tlv(SSL_CN, cn.encode("utf-8"))

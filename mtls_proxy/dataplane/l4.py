@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mtls_proxy.proxy")
 BUFFER_LIMIT: Final = 256 * 1024
+MAX_LEAF_TLV: Final = 12 * 1024  # HAProxy 2.6 reads a PROXY header into a 16 KiB buffer
 
 
 class TcpRelay(asyncio.Protocol):
@@ -55,6 +56,8 @@ class TcpRelay(asyncio.Protocol):
         self.up: asyncio.Transport | None = None
         self._held: list[bytes] = []  # client bytes before the upstream is up (rule 2)
         self._held_bytes = 0
+        # Why the client is not read (rules 2 and 4): read again only when no reason holds.
+        self._paused: set[str] = set()
         self._client_eof = self._up_eof = self.closed = self.aborting = False
         self.bytes_in = self.bytes_out = 0
         self.status = 0
@@ -92,7 +95,14 @@ class TcpRelay(asyncio.Protocol):
             return
         if d.kind == "audit":
             self.reason = d.reason
-        self._header = self._proxy_header(t)
+        try:
+            self._header = self._proxy_header(t)
+        except ValueError as exc:  # proxyproto rule 4: never a cut header
+            logger.warning("PROXY v2 header not written", extra={"error": str(exc)})
+            self.status, self.reason = 502, f"PROXY v2 header: {exc}"
+            self.closed = True
+            t.close()
+            return
         self.deadline = plane.clock() + plane.cfg.idle_timeout
         asyncio.get_running_loop().create_task(self._connect())
 
@@ -105,8 +115,8 @@ class TcpRelay(asyncio.Protocol):
             return
         self._held.append(data)
         self._held_bytes += len(data)
-        if self._held_bytes > BUFFER_LIMIT and self.transport is not None:
-            self.transport.pause_reading()
+        if self._held_bytes > BUFFER_LIMIT:
+            self.pause_client("held")
 
     def eof_received(self) -> bool:
         """The client ended its side: so does the upstream's (rule 3)."""
@@ -130,7 +140,10 @@ class TcpRelay(asyncio.Protocol):
         """Rule 5: the record, once; the upstream goes too."""
         self.closed = True
         if self.up is not None:
-            self.up.close()
+            if exc is None:
+                self.up.close()
+            else:  # the client's reset reaches the upstream as one, not as a clean FIN
+                self.up.abort()
             self.up = None
         self.transport = None
         self.admitted.sslobj = None
@@ -191,10 +204,9 @@ class TcpRelay(asyncio.Protocol):
         self.status = 200
         self.up = up
         held, self._held = self._held, []
-        up.write(self._header + b"".join(held))
-        if self._held_bytes > BUFFER_LIMIT and self.transport is not None:
-            self.transport.resume_reading()
+        up.write(self._header + b"".join(held))  # may pause the client ("upstream")
         self._held_bytes = 0
+        self.resume_client("held")
         if self._client_eof and up.can_write_eof():
             up.write_eof()
 
@@ -214,10 +226,26 @@ class TcpRelay(asyncio.Protocol):
                 return
         self._maybe_done()
 
-    def _upstream_lost(self) -> None:
+    def _upstream_lost(self, exc: Exception | None) -> None:
         self.up = None
         if self.transport is not None:
-            self.transport.close()
+            if exc is None:
+                self.transport.close()
+            else:  # a reset is no clean end: the client must not read a truncation as one
+                self.aborting = True
+                self.transport.abort()
+
+    def pause_client(self, reason: str) -> None:
+        """Stop reading the client for *reason* (rules 2, 4)."""
+        if not self._paused and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused.add(reason)
+
+    def resume_client(self, reason: str) -> None:
+        """*reason* no longer holds; read the client again when none does."""
+        self._paused.discard(reason)
+        if not self._paused and self.transport is not None:
+            self.transport.resume_reading()
 
     # -- internals -------------------------------------------------------------------------------
     def _touch(self) -> None:
@@ -242,16 +270,24 @@ class TcpRelay(asyncio.Protocol):
             if alpn:
                 tlvs += proxyproto.tlv(proxyproto.ALPN, alpn.encode("ascii"))
             seen = SEEN.get()
-            if seen is not None and seen.sni:
-                tlvs += proxyproto.tlv(proxyproto.AUTHORITY, seen.sni.encode("idna"))
+            if seen is not None and seen.sni:  # as the client sent it (handshakes: latin-1)
+                tlvs += proxyproto.tlv(proxyproto.AUTHORITY, seen.sni.encode("latin-1", "replace"))
             full = mode == "tls-full"
             ident = self.admitted.identity
             cipher = sslobj.cipher()
+            der = ident.der if full and ident is not None and ident.der else None
+            if der is not None and len(der) > MAX_LEAF_TLV:
+                # A leaf this big does not fit a TLV (65535) or HAProxy's 16 KiB buffer: the
+                # header goes without it (the CN still says who), and the log says so.
+                logger.warning("client certificate left out of the PROXY v2 header",
+                               extra={"bytes": len(der)})  # fmt: skip
+                der = None
             tlvs += proxyproto.ssl_tlv(
                 sslobj.version() or "TLSv1.3",
                 ident.cn[0] if full and ident is not None and ident.cn else None,
-                ident.der if full and ident is not None and ident.der else None,
+                der,
                 cipher[0] if full and cipher else None,
+                ident is not None and not self.admitted.resumed,
                 ident is not None,
             )
         return proxyproto.header(src, dst, tlvs)
@@ -298,12 +334,10 @@ class _Upstream(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The upstream reads slowly: stop reading the client (rule 4)."""
-        if self.relay.transport is not None:
-            self.relay.transport.pause_reading()
+        self.relay.pause_client("upstream")
 
     def resume_writing(self) -> None:
-        if self.relay.transport is not None:
-            self.relay.transport.resume_reading()
+        self.relay.resume_client("upstream")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay._upstream_lost()
+        self.relay._upstream_lost(exc)

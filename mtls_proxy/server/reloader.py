@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.core.identity import rfc2253
+from mtls_proxy.core.policy import decide_route
 from mtls_proxy.material.contexts import openssl_checks_crls
 from mtls_proxy.material.generation import Generation, build
 from mtls_proxy.material.loader import DetachedLoads, load_policy
@@ -182,6 +183,8 @@ class Reloader:
         self._expiry_metrics(material)
         if _trust_key(old.material) != _trust_key(material):
             self._recheck_open_connections(gen)
+        if self.cfg.mode == "tcp" and gen.policy is not old.policy:
+            self._recheck_tcp_policy(gen)
         self._outcome(now, None)
         self.metrics.last_reload.set(now.timestamp())
         logger.info(
@@ -221,6 +224,21 @@ class Reloader:
                     "closing a connection: the reloaded trust refuses its client",
                     extra={
                         "reason": reason,
+                        "peer": conn.peer.subject if conn.peer else None,
+                        "peer_sha256": conn.peer.sha256 if conn.peer else None,
+                    },
+                )
+                conn.cut()
+
+    def _recheck_tcp_policy(self, gen: Generation) -> None:
+        """--mode tcp: a connection has no next request to meet the new policy, so a client
+        the reloaded policy no longer allows loses its open connections now (docs/tcp.md)."""
+        for conn in list(self.plane.connections):
+            if not decide_route(gen.policy, None, conn.peer).allowed:
+                self.metrics.connections_cut.labels(reason="policy").inc()
+                logger.warning(
+                    "closing a connection: the reloaded policy no longer allows its client",
+                    extra={
                         "peer": conn.peer.subject if conn.peer else None,
                         "peer_sha256": conn.peer.sha256 if conn.peer else None,
                     },

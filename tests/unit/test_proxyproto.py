@@ -21,7 +21,7 @@ def _decode(data: bytes):  # type: ignore[no-untyped-def]
 def test_ipv4_with_tls_full_tlvs() -> None:
     leaf = b"\x30\x82\x01\x00" + b"d" * 256
     tlvs = pp.tlv(pp.ALPN, b"h2") + pp.tlv(pp.AUTHORITY, b"db.svc")
-    tlvs += pp.ssl_tlv("TLSv1.3", "client-a", leaf, "TLS_AES_128_GCM_SHA256", True)
+    tlvs += pp.ssl_tlv("TLSv1.3", "client-a", leaf, "TLS_AES_128_GCM_SHA256", True, True)
     data = pp.header(("10.0.0.7", 5555), ("127.0.0.1", 8443), tlvs)
     assert data[:12] == b"\r\n\r\n\x00\r\nQUIT\n" and data[12:14] == b"\x21\x11"
     assert struct.unpack("!H", data[14:16])[0] == len(data) - 16
@@ -30,14 +30,15 @@ def test_ipv4_with_tls_full_tlvs() -> None:
     assert r.dest == (ipaddress.IPv4Address("127.0.0.1"), 8443)
     assert (r.tlv.alpn, r.tlv.authority) == (b"h2", "db.svc")
     ssl = r.tlv.ssl
-    assert (ssl.has_ssl, ssl.has_cert_conn, ssl.verified) == (True, True, True)
+    assert (ssl.has_ssl, ssl.has_cert_conn, ssl.has_cert_sess, ssl.verified) == (True,) * 4
+    assert ssl.client == 0x07  # as HAProxy's send-proxy-v2-ssl sets them on a full handshake
     assert (ssl.version, ssl.cn, ssl.cipher) == ("TLSv1.3", "client-a", "TLS_AES_128_GCM_SHA256")
     assert ssl.get(pp.SSL_CLIENT_CERT) == leaf
 
 
 def test_tls_mode_without_certificate_fields() -> None:
     data = pp.header(
-        ("10.0.0.7", 1), ("10.0.0.8", 2), pp.ssl_tlv("TLSv1.2", None, None, None, False)
+        ("10.0.0.7", 1), ("10.0.0.8", 2), pp.ssl_tlv("TLSv1.2", None, None, None, False, False)
     )
     ssl = _decode(data).tlv.ssl
     assert (ssl.has_ssl, ssl.has_cert_conn, ssl.version, ssl.cn) == (True, False, "TLSv1.2", None)
@@ -58,7 +59,7 @@ def test_no_client_address_is_unspec() -> None:
 
 def test_oversized_values_are_refused_not_cut() -> None:
     with pytest.raises(ValueError, match="TLV 0x28"):
-        pp.ssl_tlv("TLSv1.3", "c", b"x" * 70000, None, True)
+        pp.ssl_tlv("TLSv1.3", "c", b"x" * 70000, None, True, True)
     with pytest.raises(ValueError, match="header is"):
         pp.header(("10.0.0.1", 1), ("10.0.0.2", 2), pp.tlv(pp.ALPN, b"a" * 65530))
 
@@ -72,7 +73,8 @@ def test_oversized_values_are_refused_not_cut() -> None:
     st.text(max_size=40) | st.none(),
 )
 def test_round_trip(src, dst, sport, dport, authority, cn) -> None:  # type: ignore[no-untyped-def]
-    tlvs = pp.tlv(pp.AUTHORITY, authority) + pp.ssl_tlv("TLSv1.3", cn, b"\x30\x00", None, True)
+    tlvs = pp.tlv(pp.AUTHORITY, authority)
+    tlvs += pp.ssl_tlv("TLSv1.3", cn, b"\x30\x00", None, False, True)  # a resumed session
     r = _decode(pp.header((str(src), sport), (str(dst), dport), tlvs))
     want_v6 = src.version == 6 or dst.version == 6
     assert (r.source[1], r.dest[1]) == (sport, dport)
