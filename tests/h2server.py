@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import h2.events
+
+from tests.helpers import serve_raw
 
 
 @dataclass
@@ -105,19 +106,13 @@ def _send_body(conn: h2.connection.H2Connection, sid: int, pending: dict[int, by
 @contextmanager
 def run_h2_upstream() -> Iterator[H2Upstream]:
     up = H2Upstream()
-    listener = socket.create_server(("127.0.0.1", 0))
+
+    def handle(sock: socket.socket, n: int) -> None:
+        up.connections = n
+        _serve(up, sock)
+
+    listener = serve_raw(handle)
     up.port = listener.getsockname()[1]
-
-    def accept() -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except OSError:
-                return
-            up.connections += 1
-            threading.Thread(target=_serve, args=(up, sock), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
     try:
         yield up
     finally:

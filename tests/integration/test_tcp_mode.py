@@ -8,7 +8,6 @@ import hashlib
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from tests.helpers import Pki, Proxy, client_ctx, connect, run_proxy
+from tests.helpers import Pki, Proxy, client_ctx, connect, run_proxy, serve_raw
 
 HEADER_LEN_AT = 14  # the v2 header's length field
 
@@ -56,18 +55,8 @@ def _serve(up: TcpUpstream, sock: socket.socket) -> None:
 @pytest.fixture
 def tcp_up() -> Iterator[TcpUpstream]:
     up = TcpUpstream()
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = serve_raw(lambda sock, _n: _serve(up, sock))
     up.port = listener.getsockname()[1]
-
-    def accept() -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=_serve, args=(up, sock), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
     yield up
     listener.close()
 
