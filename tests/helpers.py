@@ -423,6 +423,14 @@ def run_proxy(
     ]
     if default_policy and not any(a.startswith("--allow") for a in extra):
         args += ["--allow-uri", ALLOWED_URI]
+    with launch(args, env) as p:
+        yield p
+
+
+@contextlib.contextmanager
+def launch(args: list[str], env: dict[str, str] | None = None) -> Iterator[Proxy]:
+    """Run `mtls-proxy ARGS` (serve or client, JSON or text logs) until its "ready" line;
+    SIGTERM at the end."""
     proc = subprocess.Popen(
         proxy_cmd(*args),
         stderr=subprocess.PIPE,
@@ -439,7 +447,7 @@ def run_proxy(
             logs.append(line)
             if '"msg": "ready"' in line:
                 ready.put(json.loads(line))
-            elif " mtls_proxy.server: ready " in line:  # --log-format text in *extra*
+            elif re.search(r" mtls_proxy\.(server|client): ready ", line):  # --log-format text
                 ready.put(dict(re.findall(r" (listen|admin)=(\S+)", line)))
         ready.put(None)
 
@@ -451,7 +459,8 @@ def run_proxy(
     if rec is None:
         proc.kill()
         raise AssertionError("proxy did not start:\n" + "".join(logs))
-    port = int(str(rec["listen"]).rsplit(":", 1)[1])
+    listen = str(rec["listen"])
+    port = 0 if listen.startswith("unix:") else int(listen.rsplit(":", 1)[1])
     p = Proxy(proc, port, str(rec["admin"]) if rec.get("admin") else None, logs)
     try:
         yield p

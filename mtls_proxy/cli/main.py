@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from mtls_proxy import __version__
+from mtls_proxy.cli.client import add_client_parser, run_client
 from mtls_proxy.cli.loops import run_async
 from mtls_proxy.cli.pki_cmd import add_pki_parser, run_pki
 from mtls_proxy.core.config import OPTIONS, Config, load_config, parse_yaml, unknown_env
@@ -124,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         "--self-test always uses a free one unless given)",
     )
     add_pki_parser(sub)
+    add_client_parser(sub)
     return parser
 
 
@@ -313,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_pki(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "client":
+            return run_client(args)
         from mtls_proxy.cli.demo import run_demo
 
         return run_demo(self_test=args.self_test, port=args.port)

@@ -151,7 +151,7 @@ def parse_yaml(text: str, filename: str) -> dict[str, object]:
     return load_mapping(text, filename, "the top level must be a mapping of keys") or {}
 
 
-def _did_you_mean(key: str, options: set[str]) -> str:
+def did_you_mean(key: str, options: set[str]) -> str:
     close = difflib.get_close_matches(key, sorted(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -160,7 +160,7 @@ def _unknown_keys(data: Mapping[str, object], filename: str) -> list[str]:
     problems = []
     for key, value in data.items():
         if key not in _TOP_KEYS:
-            problems.append(f"{filename}: unknown key {key!r}{_did_you_mean(str(key), _TOP_KEYS)}")
+            problems.append(f"{filename}: unknown key {key!r}{did_you_mean(str(key), _TOP_KEYS)}")
         elif key in ("tls", "policy"):
             allowed = _TLS_KEYS if key == "tls" else set(POLICY_KEYS)
             if not isinstance(value, dict):
@@ -168,12 +168,12 @@ def _unknown_keys(data: Mapping[str, object], filename: str) -> list[str]:
                 continue
             for sub in value:
                 if sub not in allowed:
-                    hint = _did_you_mean(str(sub), allowed)
+                    hint = did_you_mean(str(sub), allowed)
                     problems.append(f"{filename}: unknown key {key}.{sub!r}{hint}")
     return problems
 
 
-class _Collector:
+class Collector:
     """Gathers values by precedence and problems with their sources."""
 
     def __init__(
@@ -182,8 +182,10 @@ class _Collector:
         filename: str,
         env: Mapping[str, str],
         flags: Mapping[str, object],
+        table: Mapping[str, Opt] = BY_NAME,
     ) -> None:
         self.data, self.filename, self.env, self.flags = data, filename, env, flags
+        self.table = table
         self.problems: list[str] = []
         self.sources: dict[str, str] = {}
 
@@ -200,7 +202,7 @@ class _Collector:
         return node, f"{self.filename}: {'.'.join(opt.path)}"
 
     def get(self, name: str) -> object:
-        opt = BY_NAME[name]
+        opt = self.table[name]
         value, src = self.raw(opt)
         self.sources[name] = src
         if value is None and opt.kind in _NUMBERS:
@@ -214,7 +216,7 @@ class _Collector:
             return convert(opt, opt.default, self.env) if opt.default is not None else None
 
 
-def _rules(c: _Collector) -> tuple[list[Rule], str]:
+def _rules(c: Collector) -> tuple[list[Rule], str]:
     """Allow rules from the highest layer that has any, and that layer's label."""
     rules: list[Rule] = []
     for layer in ("flags", "env"):
@@ -255,7 +257,7 @@ def load_config(
     """Build the Config; raise ConfigError listing every problem."""
     env = dict(env or {})
     data = parse_yaml(text, filename) if text is not None else {}
-    c = _Collector(data, filename, env, flags or {})
+    c = Collector(data, filename, env, flags or {})
     c.problems.extend(_unknown_keys(data, filename))
     # Each option's value at its YAML key path: tls.* in TLSConfig, the others in Config.
     tls_values = {o.path[1]: c.get(o.name) for o in OPTIONS if o.path[0] == "tls"}
@@ -297,7 +299,7 @@ def _is_top_field(opt: Opt) -> bool:
     return len(opt.path) == 1 and opt.name not in POLICY_INPUTS
 
 
-def _policy(c: _Collector) -> tuple[Policy, str]:
+def _policy(c: Collector) -> tuple[Policy, str]:
     """The inline policy (flags, variables, the policy: section) and where its rules came from."""
     allow_all, anonymous = bool(c.get("allow-all")), bool(c.get("allow-anonymous"))
     rules, rules_src = _rules(c)
@@ -314,7 +316,7 @@ def _policy(c: _Collector) -> tuple[Policy, str]:
     return dataclasses.replace(inline, rules=tuple(rules)), rules_src
 
 
-def _check_http2(c: _Collector, top: dict[str, object]) -> None:
+def _check_http2(c: Collector, top: dict[str, object]) -> None:
     """HTTP/2 limits the protocol can carry (RFC 9113 6.5.2, 6.9.1), and h2c over cleartext."""
     for name, low in (("h2_initial_stream_window", 1), ("h2_initial_connection_window", 65535)):
         value = top[name]
@@ -341,17 +343,17 @@ def _check_http2(c: _Collector, top: dict[str, object]) -> None:
         )
 
 
-def _check_dialects(c: _Collector, dialects: object) -> None:
+def _check_dialects(c: Collector, dialects: object) -> None:
     assert isinstance(dialects, tuple)  # noqa: S101 -- convert returns a tuple for kind 'list'
     for d in dialects:
         if d not in DIALECTS:
             c.problems.append(
                 f"{c.sources['identity-headers']}: unknown dialect {d!r}"
-                f"{_did_you_mean(d, set(DIALECTS))}; known: {', '.join(DIALECTS)}"
+                f"{did_you_mean(d, set(DIALECTS))}; known: {', '.join(DIALECTS)}"
             )
 
 
-def _check_policy_file(c: _Collector, inline: Policy, rules_src: str) -> None:
+def _check_policy_file(c: Collector, inline: Policy, rules_src: str) -> None:
     """--policy is the whole policy: inline rules beside it would be ignored, so refuse them."""
     given = [c.sources[n] for n in POLICY_INPUTS if c.sources.get(n, "default") != "default"] + (
         [rules_src] if inline.rules else []
@@ -364,7 +366,7 @@ def _check_policy_file(c: _Collector, inline: Policy, rules_src: str) -> None:
         )
 
 
-def _check_tls(c: _Collector, tls: TLSConfig) -> None:
+def _check_tls(c: Collector, tls: TLSConfig) -> None:
     src = c.sources
     if tls.cert_dir is None:  # a cert-dir supplies what it holds; load_material checks it
         if tls.keystore is None and (tls.cert is None or tls.key is None):

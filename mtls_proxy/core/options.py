@@ -28,6 +28,7 @@ CLIENT_AUTH_ALIASES: Final = {
     "none": "none",
 }
 ENV_PREFIX: Final = "MTLS_PROXY_"
+CLIENT_ENV_PREFIX: Final = "MTLS_PROXY_CLIENT_"  # `client`'s own (core/egress.py)
 
 Kind = Literal[
     "bool",
@@ -62,11 +63,12 @@ class Opt:
     default: object = None
     help: str = ""
     choices: tuple[str, ...] = ()
+    prefix: str = ENV_PREFIX  # `client` options read MTLS_PROXY_CLIENT_* (core/egress.py)
 
     @property
     def env(self) -> str:
         """The environment variable for this option."""
-        return ENV_PREFIX + self.name.upper().replace("-", "_")
+        return self.prefix + self.name.upper().replace("-", "_")
 
 
 ALLOW_FLAGS: Final = tuple(f for f in RULE_FIELDS if f != "anonymous")
@@ -353,19 +355,25 @@ POLICY_INPUTS: Final = ("allow-all", "allow-anonymous", *(f"allow-{f}" for f in 
 _OTHER_ENV: Final = frozenset({"MTLS_PROXY_CONFIG", "MTLS_PROXY_WORKER_FD"})
 
 
-def unknown_env(env: Mapping[str, str]) -> list[str]:
-    """One warning per ``MTLS_PROXY_*`` variable that no option reads (a typo would otherwise
-    leave the default in force silently). Warnings, not errors: a variable meant for another
-    version of the proxy must not stop this one."""
-    known = {o.env for o in OPTIONS} | _OTHER_ENV
+def unknown_env(
+    env: Mapping[str, str], options: tuple[Opt, ...] = OPTIONS, prefix: str = ENV_PREFIX
+) -> list[str]:
+    """One warning per *prefix* variable that no option in *options* reads (a typo would
+    otherwise leave the default in force silently). Warnings, not errors: a variable meant for
+    another version of the proxy must not stop this one. serve leaves ``MTLS_PROXY_CLIENT_*``
+    to `client` (core/egress.py), which checks its own."""
+    known = {o.env for o in options} | _OTHER_ENV
     # Matched without the shared prefix, which would make every name look close to every other.
-    suffixes = {k.removeprefix(ENV_PREFIX) for k in known}
+    suffixes = {k.removeprefix(prefix) for k in known if k.startswith(prefix)}
     warnings = []
     for name in sorted(env):
-        if name.startswith(ENV_PREFIX) and name not in known:
-            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), sorted(suffixes), n=1)
-            hint = f" (did you mean {ENV_PREFIX + close[0]!r}?)" if close else ""
-            warnings.append(f"{name}: unknown environment variable, ignored{hint}")
+        if not name.startswith(prefix) or name in known:
+            continue
+        if prefix == ENV_PREFIX and name.startswith(CLIENT_ENV_PREFIX):
+            continue
+        close = difflib.get_close_matches(name.removeprefix(prefix), sorted(suffixes), n=1)
+        hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+        warnings.append(f"{name}: unknown environment variable, ignored{hint}")
     return warnings
 
 

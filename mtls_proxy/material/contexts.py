@@ -41,7 +41,7 @@ def via_memfd(pem: bytes, use: Callable[[str], None]) -> None:
         os.close(fd)
 
 
-def _load_chain_from_memory(ctx: ssl.SSLContext, material: Material) -> None:
+def load_chain_from_memory(ctx: ssl.SSLContext, material: Material) -> None:
     pem = material.key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -83,7 +83,7 @@ def server_context(cfg: Config, material: Material) -> ssl.SSLContext:
     if cfg.mode != "tcp":
         ctx.set_alpn_protocols(["h2", "http/1.1"] if cfg.http2 == "on" else ["http/1.1"])
     try:
-        _load_chain_from_memory(ctx, material)
+        load_chain_from_memory(ctx, material)
     except ssl.SSLError as exc:
         raise ConfigError(
             f"{cfg.source('cert')}: {material.cert_file}: OpenSSL refused the "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -31,6 +30,7 @@ from mtls_proxy.material.generation import Generation, build
 from mtls_proxy.material.loader import DetachedLoads, load_policy
 from mtls_proxy.material.tls import CERT_DIR_NAMES, Material, load_material
 from mtls_proxy.server.admin import rfc3339
+from mtls_proxy.server.watch import FileWatch
 
 if TYPE_CHECKING:
     from mtls_proxy.core.config import Config
@@ -63,8 +63,7 @@ class Reloader:
     def __init__(self, cfg: Config, plane: DataPlane, metrics: Metrics) -> None:
         self.cfg, self.plane, self.metrics = cfg, plane, metrics
         self.last_reload: dict[str, object] | None = None  # /status
-        self._watch_stop = threading.Event()
-        self._stamp = self._material_stamp()
+        self._watch = FileWatch(self._watched_paths, self._changed)
         self._crl_stale_logged = False
         self._reloading = self._reload_again = False
         self._loads = DetachedLoads(RELOAD_TIMEOUT)
@@ -78,7 +77,7 @@ class Reloader:
 
     def stop(self) -> None:
         """Stop watching the files (shutdown)."""
-        self._watch_stop.set()
+        self._watch.stop()
 
     def _expiry_metrics(self, material: Material) -> None:
         m = self.metrics.not_after
@@ -253,65 +252,17 @@ class Reloader:
             paths += [Path(t.cert_dir) / n for n in CERT_DIR_NAMES]
         return paths
 
-    def _material_stamp(self) -> tuple[tuple[str, int, int, int], ...]:
-        """(path, inode, mtime, size) of every reloadable file, following symlinks (Kubernetes
-        swaps a secret mount's ``..data`` link, so the files' identity changes)."""
-        paths = self._watched_paths()
-        stamp = []
-        for path in paths:
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            stamp.append((str(path), st.st_ino, st.st_mtime_ns, st.st_size))
-        return tuple(stamp)
-
     def poll(self, why: str = "poll") -> None:
-        stamp = self._material_stamp()
-        if stamp != self._stamp:
-            self._stamp = stamp
-            logger.info("reloadable files changed; reloading", extra={"trigger": why})
-            asyncio.get_running_loop().create_task(self.reload())
+        """Reload when the files changed (watch.py)."""
+        self._watch.poll(why)
 
     def start_watching(self) -> None:
-        """inotify on the directories that hold the files (a file watch would follow an inode
-        that Kubernetes deletes after swapping ``..data``, and the swap itself is a rename in the
-        mount directory): any event there compares the stamps again, so unrelated events and
-        touch-only writes reload nothing. Not recursive: a file in /etc must not watch all of
-        /etc. The watch runs in a daemon thread, so that it never delays the process's exit."""
-        dirs = sorted({str(p.parent) for p in self._watched_paths() if p.parent.is_dir()})
-        if not dirs:
-            return
-        loop = asyncio.get_running_loop()
-        stop = self._watch_stop
+        """Watch the files' directories (watch.py)."""
+        self._watch.start()
 
-        def run() -> None:
-            try:
-                from watchfiles import watch
-            except ImportError as exc:  # a broken install: SIGHUP and polling still work
-                loop.call_soon_threadsafe(logger.warning, "file watching unavailable: %s", exc)
-                return
-            try:
-                # Short debounce: a cert and key written together land in one batch. Timeouts
-                # yield too: the stamps are then compared once a second, which covers the time
-                # before the watch is armed and lost events.
-                for _ in watch(
-                    *dirs,
-                    debounce=300,
-                    step=50,
-                    recursive=False,
-                    stop_event=stop,
-                    rust_timeout=1000,
-                    yield_on_timeout=True,
-                    raise_interrupt=False,
-                ):
-                    loop.call_soon_threadsafe(self.poll, "watch")
-            except RuntimeError:
-                return  # the loop closed under us: the process is exiting
-            except OSError as exc:  # e.g. inotify limits: SIGHUP and polling still work
-                loop.call_soon_threadsafe(logger.warning, "file watching stopped: %s", exc)
-
-        threading.Thread(target=run, name="mtls-proxy-watch", daemon=True).start()
+    def _changed(self, why: str) -> None:
+        logger.info("reloadable files changed; reloading", extra={"trigger": why})
+        asyncio.get_running_loop().create_task(self.reload())
 
     def bound_session_cache(self) -> None:
         """Keep the session cache under --tls-session-cache-size: Python cannot set OpenSSL's
