@@ -44,8 +44,15 @@ _SHARED: Final = (
 )  # fmt: skip
 _DEFAULTS: Final[dict[str, object]] = {"idle-timeout": 300.0}  # a byte stream idles longer
 CLIENT_OPTIONS: Final[tuple[Opt, ...]] = (
-    Opt("listen", ("listen",), "str", None, "plaintext listener: 127.0.0.1:PORT or unix:/path"),
-    Opt("target", ("target",), "address", None, "the remote mTLS service HOST:PORT"),
+    Opt(
+        "listen",
+        ("listen",),
+        "str",
+        None,
+        "plaintext listener: 127.0.0.1:PORT or unix:/path",
+        prefix=PREFIX,
+    ),
+    Opt("target", ("target",), "address", None, "the remote mTLS service HOST:PORT", prefix=PREFIX),
     *(
         dataclasses.replace(BY_NAME[n], prefix=PREFIX, default=_DEFAULTS.get(n, BY_NAME[n].default))
         for n in _SHARED

@@ -98,7 +98,10 @@ class Tunnel:
         try:
             ip = ipaddress.ip_address(self.host)
         except ValueError:
-            name = self.host.encode("idna")
+            try:
+                name = self.host.encode("idna")
+            except UnicodeError:  # a label over 63 characters, an empty label
+                raise TunnelError(f"not a host name: {self.host[:80]!r}") from None
             if len(name) > 255:
                 raise TunnelError("the target's name is too long for SOCKS5") from None
             addr = b"\x03" + bytes([len(name)]) + name  # rule 4

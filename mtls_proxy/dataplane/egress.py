@@ -33,8 +33,11 @@ BUFFER_LIMIT: Final = 256 * 1024
 class EgressPlane:
     """What every egress connection shares: the dialer, the metrics, the open connections."""
 
-    def __init__(self, dialer: Dialer, metrics: ClientMetrics, access_log: bool) -> None:
+    def __init__(
+        self, dialer: Dialer, metrics: ClientMetrics, access_log: bool, max_connections: int
+    ) -> None:
         self.dialer, self.metrics, self.access_log = dialer, metrics, access_log
+        self.max_connections = max_connections
         self.connections: set[EgressRelay] = set()
 
     def dial_failed(self, exc: DialError, client: str) -> None:
@@ -87,6 +90,11 @@ class EgressRelay(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         plane = self.plane
+        if len(plane.connections) >= plane.max_connections:
+            # Over --max-connections: closed at once, before any dial; not a relay to count.
+            self.local = None
+            transport.abort()  # type: ignore[attr-defined]  # a stream transport
+            return
         plane.connections.add(self)
         plane.metrics.connections.inc()
         plane.metrics.connections_open.inc()
@@ -119,6 +127,8 @@ class EgressRelay(asyncio.Protocol):
             self.remote.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.local is None:  # refused in connection_made
+            return
         self.local = None
         if self._task is not None and not self._task.done():
             self._task.cancel()

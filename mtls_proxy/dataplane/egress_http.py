@@ -39,7 +39,7 @@ HOP_BY_HOP: Final = frozenset(
     }
 )  # fmt: skip
 PLANE: Final[web.AppKey[EgressPlane]] = web.AppKey("plane")
-SESSION: Final[web.AppKey[aiohttp.ClientSession]] = web.AppKey("session")
+POOL: Final[web.AppKey[Pool]] = web.AppKey("pool")
 
 
 class DialerConnector(aiohttp.BaseConnector):
@@ -62,6 +62,40 @@ class DialerConnector(aiohttp.BaseConnector):
         if not isinstance(proto, ResponseHandler):  # the factory above made it
             raise TypeError(type(proto).__name__)
         return proto
+
+
+class Pool:
+    """The keep-alive connections to the target. After a reload that changed our certificate
+    or the trust, `renew` starts a new pool: new requests get connections made with the new
+    material, and the old pool is closed once its requests had --shutdown-grace to finish."""
+
+    def __init__(self, plane: EgressPlane, idle: float, grace: float) -> None:
+        self.plane, self.idle, self.grace = plane, idle, grace
+        self.session = self._new()
+        self._old: set[asyncio.Task[None]] = set()
+
+    def _new(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=DialerConnector(self.plane, self.idle), auto_decompress=False
+        )
+
+    def renew(self) -> None:
+        """Rule: connections made with the old material are not reused."""
+        old, self.session = self.session, self._new()
+
+        async def retire() -> None:
+            await asyncio.sleep(self.grace)
+            await old.close()
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._old.add(task)
+        task.add_done_callback(self._old.discard)
+
+    async def close(self) -> None:
+        """Shutdown."""
+        for task in list(self._old):
+            task.cancel()
+        await self.session.close()
 
 
 def _forwardable(headers: Any) -> CIMultiDict[str]:
@@ -130,7 +164,7 @@ async def _exchange(request: web.Request, plane: EgressPlane) -> web.StreamRespo
     headers["Host"] = cfg.server_name if port == 443 else f"{cfg.server_name}:{port}"
     if request.headers.get("Transfer-Encoding", "").lower() == "chunked":
         headers.popall("Content-Length", None)
-    session = request.app[SESSION]
+    session = request.app[POOL].session
     timeout = aiohttp.ClientTimeout(total=None, sock_read=cfg.upstream_timeout)
     async with session.request(
         request.method,
@@ -155,9 +189,9 @@ async def _exchange(request: web.Request, plane: EgressPlane) -> web.StreamRespo
         return out
 
 
-def egress_app(plane: EgressPlane, session: aiohttp.ClientSession) -> web.Application:
+def egress_app(plane: EgressPlane, pool: Pool) -> web.Application:
     """The local HTTP application."""
     app = web.Application(client_max_size=0)
-    app[PLANE], app[SESSION] = plane, session
+    app[PLANE], app[POOL] = plane, pool
     app.router.add_route("*", "/{tail:.*}", forward)
     return app

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -31,7 +30,7 @@ from mtls_proxy import __version__
 from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.dataplane.dialer import Dialer, DialError
 from mtls_proxy.dataplane.egress import EgressPlane, EgressRelay
-from mtls_proxy.dataplane.egress_http import DialerConnector, egress_app
+from mtls_proxy.dataplane.egress_http import Pool, egress_app
 from mtls_proxy.material.egress import ClientMaterial, client_context, load_client_material
 from mtls_proxy.material.loader import DetachedLoads
 from mtls_proxy.material.tls import CERT_DIR_NAMES
@@ -55,7 +54,7 @@ class EgressServer:
         self.cfg, self.material = cfg, material
         self.metrics = ClientMetrics()
         self.dialer = Dialer(cfg, client_context(cfg, material))
-        self.plane = EgressPlane(self.dialer, self.metrics, cfg.access_log)
+        self.plane = EgressPlane(self.dialer, self.metrics, cfg.access_log, cfg.max_connections)
         self.last_reload: dict[str, object] | None = None
         self.listening = self.draining = False
         self.address = ""
@@ -65,7 +64,7 @@ class EgressServer:
         self._stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
         self._server: asyncio.Server | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
         self._reach: tuple[float, bool] = (-1e9, False)
@@ -85,11 +84,9 @@ class EgressServer:
             self.admin_address = f"{host}:{port}"
         sock = self._bind()
         if cfg.http:
-            self._session = aiohttp.ClientSession(
-                connector=DialerConnector(self.plane, cfg.idle_timeout), auto_decompress=False
-            )
+            self._pool = Pool(self.plane, cfg.idle_timeout, cfg.shutdown_grace)
             runner = web.AppRunner(
-                egress_app(self.plane, self._session), access_log=None, handle_signals=False,
+                egress_app(self.plane, self._pool), access_log=None, handle_signals=False,
                 keepalive_timeout=cfg.idle_timeout,
             )  # fmt: skip
             await runner.setup()
@@ -165,8 +162,8 @@ class EgressServer:
             relay.abort()
         for runner in reversed(self._runners):
             await runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            await self._pool.close()
         self._watch.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -217,6 +214,8 @@ class EgressServer:
             return False
         if context is not None:
             self.dialer.context = context  # new connections from here on; open ones keep theirs
+            if self._pool is not None:
+                self._pool.renew()  # pooled keep-alive connections are not reused
         self.material = material
         self._expiry()
         self.metrics.reloads.labels(result="success").inc()

@@ -72,7 +72,7 @@ class ClientMetrics:
             registry=r,
         )
         self.not_after = Gauge(
-            "mtls_proxy_client_cert_not_after_seconds",
+            "mtls_proxy_client_cert_not_after_timestamp_seconds",
             "Unix time when our client certificate expires",
             registry=r,
         )

@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 from mtls_proxy.core.config import OPTIONS
+from mtls_proxy.core.egress import CLIENT_OPTIONS
+from mtls_proxy.telemetry.egress import ClientMetrics
 from mtls_proxy.telemetry.metrics import Metrics
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -16,10 +18,10 @@ def _mentions(text: str, word: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
 
 
-def _exposed_names() -> list[str]:
+def _exposed_names(metrics: Metrics | ClientMetrics | None = None) -> list[str]:
     """The names a scrape shows: counters with their ``_total`` suffix."""
     names = []
-    for family in Metrics().registry.collect():
+    for family in (metrics or Metrics()).registry.collect():
         names.append(family.name + "_total" if family.type == "counter" else family.name)
     return names
 
@@ -47,6 +49,21 @@ def test_metrics_md_names_every_metric() -> None:
     text = (DOCS / "metrics.md").read_text()
     names = _exposed_names()
     assert len(names) > 10  # the registry really was read
+    missing = [n for n in names if not _mentions(text, n)]
+    assert not missing, f"docs/metrics.md does not mention {missing}"
+
+
+def test_egress_md_names_every_client_option_and_variable() -> None:
+    text = (DOCS / "egress.md").read_text()
+    missing = [f"--{o.name}" for o in CLIENT_OPTIONS if not _mentions(text, f"--{o.name}")]
+    missing += [o.env for o in CLIENT_OPTIONS if not _mentions(text, o.env)]
+    assert not missing, f"docs/egress.md does not document {missing}"
+
+
+def test_metrics_md_names_every_client_metric() -> None:
+    text = (DOCS / "metrics.md").read_text()
+    names = _exposed_names(ClientMetrics())
+    assert len(names) > 5
     missing = [n for n in names if not _mentions(text, n)]
     assert not missing, f"docs/metrics.md does not mention {missing}"
 
