@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from dockerfile_parse import DockerfileParser
 
 from tests.helpers import ALLOWED_URI, Pki
@@ -129,74 +128,6 @@ def test_image_command_line_and_healthcheck(image_venv: Path, tp: Pki, tmp_path:
     # Read-only root filesystem: running wrote nothing into the install or the working dir.
     assert sorted(p for p in image_venv.rglob("*")) == before
     assert list(tmp_path.iterdir()) == []
-
-
-def render(overlay: str) -> list[dict[str, object]]:
-    out = subprocess.run(
-        ["kubectl", "kustomize", str(ROOT / "deploy/kubernetes" / overlay)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-@pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl not installed; .ci/run installs it"
-)
-@pytest.mark.parametrize("overlay", ["sidecar", "gateway"])
-def test_kubernetes_overlays_render_and_validate(overlay: str, tmp_path: Path) -> None:
-    docs = render(overlay)
-    kinds = {str(d["kind"]) for d in docs}
-    # Built-in kinds are validated against the Kubernetes schemas, offline; cert-manager's
-    # Certificate/Issuer are CRDs with no schema there (checked for their key fields instead).
-    builtin = [d for d in docs if not str(d["apiVersion"]).startswith("cert-manager.io/")]
-    path = tmp_path / f"{overlay}.yaml"
-    path.write_text(yaml.safe_dump_all(builtin))
-    v = subprocess.run(
-        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", "1.30.0", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if v.returncode != 0 and "No module named" in v.stderr:
-        v = subprocess.run(
-            ["kubernetes-validate", "--strict", "-k", "1.30.0", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert v.returncode == 0, v.stdout + v.stderr
-    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "Certificate"} <= kinds
-    if overlay == "gateway":
-        assert "HorizontalPodAutoscaler" in kinds
-    deploy = next(d for d in docs if d["kind"] == "Deployment")
-    pod = deploy["spec"]["template"]["spec"]  # type: ignore[index]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    proxy = next(c for c in pod["containers"] if c["name"] == "mtls-proxy")
-    assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    sc = proxy["securityContext"]
-    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
-    assert sc["allowPrivilegeEscalation"] is False
-    tls_mount = next(m for m in proxy["volumeMounts"] if m["mountPath"] == "/etc/mtls")
-    assert "subPath" not in tls_mount  # the secret as a directory: renewals become visible
-    secret_vol = next(v for v in pod["volumes"] if v["name"] == tls_mount["name"])
-    cert = next(d for d in docs if d["kind"] == "Certificate")
-    assert secret_vol["secret"]["secretName"] == cert["spec"]["secretName"]  # type: ignore[index]
-    assert pod["terminationGracePeriodSeconds"] > 20  # > shutdown_grace: the drain finishes
-    config = yaml.safe_load(
-        next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"]
-    )  # type: ignore[index]
-    assert config["tls"]["cert_dir"] == "/etc/mtls"
-    if overlay == "sidecar":
-        services = [d for d in docs if d["kind"] == "Service"]
-        assert [p["port"] for s in services for p in s["spec"]["ports"]] == [8443]  # type: ignore[index]
-        app = next(c for c in pod["containers"] if c["name"] == "app")
-        assert {"name": "SERVER_ADDRESS", "value": "127.0.0.1"} in app["env"]
-        assert any(d["kind"] == "PodDisruptionBudget" for d in docs)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
