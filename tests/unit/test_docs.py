@@ -10,7 +10,8 @@ from mtls_proxy.core.egress import CLIENT_OPTIONS
 from mtls_proxy.telemetry.egress import ClientMetrics
 from mtls_proxy.telemetry.metrics import Metrics
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs"
 
 
 def _mentions(text: str, word: str) -> bool:
@@ -69,12 +70,41 @@ def test_metrics_md_names_every_client_metric() -> None:
 
 
 def test_docs_link_to_files_that_exist() -> None:
-    """Relative links between the docs and into the repository resolve."""
+    """Relative links between the docs and into the repository resolve (README.md and the
+    deploy/ READMEs too)."""
     broken = []
-    for page in sorted(DOCS.glob("*.md")):
+    pages = [*DOCS.glob("*.md"), ROOT / "README.md", *(ROOT / "deploy").rglob("README.md")]
+    for page in sorted(pages):
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" in target:
                 continue
             if not (page.parent / target).exists():
                 broken.append(f"{page.name}: {target}")
     assert not broken, f"broken links: {broken}"
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _links(text: str) -> set[str]:
+    return set(re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text))
+
+
+def test_readme_deploy_links_the_deployment_files() -> None:
+    """README "Deploy" links the Dockerfile, every kustomization and the systemd files;
+    "Operating it" links the monitoring files and the unit whose rotation differs."""
+    deploy = _links(_readme_section("Deploy"))
+    wanted = {"Dockerfile", "deploy/monitoring/README.md"}
+    wanted |= {str(p.relative_to(ROOT)) for p in (ROOT / "deploy/systemd").iterdir()}
+    wanted |= {
+        str(p.relative_to(ROOT)) for p in (ROOT / "deploy/kubernetes").rglob("kustomization.yaml")
+    }
+    assert wanted - deploy == set()
+    operating = _links(_readme_section("Operating it"))
+    assert {
+        "deploy/monitoring/README.md",
+        "deploy/kubernetes/monitoring/kustomization.yaml",
+        "deploy/systemd/mtls-proxy.service",
+    } - operating == set()
