@@ -553,6 +553,43 @@ def remap(text: str, mounts: dict[str, Path]) -> str:
     return pattern.sub(lambda m: str(mounts[m[1]]), text)
 
 
+def _egress_leg(spec: Doc, secrets: dict[str, Path], serve_port: int) -> tuple[int, str, str]:
+    """Run the mtls-egress container's args (its secret mounts remapped), its target pointed at
+    the pod's own serve on this machine under a name serve's certificate carries; one curl
+    through it."""
+    egress = next(c for c in spec["containers"] if c["name"] == "mtls-egress")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {
+        m["mountPath"]: secrets[volumes[m["name"]]["secret"]["secretName"]]
+        for m in egress["volumeMounts"]
+        if "secret" in volumes[m["name"]]
+    }
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "mtls_proxy", *(remap(a, mounts) for a in egress["args"]),
+        # Later flags win: only the addresses are this machine's.
+        "--listen", f"127.0.0.1:{port}", "--admin", "off",
+        "--target", f"127.0.0.1:{serve_port}", "--override-server-name", "shop-api",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, env={"PATH": "/usr/bin:/bin"}, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        lines, deadline = [""], time.monotonic() + 20
+        while time.monotonic() < deadline and '"msg": "ready"' not in lines[-1]:
+            lines.append(proc.stderr.readline())
+            if proc.poll() is not None and not lines[-1]:
+                break
+        assert '"msg": "ready"' in lines[-1], "".join(lines)
+        r = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "HTTP %{http_code}", f"http://127.0.0.1:{port}/"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return r.returncode, r.stdout.strip(), r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
 def test_sidecar_pod_offline(sidecar_docs: list[Doc], tmp_path: Path) -> None:
     docs = sidecar_docs
     secrets = secrets_as_cert_manager_writes_them(docs, tmp_path / "secrets")
@@ -614,12 +651,17 @@ def test_sidecar_pod_offline(sidecar_docs: list[Doc], tmp_path: Path) -> None:
                     [*curl["command"], script], capture_output=True, text=True, timeout=60
                 )
                 results[meta(job)["name"]] = (r.returncode, r.stdout.strip(), r.stderr)
+            results["egress"] = _egress_leg(spec, secrets, listen)
         finally:
             proc.terminate()
             proc.wait(20)
     assert results["shop-frontend-curl"][:2] == (0, "HTTP 200"), results
     assert results["shop-reports-curl"][:2] == (0, "HTTP 403"), results
     assert '"error": "forbidden"' in results["shop-reports-curl"][2]
+    # The egress container, with its own args, reached the pod's serve with the pod's certificate
+    # and verified serve's (name and chain): serve answered (403: the pod's own identity is not
+    # on its allow-list), which it can only do after an mTLS handshake with a certificate it trusts.
+    assert results["egress"][:2] == (0, "HTTP 403"), results["egress"]
     # The app saw the frontend's identity, injected by the proxy.
     (seen,) = up.seen
     spiffe = {k.lower(): v for k, v in seen.headers}["x-client-spiffe-id"]
