@@ -351,3 +351,21 @@ def test_alert_annotations_name_real_metrics(exposition: Exposition) -> None:
         for text in rule["annotations"].values():
             for name in re.findall(r"\bmtls_proxy_\w+", text):
                 assert name in exposition, f"{rule['alert']}: {name}"
+
+
+def test_readme_lists_every_dashboard_panel() -> None:
+    """README "Operating it" shows the dashboard's panel list: it cannot drift from the file."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[2] / "deploy/monitoring/dashboard.json").read_text()
+    )
+    rows: dict[str, list[str]] = {}
+    row = ""
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+            rows[row] = []
+        else:
+            rows[row].append(panel["title"])
+    for title, panels in rows.items():
+        assert f"- **{title}**: " + "; ".join(panels) in readme, title
