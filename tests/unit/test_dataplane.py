@@ -334,7 +334,13 @@ def test_loggers_keep_their_documented_names() -> None:
 
     import mtls_proxy
 
-    documented = {"mtls_proxy", "mtls_proxy.proxy", "mtls_proxy.server", "mtls_proxy.workers"}
+    documented = {
+        "mtls_proxy",
+        "mtls_proxy.proxy",
+        "mtls_proxy.server",
+        "mtls_proxy.workers",
+        "mtls_proxy.client",
+    }
     seen = set()
     for info in pkgutil.walk_packages(mtls_proxy.__path__, "mtls_proxy."):
         if info.name == "mtls_proxy.__main__":
