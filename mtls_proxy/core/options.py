@@ -18,6 +18,7 @@ from typing import Final, Literal
 from mtls_proxy.core.addresses import parse_address, parse_upstream
 from mtls_proxy.core.headers import DIALECTS, UNDERSCORE_ACTIONS, XFCC_MODES
 from mtls_proxy.core.policy import RULE_FIELDS
+from mtls_proxy.core.tracecontext import TRACE_MODES
 
 ClientAuth = Literal["require", "optional", "none"]
 CLIENT_AUTH_ALIASES: Final = {
@@ -337,6 +338,15 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         ("debug", "info", "warning", "error"),
     ),
     Opt("access-log", ("access_log",), "bool", True, "one JSON record per request"),
+    Opt(
+        "trace-context",
+        ("trace_context",),
+        "enum",
+        "forward",
+        "W3C traceparent/tracestate: forward valid ones, create one when none, or off (drop them)",
+        TRACE_MODES,
+    ),
+    Opt("otlp-endpoint", ("otlp_endpoint",), "str", None, "OTLP/HTTP URL for spans, or off"),
     Opt(
         "loop",
         ("loop",),
