@@ -425,7 +425,7 @@ def convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:
         return tuple(i.strip() for i in items if i.strip())
     if kind == "address_or_off" and value is False:
         return None  # YAML 1.1 reads a bare `off` as false
-    if kind == "enum" and isinstance(value, bool) and opt.choices == ("on", "off"):
+    if kind == "enum" and isinstance(value, bool) and ("on" if value else "off") in opt.choices:
         return "on" if value else "off"  # YAML 1.1 reads bare on/off as booleans
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError(f"must be a string (got {value!r})")

@@ -92,7 +92,8 @@ def connection_attributes(
 class Tracing:
     """The tracer provider of one process and the spans of its requests."""
 
-    def __init__(self, endpoint: str, timeout: float = 5.0) -> None:
+    def __init__(self, endpoint: str, timeout: float = 5.0, exporter: object = None) -> None:
+        """Spans to *endpoint* over OTLP/HTTP, or to *exporter* (a SpanExporter) if given."""
         require_otel()
         from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -108,8 +109,9 @@ class Tracing:
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             resource = resource.merge(Resource({"service.name": "mtls-proxy"}))
         self.provider = TracerProvider(resource=resource)
-        exporter = OTLPSpanExporter(endpoint=endpoint, timeout=timeout)
-        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        if exporter is None:
+            exporter = OTLPSpanExporter(endpoint=endpoint, timeout=timeout)
+        self.provider.add_span_processor(BatchSpanProcessor(exporter))  # type: ignore[arg-type]
         self._tracer = self.provider.get_tracer("mtls_proxy", __version__)
         self._trace = trace
         self._kind = trace.SpanKind.SERVER
