@@ -338,14 +338,7 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         ("debug", "info", "warning", "error"),
     ),
     Opt("access-log", ("access_log",), "bool", True, "one JSON record per request"),
-    Opt(
-        "trace-context",
-        ("trace_context",),
-        "enum",
-        "forward",
-        "W3C traceparent/tracestate: forward valid ones, create one when none, or off (drop them)",
-        TRACE_MODES,
-    ),
+    Opt("trace-context", ("trace_context",), "enum", "forward", "forward|create|off", TRACE_MODES),
     Opt("otlp-endpoint", ("otlp_endpoint",), "str", None, "OTLP/HTTP URL for spans, or off"),
     Opt(
         "loop",
