@@ -4,7 +4,10 @@ Drives Http1Connection (with its Exchange) and UpstreamConnection through a keep
 as the event loop would (data_received on both sides) but with no sockets or TLS, so the figure is
 repeatable and isolates what the proxy adds on top of the transport floor.
 
-    python bench/micro.py [N]
+    python bench/micro.py [N] [--profile] [--traceparent] [--otel]
+
+--traceparent: each request carries a valid W3C traceparent; --otel: spans on (the SDK, its
+batch processor, an exporter that discards: what the proxy itself adds per span).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mtls_proxy.telemetry.logs import AccessLog
 from mtls_proxy.telemetry.metrics import Metrics
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:18443\r\n\r\n"
+TRACEPARENT = b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sun, 29 Nov 2026 08:43:48 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 64\r\nConnection: keep-alive\r\n"
@@ -103,6 +107,18 @@ async def run(n: int, profile: bool) -> None:
     gen = build(cfg, material, cfg.policy)
     pool = UpstreamPool(cfg.upstream, 1.0)
     plane = DataPlane(cfg, gen, Metrics(), pool, loop.time, AccessLog("json", NullStream()))  # type: ignore[arg-type]
+    if "--otel" in sys.argv:
+        from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+        from mtls_proxy.telemetry.tracing import Tracing
+
+        class Discard(SpanExporter):
+            def export(self, spans: object) -> SpanExportResult:  # type: ignore[override]
+                return SpanExportResult.SUCCESS
+
+        plane.tracing = Tracing("http://unused.invalid/v1/traces", exporter=Discard())
+        plane.trace_make = plane.tracing.start
+    request = REQUEST[:-2] + TRACEPARENT + b"\r\n" if "--traceparent" in sys.argv else REQUEST
     up = UpstreamConnection(pool)
     up.connection_made(FakeTransport({}))
     pool.idle.append(up)
@@ -117,7 +133,7 @@ async def run(n: int, profile: bool) -> None:
     )
 
     def cycle() -> None:
-        client.data_received(REQUEST)
+        client.data_received(request)
         up.data_received(RESPONSE)
 
     for _ in range(2000):

@@ -19,6 +19,7 @@ from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.core.escape import for_terminal
 from mtls_proxy.material.loader import read_text
 from mtls_proxy.telemetry.logs import setup_logging
+from mtls_proxy.telemetry.tracing import require_otel
 
 if TYPE_CHECKING:
     from mtls_proxy.material.tls import Material
@@ -161,6 +162,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     material = load_material(cfg.tls, dict(cfg.sources))
     policy = load_policy(cfg)  # checked before any worker starts; each loads it again
+    if cfg.otlp_endpoint is not None:
+        require_otel()
 
     from mtls_proxy.server.workers import WORKER_FD_ENV, run_master, serve_master_channel
 
@@ -195,6 +198,8 @@ def _check(args: argparse.Namespace) -> int:
     material = load_material(cfg.tls, dict(cfg.sources))
     server_context(cfg, material)  # OpenSSL must accept it too
     p = load_policy(cfg)
+    if cfg.otlp_endpoint is not None:
+        require_otel()
     rules = ["allow_all"] if p.allow_all else [r.name for r in p.rules]
     if p.allow_anonymous:
         rules.append("anonymous")
@@ -237,6 +242,8 @@ def _check(args: argparse.Namespace) -> int:
         f"  rules:             {len(rules)}" + "".join(f"\n    - {r}" for r in rules),
         f"  identity headers:  {','.join(cfg.identity_headers)} (xfcc mode {cfg.xfcc_mode})",
         f"  admin:             {cfg.admin or 'off'}",
+        f"  trace context:     {cfg.trace_context}"
+        + (f", spans to {cfg.otlp_endpoint}" if cfg.otlp_endpoint else ""),
     ]
     print("\n".join(lines))
     return 0

@@ -41,6 +41,7 @@ from mtls_proxy.core.policyspec import (
     compile_rules,
     load_mapping,
 )
+from mtls_proxy.core.tracecontext import TraceMode
 
 __all__ = [  # the option table's names, as importers have always found them here
     "ALLOW_FLAGS",
@@ -136,6 +137,8 @@ class Config:
     log_format: Literal["json", "text"]
     log_level: str
     access_log: bool
+    trace_context: TraceMode
+    otlp_endpoint: str | None  # the URL spans are POSTed to (None: no spans)
     loop: Literal["auto", "uvloop", "asyncio"]
     config_file: str | None
     sources: Mapping[str, str]
@@ -283,6 +286,7 @@ def load_config(
     top["identity_headers"] = top["identity_headers"] or ()
     _check_dialects(c, top["identity_headers"])
     _check_http2(c, top)
+    top["otlp_endpoint"] = _otlp_endpoint(c, top["otlp_endpoint"])
     if c.problems:
         raise ConfigError(c.problems)
     return Config(
@@ -341,6 +345,23 @@ def _check_http2(c: Collector, top: dict[str, object]) -> None:
             f"{c.sources['upstream-protocol']}: h2c is cleartext HTTP/2; "
             "an https:// upstream is forwarded over HTTP/1.1 (use http1)"
         )
+
+
+def _otlp_endpoint(c: Collector, value: object) -> str | None:
+    """--otlp-endpoint: an http(s) URL, or off. A URL without a path is a collector's base URL
+    (as OTEL_EXPORTER_OTLP_ENDPOINT): the traces path /v1/traces is appended."""
+    if value is None or value == "off":
+        return None
+    text = str(value)
+    scheme, sep, rest = text.partition("://")
+    authority, _, path = rest.partition("/")
+    if not sep or scheme.lower() not in ("http", "https") or not authority or " " in text:
+        c.problems.append(
+            f"{c.sources['otlp-endpoint']}: must be an http:// or https:// URL, or off "
+            f"(got {text!r})"
+        )
+        return None
+    return text if path else f"{text.rstrip('/')}/v1/traces"
 
 
 def _check_dialects(c: Collector, dialects: object) -> None:

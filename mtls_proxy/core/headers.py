@@ -122,7 +122,7 @@ UNDERSCORE_ACTIONS: Final[tuple[str, ...]] = ("drop", "reject", "allow")
 # ("Content_Length") is a look-alike: never interpreted, never forwarded (llhttp frames the body
 # by the exact name, so acting on the look-alike would make two readings of one request).
 KEEP, DROP, HOST, CONNECTION, LENGTH, CODING, EXPECT, XFCC_IN, UPGRADE = range(9)
-UNDERSCORE, LOOKALIKE, REQUEST_ID = 9, 10, 11
+UNDERSCORE, LOOKALIKE, REQUEST_ID, TRACEPARENT, TRACESTATE = 9, 10, 11, 12, 13
 _EXACT: Final[dict[bytes, int]] = {
     b"host": HOST,
     b"connection": CONNECTION,
@@ -132,6 +132,8 @@ _EXACT: Final[dict[bytes, int]] = {
     XFCC: XFCC_IN,
     b"upgrade": UPGRADE,
     b"x-request-id": REQUEST_ID,  # the proxy forwards its own (request.py)
+    b"traceparent": TRACEPARENT,  # forwarded when valid (tracecontext.py)
+    b"tracestate": TRACESTATE,
 }
 # A client's X-Request-Id is honoured only in this shape, once the whitespace around it is
 # trimmed (else the proxy makes one): it goes to the upstream and the access log verbatim.
@@ -160,6 +162,8 @@ class RequestHeaders:
     connection_tokens: set[bytes] = field(default_factory=set)
     underscored: list[bytes] | None = None  # names with '_' not forwarded (rarely any)
     request_id: bytes | None = None  # the client's X-Request-Id if there is exactly one, valid
+    traceparent: bytes | None = None  # the client's if it sent one line of it; b"" for several
+    tracestate: list[bytes] | None = None
 
     def forwarded_lines(self) -> bytes:
         """The kept headers as wire lines, with Connection-nominated ones removed."""
@@ -234,6 +238,13 @@ def split_request_headers(
         elif kind == REQUEST_ID:
             # Two copies: neither is honoured (b"" is never valid).
             out.request_id = b"" if out.request_id is not None else value
+        elif kind == TRACEPARENT:
+            out.traceparent = b"" if out.traceparent is not None else value  # b"": invalid
+        elif kind == TRACESTATE:
+            if out.tracestate is None:
+                out.tracestate = [value]
+            else:
+                out.tracestate.append(value)
         elif kind == UNDERSCORE and underscores == "allow":
             kept.append((lname, name, value))
         elif out.underscored is None:  # LOOKALIKE, or UNDERSCORE under drop/reject
@@ -242,10 +253,7 @@ def split_request_headers(
             out.underscored.append(name)
     if nominated:
         out.kept = [h for h in kept if h[0] not in nominated]
-        if b"x-request-id" in nominated:
-            # Hop-by-hop by the client's own declaration (rule 1): meant for this hop, so it is
-            # not the request's id for the upstream; the proxy makes one (request.py rule 3).
-            out.request_id = None
+        _nominated(out, nominated)
     rid = out.request_id
     if rid is not None and _REQUEST_ID.fullmatch(rid) is None:
         # RFC 9110 section 5.5: whitespace around a field value is not part of it (llhttp drops
@@ -254,6 +262,17 @@ def split_request_headers(
         rid = rid.strip(b" \t")
         out.request_id = rid if _REQUEST_ID.fullmatch(rid) is not None else None
     return out
+
+
+def _nominated(out: RequestHeaders, nominated: set[bytes]) -> None:
+    """The fields the proxy handles itself that the client's Connection names: hop-by-hop by
+    the client's own declaration (rule 1), meant for this hop and not for the upstream."""
+    if b"x-request-id" in nominated:
+        out.request_id = None  # not the request's id for the upstream: the proxy makes one
+    if b"tracestate" in nominated:
+        out.tracestate = None
+    if b"traceparent" in nominated:
+        out.traceparent = out.tracestate = None  # and a tracestate goes with it
 
 
 def clean(value: str) -> str:

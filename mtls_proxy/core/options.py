@@ -18,6 +18,7 @@ from typing import Final, Literal
 from mtls_proxy.core.addresses import parse_address, parse_upstream
 from mtls_proxy.core.headers import DIALECTS, UNDERSCORE_ACTIONS, XFCC_MODES
 from mtls_proxy.core.policy import RULE_FIELDS
+from mtls_proxy.core.tracecontext import TRACE_MODES
 
 ClientAuth = Literal["require", "optional", "none"]
 CLIENT_AUTH_ALIASES: Final = {
@@ -337,6 +338,8 @@ OPTIONS: Final[tuple[Opt, ...]] = (
         ("debug", "info", "warning", "error"),
     ),
     Opt("access-log", ("access_log",), "bool", True, "one JSON record per request"),
+    Opt("trace-context", ("trace_context",), "enum", "forward", "forward|create|off", TRACE_MODES),
+    Opt("otlp-endpoint", ("otlp_endpoint",), "str", None, "OTLP/HTTP URL for spans, or off"),
     Opt(
         "loop",
         ("loop",),
@@ -415,7 +418,7 @@ def convert(opt: Opt, value: object, env: Mapping[str, str]) -> object:
         return tuple(i.strip() for i in items if i.strip())
     if kind == "address_or_off" and value is False:
         return None  # YAML 1.1 reads a bare `off` as false
-    if kind == "enum" and isinstance(value, bool) and opt.choices == ("on", "off"):
+    if kind == "enum" and isinstance(value, bool) and ("on" if value else "off") in opt.choices:
         return "on" if value else "off"  # YAML 1.1 reads bare on/off as booleans
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ValueError(f"must be a string (got {value!r})")

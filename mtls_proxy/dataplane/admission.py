@@ -30,6 +30,7 @@ from mtls_proxy.dataplane.handshakes import SEEN
 from mtls_proxy.dataplane.tlsconn import RefusedAfterHandshake
 from mtls_proxy.http1.response import error_response
 from mtls_proxy.material.chains import verified_ders
+from mtls_proxy.telemetry.tracing import connection_attributes
 
 if TYPE_CHECKING:
     import asyncio
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from mtls_proxy.core.policy import Decision, Policy, Route
     from mtls_proxy.dataplane.plane import DataPlane
     from mtls_proxy.material.generation import Generation
+    from mtls_proxy.telemetry.tracing import Attributes
 
 logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters outlive module paths
 SSL_DER: Final = 2  # _ssl.ENCODING_DER, for Certificate.public_bytes (Python 3.13+)
@@ -67,6 +69,7 @@ class Peer:
         "identity_too_large",
         "issuers",
         "resumed",
+        "span_attrs",
         "sslobj",
     )
 
@@ -84,6 +87,7 @@ class Peer:
         self.resumed, self.issuers = resumed, issuers
         self.identity_too_large = len(block.lines) + len(block.xfcc or b"") > limit
         self._decision: tuple[object, object, Decision] | None = None
+        self.span_attrs: Attributes | None = None  # with --otlp-endpoint (connection_facts)
 
     def decide(self, policy: Policy, method: bytes, path: bytes) -> Decision:
         """The policy's decision for this peer on *method* *path* (rule 1: the peer is fixed,
@@ -182,23 +186,27 @@ def connection_facts(
     plane: DataPlane, admitted: Peer, transport: asyncio.BaseTransport
 ) -> tuple[bytes, bytes, str]:
     """(client IP, our port, the access record's connection part) of a new client connection,
-    whatever protocol it speaks. Runs in the handshake's context: handshakes.SEEN holds the SNI
-    (the server-side SSLObject has none)."""
+    whatever protocol it speaks; with spans, also the connection's span attributes (on
+    *admitted*). Runs in the handshake's context: handshakes.SEEN holds the SNI (the
+    server-side SSLObject has none)."""
     peername = transport.get_extra_info("peername")
     client_ip = str(peername[0]).encode() if isinstance(peername, tuple) else b"unix"
     sockname = transport.get_extra_info("sockname")
     port = b"%d" % sockname[1] if isinstance(sockname, tuple) else b""
     fields = ""
-    if plane.access_log is not None:
+    if plane.access_log is not None or plane.tracing is not None:
         seen = SEEN.get()
         sslobj = admitted.sslobj
         cipher = sslobj.cipher() if sslobj is not None else None
-        fields = plane.access_log.connection_fields(
-            admitted.identity,
+        facts = (
             client_ip.decode(),
             peername[1] if isinstance(peername, tuple) else None,
             sslobj.version() if sslobj is not None else None,
             cipher[0] if cipher else None,
             seen.sni if seen is not None else None,
         )
+        if plane.access_log is not None:
+            fields = plane.access_log.connection_fields(admitted.identity, *facts)
+        if plane.tracing is not None:
+            admitted.span_attrs = connection_attributes(admitted.identity, *facts)
     return client_ip, port, fields

@@ -243,6 +243,8 @@ class Http1Connection(Http1Framing, Http1Deadlines, Http1Upgrade, Http1ToH2, asy
                 port=self._port,
                 underscores=cfg.underscore_headers,
                 request_id=ex.request_id,
+                trace=cfg.trace_context,
+                make=self.plane.trace_make,
             )
         except ProxyError as err:
             ex.fail(err)
@@ -250,7 +252,7 @@ class Http1Connection(Http1Framing, Http1Deadlines, Http1Upgrade, Http1ToH2, asy
                 self._underscored([n for n, _ in raw if b"_" in n], "rejected")
         else:
             ex.path, ex.head, ex.chunked, ex.ws_key = req.path, req.head, req.chunked, req.ws_key
-            ex.request_id = req.request_id
+            ex.request_id, ex.trace, ex.span = req.request_id, req.trace, req.span
             ex.has_body, ex.expect, ex.length = req.has_body, req.expect, req.length
             if req.underscored:
                 self._underscored(req.underscored, "dropped")

@@ -26,9 +26,11 @@ import time
 from typing import TYPE_CHECKING, Final, Protocol
 
 from mtls_proxy.core.errors import IdentityTooLarge, ProxyError, UpstreamTimeout
+from mtls_proxy.dataplane.records import write_record
 from mtls_proxy.http1.framing import LAST_CHUNK, encode_chunk
 
 if TYPE_CHECKING:
+    from mtls_proxy.core.tracecontext import TraceParent
     from mtls_proxy.dataplane.admission import Peer
     from mtls_proxy.dataplane.plane import DataPlane
     from mtls_proxy.dataplane.upstream import UpstreamConnection
@@ -114,9 +116,11 @@ class Exchange:
         "rule",
         "sent",
         "sent_at",
+        "span",
         "start",
         "started",
         "status",
+        "trace",
         "up_deadline",
         "upstream",
         "upstream_ms",
@@ -125,6 +129,8 @@ class Exchange:
     )
 
     sent_at: float  # when the head went upstream (monotonic): set by the dispatch, read after
+    trace: TraceParent | None  # the trace context forwarded upstream (request.py rule 4)
+    span: object  # the proxy's span for it (telemetry/tracing.py), or None
 
     def __init__(self, down: Downstream, method: bytes, path: bytes, request_id: bytes) -> None:
         self.down, self.plane = down, down.plane
@@ -148,6 +154,7 @@ class Exchange:
         self.upstream_ms: float | None = None  # from then to the response head
         self.up_deadline = 0.0  # the upstream's next byte is due by then (loop time); 0 = none
         self.start = time.monotonic()
+        self.trace, self.span = None, None
 
     def fail(self, err: ProxyError) -> None:
         """Make this a final error response (sent when it starts); the access record's reason
@@ -417,32 +424,8 @@ class Exchange:
             self.record(aborted=True)
 
     def record(self, aborted: bool) -> None:
-        """Count and log the exchange (the access record)."""
-        plane = self.plane
-        duration = time.monotonic() - self.start
-        protocol = self.down.protocol
-        plane.metrics.request(self.decision, self.status, duration, protocol)
-        if plane.access_log is not None:
-            path = self.path
-            q = path.find(b"?")  # the query string is not logged: it may carry secrets
-            plane.access_log.request(
-                self.down.log_fields,
-                self.method.decode("latin-1"),
-                (path if q < 0 else path[:q]).decode("latin-1"),
-                self.status,
-                self.upstream_status,
-                self.decision,
-                self.rule,
-                int(duration * 1e6) / 1000,  # ms, 3 decimals: a third of round()'s cost
-                self.bytes_in,
-                self.bytes_out,
-                aborted,
-                self.reason,
-                self.request_id.decode(),
-                self.upstream_ms,
-                protocol if plane.cfg.http2 == "on" else None,
-                self.grpc_status(),
-            )
+        """Count and log the exchange (the access record), and end its span (records.py)."""
+        write_record(self, aborted)
 
     def grpc_status(self) -> int | None:
         """The call's grpc-status for the access record: a gRPC exchange's (h2exchange)."""

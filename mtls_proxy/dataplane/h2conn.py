@@ -320,6 +320,8 @@ class H2Connection(H2Writer, asyncio.Protocol):
                 port=self._port,
                 underscores=self.plane.cfg.underscore_headers,
                 request_id=rid,
+                trace=self.plane.cfg.trace_context,
+                make=self.plane.trace_make,
             )
         except ProxyError as err:
             self._start(sid, self._refused(err, req.method, req.path, rid), is_grpc, end_stream)
@@ -332,7 +334,7 @@ class H2Connection(H2Writer, asyncio.Protocol):
         else:
             ex = Exchange(self, req.method, req.path, prep.request_id)
             ex.chunked = prep.chunked
-        ex.path, ex.head = prep.path, prep.head
+        ex.path, ex.head, ex.trace, ex.span = prep.path, prep.head, prep.trace, prep.span
         ex.has_body, ex.length = prep.has_body, prep.length
         self._start(sid, ex, is_grpc, end_stream)
         st = self._streams.get(sid)

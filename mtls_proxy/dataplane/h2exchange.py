@@ -45,11 +45,12 @@ _HOP: Final = frozenset(
 ) | {b"upgrade"}
 
 
-# Never in the upstream connection's HPACK table: x-request-id is unique per request (an entry
-# is pure cost), the others are secrets of one client on a connection shared by all (RFC 7541
-# 7.1.3; h2 does this for authorization and cookie only when it normalizes, which we turn off).
+# Never in the upstream connection's HPACK table: x-request-id and traceparent are unique per
+# request (an entry is pure cost), the others are secrets of one client on a connection shared
+# by all (RFC 7541 7.1.3; h2 does this for authorization and cookie only when it normalizes,
+# which we turn off).
 _NEVER_INDEXED: Final = frozenset(
-    (b"x-request-id", b"authorization", b"proxy-authorization", b"cookie")
+    (b"x-request-id", b"traceparent", b"authorization", b"proxy-authorization", b"cookie")
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from mtls_proxy.material.chains import ChainMemo
+from mtls_proxy.telemetry.tracing import created
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -18,11 +19,13 @@ if TYPE_CHECKING:
 
     from mtls_proxy.core.config import Config
     from mtls_proxy.core.identity import PeerIdentity
+    from mtls_proxy.core.tracecontext import ChildFactory
     from mtls_proxy.dataplane.h2upstream import H2UpstreamPool
     from mtls_proxy.dataplane.upstream import UpstreamPool
     from mtls_proxy.material.generation import Generation
     from mtls_proxy.telemetry.logs import AccessLog
     from mtls_proxy.telemetry.metrics import Metrics
+    from mtls_proxy.telemetry.tracing import Tracing
 
 
 class Connection(Protocol):
@@ -70,5 +73,8 @@ class DataPlane:
         self.connections: set[Connection] = set()
         self.chains = ChainMemo()  # the verified chains behind resumed sessions
         self.draining = False
+        # --otlp-endpoint: the spans (set by the server), whose start is then trace_make.
+        self.tracing: Tracing | None = None
+        self.trace_make: ChildFactory | None = created if cfg.trace_context == "create" else None
         u = cfg.upstream
         self.upstream_host = (u.host_header if u.scheme != "unix" else "localhost").encode()

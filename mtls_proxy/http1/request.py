@@ -10,6 +10,9 @@ Rules:
 3. Every forwarded request carries exactly one ``X-Request-Id``: the client's if it sent one
    valid value (headers.py) that its ``Connection`` header does not name, else the one the
    caller made; it is also the access record's.
+4. W3C trace context (tracecontext.py): a client's valid traceparent and its tracestate are
+   forwarded, or the context *make* gives the request (the proxy's span); anything else of
+   theirs is dropped. The proxy's lines go with its forwarding fields.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mtls_proxy.core.headers import (
     split_request_headers,
 )
 from mtls_proxy.core.paths import AmbiguousPath, normalize_target
+from mtls_proxy.core.tracecontext import ChildFactory, TraceMode, TraceParent, upstream_fields
 from mtls_proxy.http1.websocket import UPGRADE_LINES, websocket_key
 
 
@@ -64,6 +68,8 @@ class Prepared:
     length: int = 0  # the Content-Length the parser frames the body with (not chunked)
     underscored: list[bytes] | None = None  # names with '_' that were not forwarded
     request_id: bytes = b""  # as forwarded in X-Request-Id (rule 3)
+    trace: TraceParent | None = None  # as forwarded in traceparent (rule 4)
+    span: object = None  # what the ChildFactory returned with it (the proxy's span)
 
 
 _PORT_LINES: dict[bytes, bytes] = {b"": b"\r\n"}
@@ -112,10 +118,13 @@ def prepare(
     port: bytes = b"",
     underscores: UnderscoreAction = "drop",
     request_id: bytes = b"-",
+    trace: TraceMode = "forward",
+    make: ChildFactory | None = None,
 ) -> Prepared:
     """Validate one request head and build the upstream head; raise a ProxyError to refuse.
 
-    *request_id* is forwarded unless the client sent a valid X-Request-Id (rule 3).
+    *request_id* is forwarded unless the client sent a valid X-Request-Id (rule 3); *trace*
+    and *make* decide the trace context (rule 4).
 
     *normalize* (the policy has routes): the path is normalized and forwarded as normalized,
     so that the route decided on is the path the upstream serves (paths.py).
@@ -151,8 +160,13 @@ def prepare(
         out.ws_key = websocket_key(method, http10, out.has_body, rh)
         if out.ws_key is not None:
             framing = UPGRADE_LINES
+    trace_lines = b""
+    if rh.traceparent is not None or make is not None:  # else nothing to forward or make
+        trace_lines, out.trace, out.span = upstream_fields(
+            trace, rh.traceparent, rh.tracestate, make
+        )
     out.head = _upstream_head(
-        method, target, host, rh, client_ip, port, out.request_id, block, framing
+        method, target, host, rh, client_ip, port, out.request_id, trace_lines, block, framing
     )
     return out
 
@@ -165,11 +179,13 @@ def _upstream_head(
     client_ip: bytes,
     port: bytes,
     request_id: bytes,
+    trace_lines: bytes,
     block: IdentityBlock,
     framing: bytes,
 ) -> bytes:
     """The upstream's head (rule 2): the client's end-to-end fields, then the proxy's
-    forwarding fields, request id and identity block, appended last, and its framing."""
+    forwarding fields, request id, trace context (rule 4) and identity block, appended last,
+    and its framing."""
     return b"".join(
         (
             method,
@@ -187,6 +203,7 @@ def _upstream_head(
             b"X-Request-Id: ",
             request_id,
             b"\r\n",
+            trace_lines,
             block.lines,
             block.xfcc_line(rh.xfcc),
             framing,

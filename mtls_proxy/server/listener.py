@@ -34,6 +34,7 @@ from mtls_proxy.server.reloader import Reloader
 from mtls_proxy.server.sockets import bind
 from mtls_proxy.telemetry.logs import AccessLog, RateLimiter
 from mtls_proxy.telemetry.metrics import Metrics
+from mtls_proxy.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
     import ssl as ssl_
@@ -94,6 +95,9 @@ class ProxyServer:
         access = AccessLog(cfg.log_format) if cfg.access_log else None
         gen = build(cfg, material, policy if policy is not None else load_policy(cfg))
         self.plane = DataPlane(cfg, gen, self.metrics, pool, loop.time, access)
+        if cfg.otlp_endpoint is not None:  # ConfigError (exit 2) without the otel extra
+            self.plane.tracing = tracing = Tracing(cfg.otlp_endpoint)
+            self.plane.trace_make = tracing.start
         if cfg.upstream_protocol != "http1":
             self.plane.h2pool = H2UpstreamPool(
                 cfg.upstream, cfg.upstream_timeout, cfg.h2_max_header_list_bytes
@@ -409,6 +413,8 @@ class ProxyServer:
             self._sweeper.cancel()
         if plane.access_log is not None:
             plane.access_log.flush()
+        if plane.tracing is not None:  # the spans still queued (it waits for the collector)
+            await asyncio.to_thread(plane.tracing.shutdown)
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         logger.info("stopped")

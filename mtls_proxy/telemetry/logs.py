@@ -170,6 +170,7 @@ class AccessLog:
         upstream_ms: float | None = None,
         protocol: str | None = None,
         grpc_status: int | None = None,
+        trace_id: str | None = None,
     ) -> None:
         """Queue the access record of one request, written at the end of this loop iteration.
         *protocol* (http1, h2) is recorded with --http2 on; *grpc_status* for a gRPC call.
@@ -182,6 +183,7 @@ class AccessLog:
             line = (
                 f'{{"time": "{ts}", "level": "info", "logger": "mtls_proxy.access", '
                 f'"msg": "access", {conn}, "request_id": "{request_id}", '
+                f'"trace_id": {_json_value(trace_id)}, '
                 f'"method": "{method}", '
                 f'"path": {_json_value(path)}, "status": {status}, "upstream_status": '
                 f'{upstream_status or "null"}, "decision": "{decision}", "rule": '
@@ -197,6 +199,7 @@ class AccessLog:
             line = (
                 f"{ts} INFO mtls_proxy.access: access {conn} "
                 f"request_id={text_log_field(request_id)} "  # a client's may be "-"
+                f"trace_id={trace_id or '-'} "
                 f"method={text_log_field(method)} "
                 f"path={text_log_field(path)} status={status} "
                 f"upstream_status={upstream_status or '-'} "

@@ -340,3 +340,26 @@ def test_tcp_mode() -> None:
     )
     assert (c.mode, c.proxy_protocol) == ("tcp", "tls")
     assert (c.upstream.scheme, c.upstream.host, c.upstream.port) == ("tcp", "db", 5432)
+
+
+def test_trace_context_and_otlp_endpoint() -> None:
+    d = load_config(flags=BASE)
+    assert (d.trace_context, d.otlp_endpoint) == ("forward", None)
+    for given, url in [
+        ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces"),  # a collector's base URL
+        ("https://otel.example:4318/", "https://otel.example:4318/v1/traces"),
+        ("http://c:4318/custom/traces", "http://c:4318/custom/traces"),  # a path: as it is
+        ("off", None),
+    ]:
+        c = load_config(flags={**BASE, "otlp-endpoint": given, "trace-context": "create"})
+        assert (c.otlp_endpoint, c.trace_context) == (url, "create"), given
+    c = load_config(text='otlp_endpoint: "off"\ntrace_context: off\n', filename="f", flags=BASE)
+    assert (c.otlp_endpoint, c.trace_context) == (None, "off")
+    for bad in ("127.0.0.1:4318", "grpc://c:4317", "http://", "http://c:4318/a b"):
+        with pytest.raises(ConfigError) as exc:
+            load_config(env={"MTLS_PROXY_OTLP_ENDPOINT": bad}, flags=BASE)
+        assert exc.value.problems == [
+            f"MTLS_PROXY_OTLP_ENDPOINT: must be an http:// or https:// URL, or off (got {bad!r})"
+        ]
+    with pytest.raises(ConfigError, match="trace-context: must be one of off, forward, create"):
+        load_config(flags={**BASE, "trace-context": "on"})
