@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from mtls_proxy.cli.loops import run_async
 from mtls_proxy.core.egress import CLIENT_OPTIONS, PREFIX, load_client_config
+from mtls_proxy.core.envvars import unknown_env
 from mtls_proxy.core.escape import for_terminal
-from mtls_proxy.core.options import unknown_env
 from mtls_proxy.material.loader import read_text
 from mtls_proxy.telemetry.logs import setup_logging
 

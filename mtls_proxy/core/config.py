@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from mtls_proxy.core.addresses import Address, Upstream, parse_address, parse_upstream
+from mtls_proxy.core.envvars import unknown_env
 from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.core.headers import DIALECTS, UnderscoreAction, XfccMode
 from mtls_proxy.core.options import (
@@ -31,7 +32,6 @@ from mtls_proxy.core.options import (
     Opt,
     convert,
     resolve_env_secret,
-    unknown_env,
 )
 from mtls_proxy.core.policy import Policy, Rule, RuleError, compile_rule
 from mtls_proxy.core.policyspec import (

@@ -20,9 +20,9 @@ from mtls_proxy.core.egress import (
     parse_pin,
     parse_proxy,
 )
+from mtls_proxy.core.envvars import unknown_env
 from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.core.identity import PeerIdentity
-from mtls_proxy.core.options import unknown_env
 from mtls_proxy.core.wildcard import compile_dns, compile_uri
 
 BASE = {"listen": "127.0.0.1:15001", "target": "svc.example:8443", "cert": "c.pem", "key": "k.pem"}
