@@ -362,6 +362,16 @@ class Http1Connection(Http1Framing, Http1Deadlines, Http1Upgrade, Http1ToH2, asy
         """exchange.Downstream: *reason* no longer holds."""
         self.flow.resume(reason)
 
+    def trim(self) -> None:
+        """Idle between requests (the sweeper, deadlines.py): keep nothing of the last request
+        that no rule needs. Its exchange goes once its body is read (on_request_body and
+        on_request_end then have nothing to feed) unless it ends the connection (is_final);
+        the reader drops its parser (reader.py)."""
+        last = self._last
+        if last is not None and last.body_done and not last.close:
+            self._last = None
+        self.reader.trim()
+
     def done(self, ex: Exchange) -> None:
         """*ex* is answered: close, or go on with the next request (rule 2)."""
         if self._queue and self._queue[0] is ex:

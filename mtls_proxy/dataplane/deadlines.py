@@ -51,6 +51,7 @@ class Http1Deadlines:
 
         def _reject(self, err: ProxyError) -> None: ...
         def _start_next(self) -> None: ...
+        def trim(self) -> None: ...
         def abort(self) -> None: ...
 
     def pause_writing(self) -> None:
@@ -74,6 +75,8 @@ class Http1Deadlines:
 
     def check_deadlines(self, now: float) -> None:
         """Called by the sweeper: enforce the send, upstream, idle, header and body timeouts."""
+        if not self._queue:
+            self.trim()
         if self.send_deadline and now >= self.send_deadline:
             self.send_deadline = 0.0
             self._on_send_timeout()

@@ -9,10 +9,14 @@ flow_control.py keeps a single flag, enough for one reason).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     import asyncio
+
+# Most connections never pause: they share this one empty set instead of holding their own
+# (an empty set is 216 bytes; 10,000 idle connections, 2 MB).
+_NONE: Final[frozenset[str]] = frozenset()
 
 
 class ReadGate:
@@ -22,19 +26,22 @@ class ReadGate:
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.reasons: set[str] = set()
+        self.reasons: set[str] | frozenset[str] = _NONE
 
     def pause(self, reason: str) -> None:
         """Stop reading for *reason* (idempotent)."""
-        if not self.reasons and self.transport is not None:
-            self.transport.pause_reading()
-        self.reasons.add(reason)
+        if not self.reasons:
+            if self.transport is not None:
+                self.transport.pause_reading()
+            self.reasons = {reason}
+        elif reason not in self.reasons:
+            self.reasons = self.reasons | {reason}
 
     def resume(self, reason: str) -> None:
         """*reason* no longer holds: read again if nothing else holds."""
         reasons = self.reasons
         if reason in reasons:
-            reasons.discard(reason)
+            self.reasons = reasons = reasons - {reason} or _NONE
             t = self.transport
             if not reasons and t is not None and not t.is_closing():
                 t.resume_reading()

@@ -80,26 +80,41 @@ class RequestSink(Protocol):
 class RequestReader:
     """One connection's request parser and the head being collected."""
 
-    __slots__ = ("_cfg", "_parser", "_raw", "_sink", "head_bytes", "in_head", "url")
+    __slots__ = ("_cfg", "_parser", "_raw", "_sink", "head_bytes", "in_head", "in_message", "url")
 
     def __init__(self, sink: RequestSink, cfg: Config) -> None:
         self._sink, self._cfg = sink, cfg
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.url = b""  # the request target of the head being read (or last read)
         self._raw: list[tuple[bytes, bytes]] = []
         self.in_head = False  # a head has started and is not complete
+        self.in_message = False  # a request has started and its body is not complete
         self.head_bytes = 0
+
+    def trim(self) -> None:
+        """Between requests, drop the parser and the last head's fields: an idle keep-alive
+        connection then holds neither (about 1 KB each); `feed` makes a new parser when bytes
+        come. Never inside a message: the parser's state is the body's framing (a new parser
+        there would read the rest of a body as a request)."""
+        if not self.in_message:
+            self._parser = None
+            self._raw = []
+            self.url = b""
 
     def restart(self) -> None:
         """Parse what follows as a new stream (after an upgrade the upstream declined, or an
         upgrade that went upstream as a plain request: SMG-058)."""
         self._parser = httptools.HttpRequestParser(self)
+        self.in_message = False
 
     def feed(self, data: bytes) -> None:
         """Parse *data*; every outcome is a call on the sink."""
         sink = self._sink
+        parser = self._parser
+        if parser is None:  # trimmed while idle
+            parser = self._parser = httptools.HttpRequestParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             sink.on_upgrade(data[exc.args[0] :])
             return
@@ -129,6 +144,7 @@ class RequestReader:
         if self._sink.is_final():
             raise _Final
         self.url, self._raw, self.in_head, self.head_bytes = b"", [], True, 0
+        self.in_message = True
 
     def on_url(self, url: bytes) -> None:
         """Collect the request target."""
@@ -156,6 +172,7 @@ class RequestReader:
         """The head is complete."""
         self.in_head = False
         p = self._parser
+        assert p is not None  # noqa: S101 -- this callback comes from it
         self._sink.on_request(
             p.get_method(),
             self.url,
@@ -171,4 +188,5 @@ class RequestReader:
 
     def on_message_complete(self) -> None:
         """The request (with its body) is complete."""
+        self.in_message = False
         self._sink.on_request_end()

@@ -66,6 +66,11 @@ class RefusedAfterHandshake(Exception):
 _NO_APP: Final = asyncio.Protocol()  # until the handshake has made the app
 
 
+def _admitted(sslobj: ssl.SSLObject) -> asyncio.Protocol:
+    """In place of the admit callback once it has run (a handshake completes once)."""
+    raise RuntimeError("this connection's handshake already completed")
+
+
 class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
     """Server side TLS on a plain stream transport (see the module docstring)."""
 
@@ -173,8 +178,9 @@ class TLSServerLayer(asyncio.Protocol, asyncio.Transport):
                 self.handshake.set_exception(exc)
             return
         self._flush()  # the server's Finished or session ticket
+        admit, self._admit = self._admit, _admitted  # once: its closure is not kept
         try:
-            app = self._admit(self._ssl)
+            app = admit(self._ssl)
         except RefusedAfterHandshake as exc:
             self.refuse(exc.answer)
             if not self.handshake.done():

@@ -478,3 +478,39 @@ async def test_a_declined_upgrade_keeps_the_order_of_what_followed_it() -> None:
         assert kit.up_wire.take().startswith(b"GET %s HTTP/1.1\r\n" % path)
         kit.up.data_received(OK)
     assert [r["path"] for r in kit.records()] == ["/ws", "/first", "/second"]
+
+
+@run
+async def test_an_idle_connection_keeps_no_parser_nor_last_exchange_and_serves_the_next() -> None:
+    """Issue 18 (memory per idle connection): between requests the sweeper drops the parser
+    and the answered exchange; the next request gets a new parser and is served as before."""
+    kit = Kit()
+    conn, wire = kit.client()
+    conn.data_received(GET)
+    kit.up.data_received(OK)
+    assert wire.take().endswith(b"ok")
+    kit.sweep(0.25)
+    assert conn.reader._parser is None and conn._last is None
+    conn.data_received(GET.replace(b"/a", b"/b"))
+    kit.up.data_received(OK)
+    assert wire.take().endswith(b"ok")
+    assert kit.up_wire.take().count(b"GET /") == 2
+    assert [r["path"] for r in kit.records()] == ["/a", "/b"]
+
+
+@run
+async def test_a_body_in_progress_is_never_trimmed() -> None:
+    """The parser's state inside a body is its framing: dropping it there would read the rest of
+    the body as a new request (smuggling). trim() is a no-op until the message is complete."""
+    kit = Kit()
+    conn, wire = kit.client()
+    conn.data_received(b"POST /a HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nabcde")
+    conn.reader.trim()  # as if the sweeper came now
+    kit.sweep(0.25)
+    assert conn.reader._parser is not None
+    conn.data_received(b"GET /")  # the last 5 bytes of the body, not a request
+    kit.up.data_received(OK)
+    sent = kit.up_wire.take()
+    assert sent.endswith(b"\r\n\r\nabcdeGET /") and sent.count(b"HTTP/1.1\r\n") == 1
+    assert wire.take().endswith(b"ok")
+    assert [r["path"] for r in kit.records()] == ["/a"]
