@@ -16,6 +16,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import TYPE_CHECKING, Final
 
@@ -42,6 +43,12 @@ if TYPE_CHECKING:
     from mtls_proxy.dataplane.plane import DataPlane
     from mtls_proxy.material.generation import Generation
     from mtls_proxy.telemetry.tracing import Attributes
+
+# A client's identity depends on its certificate's bytes alone: parsed once per certificate,
+# not per connection, and one object shared by its connections (a pool of 100 connections from
+# one service holds one PeerIdentity, its DER and strings, not 100: issue 18, memory). Bounded;
+# keyed by the whole DER, so two certificates never share one.
+_identity = functools.lru_cache(maxsize=4096)(identity_from_der)
 
 logger = logging.getLogger("mtls_proxy.proxy")  # a stable name: log filters outlive module paths
 SSL_DER: Final = 2  # _ssl.ENCODING_DER, for Certificate.public_bytes (Python 3.13+)
@@ -121,7 +128,7 @@ def admit(plane: DataPlane, gen: Generation, sslobj: ssl.SSLObject) -> Peer:
     """The connection's `Peer`, or `Refused` (rule 2)."""
     cfg = plane.cfg
     der = sslobj.getpeercert(binary_form=True)
-    identity = identity_from_der(der) if der else None
+    identity = _identity(der) if der else None
     resumed, issuers = False, None
     if identity is not None:
         if sslobj.session_reused:
