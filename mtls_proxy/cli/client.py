@@ -27,18 +27,19 @@ def add_client_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--config", "-c", metavar="FILE", help=f"YAML config file (env {PREFIX}CONFIG)")
     for opt in CLIENT_OPTIONS:
         flag = f"--{opt.name}"
+        text = opt.help.replace("%", "%%")  # argparse formats help with %
         if opt.kind == "allow":
-            p.add_argument(flag, dest=opt.name, action="append", metavar="V", help=opt.help)
+            p.add_argument(flag, dest=opt.name, action="append", metavar="V", help=text)
         elif opt.kind == "bool":
             p.add_argument(
                 flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None,
-                help=opt.help,
+                help=text,
             )  # fmt: skip
         else:
             default = "" if opt.default is None else f" (default {opt.default})"
             p.add_argument(
                 flag, dest=opt.name, metavar=opt.name.split("-")[-1].upper(),
-                help=opt.help + default,
+                help=text + default,
             )  # fmt: skip
 
 

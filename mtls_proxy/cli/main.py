@@ -34,16 +34,18 @@ def _add_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None
             continue
         flag = f"--{opt.name}"
         dest = opt.name
+        # argparse formats help with %: a literal one ("30 % less") must be doubled.
+        text = opt.help.replace("%", "%%")
         if opt.kind == "allow":
-            p.add_argument(flag, dest=dest, action="append", metavar="V", help=opt.help)
+            p.add_argument(flag, dest=dest, action="append", metavar="V", help=text)
         elif opt.kind == "bool":
             p.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=opt.help
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
             )
         else:
             default = "" if opt.default is None else f" (default {opt.default})"
             p.add_argument(
-                flag, dest=dest, metavar=opt.name.split("-")[-1].upper(), help=opt.help + default
+                flag, dest=dest, metavar=opt.name.split("-")[-1].upper(), help=text + default
             )
 
 

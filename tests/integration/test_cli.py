@@ -216,3 +216,11 @@ def test_a_chain_in_the_wrong_order_is_refused(tp: Pki, tmp_path: Path) -> None:
     r = run("check", *args, "--allow-uri", ALLOWED_URI)
     assert r.returncode == 2
     assert f"--cert: {bad}: certificate 2 (CN=localhost) did not issue certificate 1" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "explain", "client", "demo", "pki"])
+def test_every_subcommand_prints_its_help(command: str) -> None:
+    """A help text with a literal % ("30 % less") made argparse raise TypeError for serve."""
+    r = subprocess.run(proxy_cmd(command, "--help"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: mtls-proxy {command}")
