@@ -120,7 +120,7 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
         self._ssl: ssl.SSLObject | None = None
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._app: asyncio.Protocol | None = None
-        self._closing = self._eof_told = self._paused = False
+        self._closing = self._eof_told = self._paused = self._session_kept = False
 
     # -- the TCP transport's protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -155,8 +155,8 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
         if self._app is None:
             self._fail("connect", f"connection lost: {exc or 'closed'}")
             return
-        app, self._app = self._app, None
         self._keep_session()
+        app, self._app = self._app, None
         app.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -247,6 +247,8 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
                 return
             if not data:
                 break
+            if not self._session_kept:  # the ticket comes before the first bytes of data
+                self._keep_session()
             self._app.data_received(data)
         self._flush()  # key updates, and the ticket's acknowledgement
         if closed:
@@ -260,9 +262,19 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
             self.close()
 
     def _keep_session(self) -> None:
+        """Rule 4, once per connection: reading ``SSLObject.session`` copies the session (its
+        certificates decoded again, most of a dial's CPU when done three times), and a resumed
+        session is the one already kept."""
         s = self._ssl
-        if s is not None and s.session is not None and s.session.has_ticket:
-            self._dialer.session = s.session
+        if self._session_kept or s is None or self._app is None:
+            return
+        if s.session_reused and self._dialer.session is not None:
+            self._session_kept = True
+            return
+        session = s.session
+        if session is not None and session.has_ticket:  # TLS 1.3: once the ticket came
+            self._session_kept = True
+            self._dialer.session = session
 
     # -- the application's transport ---------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -285,7 +297,6 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
         """close_notify, then a FIN: our direction ends, the remote's stays open (rule 1)."""
         if self._closing or self._raw is None or self._ssl is None:
             return
-        self._keep_session()
         with contextlib.suppress(ssl.SSLError, ValueError):
             self._ssl.unwrap()  # SSLWantReadError: the remote's close_notify is not awaited
         self._flush()
@@ -318,7 +329,6 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
         if self._closing:
             return
         self._closing = True
-        self._keep_session()
         if self._ssl is not None and self._app is not None:
             with contextlib.suppress(ssl.SSLError, ValueError):
                 self._ssl.unwrap()
