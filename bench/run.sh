@@ -80,7 +80,7 @@ if [[ -n "$L4PH" ]]; then
     echo "mtls-proxy $($PROXY --version | cut -d' ' -f2) on uvloop, 1 worker; $(haproxy -v | sed -n 1p | cut -d" " -f1-3),"
     echo "$(nginx -v 2>&1 | cut -d' ' -f3), $(wrk -v 2>&1 | sed -n 1p | cut -d" " -f1,2). The machine was shared with other work."
     echo
-    echo "Command: \`bench/run.sh --phases $L4PH $*\`, harness \`bench/harness/l4egress.py\`."
+    echo "Command: \`bench/run.sh --phases $L4PH${*:+ $*}\`, harness \`bench/harness/l4egress.py\`."
     echo "Raw data: \`$(relpath "$latest")\` (not committed)."
     echo
     cat "$latest/table.md"
@@ -128,7 +128,7 @@ esac
   machine
   echo "mtls-proxy $($PROXY --version | cut -d' ' -f2) on uvloop, 1 worker, pinned as the harness pins peers."
   echo
-  echo "Command: \`bench/run.sh --phases $PH $*\` (targets: ${BENCH_TARGETS:-nginx} + mtls-proxy), harness"
+  echo "Command: \`bench/run.sh --phases $PH${*:+ $*}\` (targets: ${BENCH_TARGETS:-nginx} + mtls-proxy), harness"
   echo "\`$harness\` (see its README.md for the phases). Raw data: \`$raw\` (not committed)."
   echo
   cat "$latest/table.md"
