@@ -2,13 +2,18 @@
 # Profile mtls-proxy under keep-alive load: the harness's nginx upstream and wrk (with the
 # client-certificate shim), py-spy sampling the proxy. Prints the top functions by CPU (self and
 # inclusive). Everything on 127.0.0.1; bounded by DURATION seconds.
-#   bench/profile.sh [DURATION] [ka|close|h2|grpc]   (needs bench/harness/setup.sh; py-spy beside
+#   bench/profile.sh [DURATION] [ka|close|h2|grpc|l4|l4-bulk|egress-http|egress-tcp]
+#   (needs bench/harness/setup.sh; py-spy beside
 #   PYTHON, or PYSPY=/path/to/py-spy)
 # ka: keep-alive requests; close: one full handshake + one request per connection;
 # h2: HTTP/2 GETs with h2load (the same client-cert shim), 16 connections x 10 streams, to the
 #     HTTP/1.1 upstream; grpc: small unary gRPC calls with h2load to the harness's grpcio upstream
 #     (h2c). Both run the proxy with --http2 on --upstream-protocol auto, and end with the split
 #     of bench/profile_split.py (TLS, h2, hyperframe, hpack, our modules, event loop).
+# l4, l4-bulk, egress-http, egress-tcp: mtls-proxy alone in one round of harness/l4egress.py (its
+#     backend, origins and loads: bench/README.md), py-spy during full-handshake connections to
+#     serve --mode tcp, a 1 GiB both-ways transfer through it, keep-alive requests through
+#     client --http, or new connections through client (L4).
 # PYSPY_NATIVE=1 adds --native (C frames: OpenSSL, libc, uvloop) for a finer split.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,6 +28,19 @@ if [[ "$MODE" == h2 || "$MODE" == grpc ]]; then H2ARGS=(--http2 on --upstream-pr
 if [[ "$MODE" == grpc ]]; then UPURL=http://127.0.0.1:18181; fi
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 PYSPY=${PYSPY:-$(dirname "$PY")/py-spy}
+case "$MODE" in
+  l4 | l4-bulk | egress-http | egress-tcp)
+    case "$MODE" in
+      l4) only=l4/mtls-proxy phase=conns ;;
+      l4-bulk) only=l4/mtls-proxy phase=bulk2 ;;
+      egress-http) only=egress-http/mtls-proxy phase=ka ;;
+      egress-tcp) only=egress-tcp/mtls-proxy phase=conns ;;
+    esac
+    exec bash "$HARNESS/run.sh" l4egress --phases "${MODE%%-*}" --only "$only" --profile "$phase" \
+      --runs 1 --duration "$DUR" --noise-retries 0 --bulk-mib 1024 --proxy "$PY -m mtls_proxy" \
+      --py-spy "$PYSPY"
+    ;;
+esac
 work=$(mktemp -d)
 export BENCH_RUNDIR=$work BENCH_UPSTREAM_HOST=127.0.0.1 BENCH_UPSTREAM_PORT=18180
 pids=()
@@ -34,6 +52,7 @@ else
   bash "$HARNESS/tools/upstream.sh" >/dev/null 2>&1 & pids+=($!)
 fi
 PKI=$HARNESS/pki
+# shellcheck disable=SC2086  # PROXY_ARGS: extra options, split on spaces
 "$PY" -m mtls_proxy serve --listen 127.0.0.1:18190 --upstream "$UPURL" "${H2ARGS[@]}" \
   --cert "$PKI/server-chain.pem" --key "$PKI/server.key" --cacert "$PKI/client-ca.pem" \
   --allow-cn client-a --admin 127.0.0.1:0 ${PROXY_ARGS:-} 2>"$work/proxy.log" & pids+=($!)
@@ -62,21 +81,4 @@ if [[ "$MODE" == h2 || "$MODE" == grpc || -n "${PYSPY_SPLIT:-}" ]]; then
   [[ -n "${PYSPY_KEEP:-}" ]] && cp "$work/stacks.txt" "$PYSPY_KEEP"
   exit 0
 fi
-"$PY" - "$work/stacks.txt" <<'PYEOF'
-import collections, sys
-self_t, incl, total = collections.Counter(), collections.Counter(), 0
-for line in open(sys.argv[1]):
-    stack, _, n = line.rstrip().rpartition(" ")
-    n = int(n); total += n
-    frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
-              if " (" in f else f for f in stack.split(";")]
-    self_t[frames[-1]] += n
-    for f in set(frames):
-        incl[f] += n
-print(f"samples: {total}\ntop self:")
-for f, n in self_t.most_common(25):
-    print(f"  {100*n/total:5.1f}%  {f}")
-print("top inclusive:")
-for f, n in incl.most_common(30):
-    print(f"  {100*n/total:5.1f}%  {f}")
-PYEOF
+"$PY" "$ROOT/bench/top_frames.py" "$work/stacks.txt"

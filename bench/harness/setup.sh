@@ -9,7 +9,7 @@
 #     them when no TARGET is named; haproxy also serves --loadgen originator)
 #   - PyPI, into .venv here: aiohttp and uvloop (requirements.txt) for the naive baseline, grpcio
 #     for the gRPC upstream, the naive gRPC relay and the gRPC check
-#   - builds tools/wrk_clientcert.so and makes the PKI in pki/ (pki.sh)
+#   - builds tools/wrk_clientcert.so and tools/tcp_backend, and makes the PKI in pki/ (pki.sh)
 # apt is kept from starting the packaged nginx/haproxy services.
 set -euo pipefail
 # A read-only copy of this directory runs from a writable copy instead.
@@ -62,10 +62,14 @@ if [[ ! -f tools/wrk_clientcert.so || tools/wrk_clientcert.c -nt tools/wrk_clien
   gcc -O2 -Wall -shared -fPIC -o tools/wrk_clientcert.so tools/wrk_clientcert.c -ldl -lssl -lcrypto
 fi
 echo "setup: built tools/wrk_clientcert.so"
+# The plain TCP echo/sink backend of the l4 and egress phases.
+if [[ ! -x tools/tcp_backend || tools/tcp_backend.c -nt tools/tcp_backend ]]; then
+  gcc -O2 -Wall -o tools/tcp_backend tools/tcp_backend.c
+fi
 
 ./pki.sh
 versions="$(nginx -v 2>&1 | tr -d '\n'); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1,2); $(openssl version)"
-if command -v haproxy >/dev/null; then versions+="; $(haproxy -v | head -1)"; fi
+if command -v haproxy >/dev/null; then versions+="; $(haproxy -v | sed -n 1p)"; fi
 if command -v caddy >/dev/null; then versions+="; caddy $(caddy version)"; fi
 echo "setup: $versions"
 echo "setup: done. Next: bench/harness/run.sh (see README.md), or bench/run.sh"
