@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from mtls_proxy.cli.loops import run_async
+from mtls_proxy.cli.parsers import c_parsers_problem
 from mtls_proxy.core.egress import CLIENT_OPTIONS, PREFIX, load_client_config
 from mtls_proxy.core.envvars import unknown_env
 from mtls_proxy.core.escape import for_terminal
@@ -63,6 +64,10 @@ def run_client(args: argparse.Namespace) -> int:
 
     cfg = client_config(args)
     setup_logging(cfg.log_format, cfg.log_level)
+    problem = c_parsers_problem(aiohttp=cfg.http)
+    if problem is not None:
+        print(f"mtls-proxy: refusing to start: {problem}", file=sys.stderr)
+        return 1
     material = load_client_material(cfg)
 
     async def main() -> int:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from mtls_proxy import __version__
 from mtls_proxy.cli.client import add_client_parser, run_client
 from mtls_proxy.cli.loops import run_async
+from mtls_proxy.cli.parsers import c_parsers_problem
 from mtls_proxy.cli.pki_cmd import add_pki_parser, run_pki
 from mtls_proxy.core.config import OPTIONS, Config, load_config, parse_yaml, unknown_env
 from mtls_proxy.core.errors import ConfigError
@@ -132,25 +133,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def c_parsers_problem() -> str | None:
-    """docs/security.md, DEP-02: the pure-Python HTTP parsers give different, weaker verdicts (most
-    historical aiohttp smuggling CVEs were there). The data plane parses with httptools
-    (llhttp, C); the admin port with aiohttp, which must be its C parser too."""
-    import aiohttp.http_parser as hp
-
-    try:
-        from aiohttp import _http_parser
-    except ImportError:
-        return "aiohttp's C HTTP parser is not installed (a pure-Python build of aiohttp)"
-    if hp.HttpRequestParser is not getattr(_http_parser, "HttpRequestParser", None):
-        return "aiohttp's pure-Python HTTP parser is in use (AIOHTTP_NO_EXTENSIONS is set?)"
-    try:
-        import httptools.parser.parser  # noqa: F401  # the compiled llhttp binding
-    except ImportError:
-        return "httptools' C parser (llhttp) is not installed"
-    return None
-
-
 def _serve(args: argparse.Namespace) -> int:
     from mtls_proxy.material.loader import load_policy
     from mtls_proxy.material.tls import load_material
@@ -158,7 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     setup_logging(cfg.log_format, cfg.log_level)
-    problem = c_parsers_problem()
+    problem = c_parsers_problem(aiohttp=False)  # the admin port is adminhttp.py's
     if problem is not None:
         print(f"mtls-proxy: refusing to start: {problem}", file=sys.stderr)
         return 1

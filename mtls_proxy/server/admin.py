@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Final, Protocol
+import json
+from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mtls_proxy import __version__
+from mtls_proxy.server.adminhttp import JSON, AdminServer, Answer, Route, serve_routes
 
 if TYPE_CHECKING:
     import socket
@@ -50,9 +51,6 @@ def material_status(m: Material) -> dict[str, object]:
     }
 
 
-SERVER: Final[web.AppKey[AdminTarget]] = web.AppKey("server")
-
-
 def rfc3339(t: dt.datetime | None) -> str | None:
     """UTC time as ``2026-12-01T00:00:00Z``."""
     if t is None:
@@ -60,59 +58,50 @@ def rfc3339(t: dt.datetime | None) -> str | None:
     return t.astimezone(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-async def healthz(request: web.Request) -> web.Response:
+def json_answer(data: object, status: int = 200) -> Answer:
+    """A JSON answer, as aiohttp's json_response made it."""
+    return status, JSON, json.dumps(data).encode()
+
+
+async def healthz() -> Answer:
     """Liveness: 200 while the process serves."""
-    return web.json_response({"status": "ok"})
+    return json_answer({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: 200 when listening with valid material and not draining."""
-    server = request.app[SERVER]
-    if server.ready:
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "draining" if server.draining else "starting"}, status=503)
+def admin_routes(server: AdminTarget) -> dict[str, Route]:
+    """The admin endpoints of *server* (SPEC section 7)."""
+
+    async def readyz() -> Answer:
+        """Readiness: 200 when listening with valid material and not draining."""
+        if server.ready:
+            return json_answer({"status": "ready"})
+        return json_answer({"status": "draining" if server.draining else "starting"}, 503)
+
+    async def status() -> Answer:
+        """A JSON summary of what the proxy runs with."""
+        await server.refresh()
+        return json_answer(
+            {
+                "version": __version__,
+                "listen": str(server.cfg.listen),
+                "upstream": server.cfg.upstream.url,
+                **server.material_status(),
+                "last_reload": server.last_reload,
+                "connections_open": server.connections_open,
+                "draining": server.draining,
+            }
+        )
+
+    async def metrics() -> Answer:
+        """Prometheus exposition."""
+        await server.refresh()
+        return 200, CONTENT_TYPE_LATEST, generate_latest(server.registry)
+
+    return {"/healthz": healthz, "/readyz": readyz, "/status": status, "/metrics": metrics}
 
 
-async def status(request: web.Request) -> web.Response:
-    """A JSON summary of what the proxy runs with."""
-    server = request.app[SERVER]
-    await server.refresh()
-    return web.json_response(
-        {
-            "version": __version__,
-            "listen": str(server.cfg.listen),
-            "upstream": server.cfg.upstream.url,
-            **server.material_status(),
-            "last_reload": server.last_reload,
-            "connections_open": server.connections_open,
-            "draining": server.draining,
-        }
-    )
-
-
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition."""
-    server = request.app[SERVER]
-    await server.refresh()
-    body = generate_latest(server.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def admin_app(server: AdminTarget) -> web.Application:
-    """The admin application bound to *server*."""
-    app = web.Application()
-    app[SERVER] = server
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/status", status)
-    app.router.add_get("/metrics", metrics)
-    return app
-
-
-async def serve_admin(target: AdminTarget, sock: socket.socket) -> tuple[web.AppRunner, str]:
-    """Serve the admin endpoints for *target* on the bound *sock*: (runner, "host:port")."""
-    runner = web.AppRunner(admin_app(target), access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
+async def serve_admin(target: AdminTarget, sock: socket.socket) -> tuple[AdminServer, str]:
+    """Serve the admin endpoints for *target* on the bound *sock*: (server, "host:port")."""
+    server = await serve_routes(admin_routes(target), sock)
     host, port = sock.getsockname()[:2]
-    return runner, f"{host}:{port}"
+    return server, f"{host}:{port}"

@@ -13,8 +13,6 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Final
 
-from aiohttp import web
-
 from mtls_proxy import __version__
 from mtls_proxy.dataplane import h2lib, handshakes
 from mtls_proxy.dataplane.admission import Refused, admit
@@ -30,6 +28,7 @@ from mtls_proxy.material.generation import Generation, build
 from mtls_proxy.material.loader import load_policy
 from mtls_proxy.material.tls import Material
 from mtls_proxy.server.admin import material_status, serve_admin
+from mtls_proxy.server.adminhttp import AdminServer
 from mtls_proxy.server.reloader import Reloader
 from mtls_proxy.server.sockets import bind
 from mtls_proxy.telemetry.logs import AccessLog, RateLimiter
@@ -112,7 +111,7 @@ class ProxyServer:
         self.listening = False
         self._hup_early = False  # SIGHUP before the listener was up (run())
         self.sock: socket.socket | None = None
-        self.admin_runner: web.AppRunner | None = None
+        self.admin_runner: AdminServer | None = None
         self.admin_address: str | None = None
         # One slot per connection (--max-connections), held from accept until its socket closes.
         self._connection_slots = asyncio.Semaphore(cfg.max_connections)
@@ -186,8 +185,8 @@ class ProxyServer:
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         self.reloader.start_watching()
         self._sweep()
-        # Everything loaded so far (aiohttp, cryptography, config) lives for the whole process:
-        # move it out of the collector's view so that full collections stay short (p99).
+        # Everything loaded so far (cryptography, prometheus_client, config) lives for the whole
+        # process: move it out of the collector's view so that full collections stay short (p99).
         gc.collect()
         gc.freeze()
         self.started.set()

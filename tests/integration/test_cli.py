@@ -188,17 +188,19 @@ def test_version() -> None:
     assert r.returncode == 0 and r.stdout.startswith("mtls-proxy ")
 
 
-def test_serve_refuses_the_pure_python_http_parser(tp: Pki) -> None:
+def test_client_http_refuses_the_pure_python_http_parser(tp: Pki) -> None:
     """docs/security.md, DEP-02: the pure-Python parsers give weaker verdicts; never serve with
-    them."""
+    them. `client --http` parses the local app's requests with aiohttp (serve no longer loads
+    it: its admin port is adminhttp.py, on llhttp)."""
     import os
 
+    env = {**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"}
     r = run(
-        "serve",
-        *("--listen", "127.0.0.1:0", "--admin", "off", "--allow-uri", ALLOWED_URI),
-        *base(tp),
+        "client",
+        *("--listen", "127.0.0.1:0", "--target", "localhost:1", "--admin", "off", "--http"),
+        *("--cert", tp.crt("good"), "--key", tp.key("good"), "--cacert", tp.ca),
         timeout=30,
-        env={**os.environ, "AIOHTTP_NO_EXTENSIONS": "1"},
+        env=env,
     )
     assert r.returncode == 1
     assert "refusing to start: aiohttp's pure-Python HTTP parser is in use" in r.stderr
