@@ -44,7 +44,7 @@ start() {
     mtls-proxy)
       exec "$PY" -m mtls_proxy serve --listen "$BENCH_HOST:$BENCH_PORT" --upstream "$BENCH_UPSTREAM_URL" \
         --cert "$BENCH_SERVER_CERT" --key "$BENCH_SERVER_KEY" --cacert "$BENCH_CLIENT_CA" \
-        --allow-cn client-a --admin 127.0.0.1:0 --max-connections "$BENCH_MAX_CONNS" \
+        --allow-cn client-a --admin 127.0.0.1:0 --max-connections "$BENCH_MAX_CONNS" --idle-timeout 120 \
         --no-access-log ${PROXY_ARGS:-} ;;
     floor)
       exec "$PY" "$ROOT/bench/floor.py" "$BENCH_HOST:$BENCH_PORT" "$BENCH_UPSTREAM" \
