@@ -103,6 +103,11 @@ class Dialer:
             raise DialError(
                 "timeout", f"the target was not reached within {cfg.connect_timeout:g} s"
             ) from None
+        except BaseException:
+            # Cancelled (the app left mid-dial) or refused: the half-made connection goes too,
+            # else it stays open to the target with nobody behind it, outside --max-connections.
+            layer.abort()
+            raise
         return layer
 
 
@@ -245,7 +250,8 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
             except ssl.SSLError:
                 self.abort()
                 return
-            if not data:
+            if not data:  # close_notify while ours is not sent: Python returns b""
+                closed = True
                 break
             self._app.data_received(data)
         self._flush()  # key updates, and the ticket's acknowledgement
@@ -261,7 +267,15 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
 
     def _keep_session(self) -> None:
         s = self._ssl
-        if s is not None and s.session is not None and s.session.has_ticket:
+        # Only a session of the current context: one made before a reload would be refused
+        # ("Session refers to a different SSLContext") and fail every later dial, and would
+        # carry the old trust's verdict.
+        if (
+            s is not None
+            and s.session is not None
+            and s.session.has_ticket
+            and s.context is self._dialer.context
+        ):
             self._dialer.session = s.session
 
     # -- the application's transport ---------------------------------------------------------
@@ -289,7 +303,10 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
         with contextlib.suppress(ssl.SSLError, ValueError):
             self._ssl.unwrap()  # SSLWantReadError: the remote's close_notify is not awaited
         self._flush()
-        self._raw.write_eof()
+        try:
+            self._raw.write_eof()
+        except OSError:  # the target is already gone: its loss, not the local app's error
+            self.abort()
 
     def pause_reading(self) -> None:
         self._paused = True
