@@ -103,6 +103,11 @@ class Dialer:
             raise DialError(
                 "timeout", f"the target was not reached within {cfg.connect_timeout:g} s"
             ) from None
+        except BaseException:
+            # Cancelled (the app left mid-dial) or refused: the half-made connection goes too,
+            # else it stays open to the target with nobody behind it, outside --max-connections.
+            layer.abort()
+            raise
         return layer
 
 
@@ -245,7 +250,8 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
             except ssl.SSLError:
                 self.abort()
                 return
-            if not data:
+            if not data:  # close_notify while ours is not sent: Python returns b""
+                closed = True
                 break
             if not self._session_kept:  # the ticket comes before the first bytes of data
                 self._keep_session()
@@ -267,6 +273,12 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
         session is the one already kept."""
         s = self._ssl
         if self._session_kept or s is None or self._app is None:
+            return
+        # Only a session of the current context: one made before a reload would be refused
+        # ("Session refers to a different SSLContext") and fail every later dial, and would
+        # carry the old trust's verdict (red team E1).
+        if s.context is not self._dialer.context:
+            self._session_kept = True
             return
         if s.session_reused and self._dialer.session is not None:
             self._session_kept = True
@@ -300,7 +312,10 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
         with contextlib.suppress(ssl.SSLError, ValueError):
             self._ssl.unwrap()  # SSLWantReadError: the remote's close_notify is not awaited
         self._flush()
-        self._raw.write_eof()
+        try:
+            self._raw.write_eof()
+        except OSError:  # the target is already gone: its loss, not the local app's error
+            self.abort()
 
     def pause_reading(self) -> None:
         self._paused = True

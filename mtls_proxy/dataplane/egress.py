@@ -130,13 +130,14 @@ class EgressRelay(asyncio.Protocol):
         if self.local is None:  # refused in connection_made
             return
         self.local = None
+        if exc is not None:  # rule 4; mid-dial too (the dial is cancelled, its socket closed)
+            self.ended = "reset by the local app"
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self.remote is not None:
             if exc is None:
                 self.remote.close()
             else:  # rule 4
-                self.ended = "reset by the local app"
                 self.remote.abort()
             self.remote = None
         plane = self.plane

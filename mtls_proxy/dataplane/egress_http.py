@@ -176,7 +176,8 @@ async def _exchange(request: web.Request, plane: EgressPlane) -> web.StreamRespo
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         timeout=timeout,
     ) as resp:
-        out = web.StreamResponse(status=resp.status, reason=resp.reason)
+        out = _Relayed(status=resp.status, reason=resp.reason)
+        out.not_added = [n for n in ("Content-Type", "Server") if n not in resp.headers]
         for name, value in _forwardable(resp.headers).items():
             out.headers.add(name, value)
         if resp.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -187,6 +188,20 @@ async def _exchange(request: web.Request, plane: EgressPlane) -> web.StreamRespo
                 await out.write(chunk)
         await out.write_eof()
         return out
+
+
+class _Relayed(web.StreamResponse):
+    """The remote's response as it was (rule 2): aiohttp's defaults for a response of its own,
+    a `Content-Type: application/octet-stream` (which stops the app sniffing) and its
+    `Server`, are not the remote's and are taken out again. (`Date` stays: RFC 9110 6.6.1
+    has an intermediary with a clock add it.)"""
+
+    not_added: list[str]
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        for name in self.not_added:
+            self.headers.popall(name, None)
 
 
 def egress_app(plane: EgressPlane, pool: Pool) -> web.Application:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Final
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mtls_proxy import __version__
+from mtls_proxy.core.addresses import Address
+from mtls_proxy.core.egress import Listen, is_local
 from mtls_proxy.core.errors import ConfigError
 from mtls_proxy.dataplane.dialer import Dialer, DialError
 from mtls_proxy.dataplane.egress import EgressPlane, EgressRelay
@@ -92,6 +94,7 @@ class EgressServer:
             runner = web.AppRunner(
                 egress_app(self.plane, self._pool), access_log=None, handle_signals=False,
                 keepalive_timeout=cfg.idle_timeout,
+                shutdown_timeout=cfg.shutdown_grace,  # rule 3 (aiohttp's own default is 60 s)
             )  # fmt: skip
             await runner.setup()
             await web.SockSite(runner, sock).start()
@@ -122,7 +125,17 @@ class EgressServer:
     def _bind(self) -> socket.socket:
         listen = self.cfg.listen
         if listen.address is not None:
-            return bind(listen.address, option="--listen")
+            sock = bind(listen.address, option="--listen")
+            # The config check trusts the name `localhost`; /etc/hosts or DNS decide what it
+            # binds, so the bound address is checked too (core/egress.py rule 1).
+            host = str(sock.getsockname()[0])
+            if not self.cfg.unsafe_listen and not is_local(Listen(Address(host, 0))):
+                sock.close()
+                raise ConfigError(
+                    f"--listen {listen.address}: resolved to {host}, which is not loopback; "
+                    "anyone who reaches it speaks with our client certificate"
+                )
+            return sock
         path = listen.path
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(Path(path).lstat().st_mode):
