@@ -334,6 +334,10 @@ def _tls(c: Collector, no_auth: bool) -> TLSConfig:
     return tls
 
 
+def _good_target(target: Address) -> bool:
+    return _HOST.fullmatch(target.host) is not None and target.host != "0.0.0.0" and target.port > 0
+
+
 def _required(c: Collector, name: str, example: str) -> None:
     if c.sources.get(name) == "default":
         c.problems.append(
@@ -363,9 +367,11 @@ def load_client_config(
             listen = parse_listen(listen_text)
         except ValueError as exc:
             c.problems.append(f"{c.sources['listen']}: {exc}")
-    if not isinstance(target, Address) or not target.host or target.host == "0.0.0.0":
+    if not isinstance(target, Address) or not _good_target(target):
         if isinstance(target, Address):
-            c.problems.append(f"{c.sources['target']}: needs a host name or address")
+            c.problems.append(
+                f"{c.sources['target']}: needs a host name or address and a port (got {target})"
+            )
         target = Address("invalid", 0)
     proxy = None
     proxy_text = c.get("proxy")
@@ -388,9 +394,12 @@ def load_client_config(
             "reaches it speaks with our client certificate; listen on loopback or a unix "
             "socket, or say --unsafe-listen"
         )
+    name = top.pop("override_server_name")
+    if name is not None and _HOST.fullmatch(str(name)) is None:
+        # It goes into the SNI and the name check: a host name or an address, nothing else.
+        c.problems.append(f"{c.sources['override-server-name']}: not a host name (got {name!r})")
     if c.problems:
         raise ConfigError(c.problems)
-    name = top.pop("override_server_name")
     return ClientConfig(
         listen=listen,
         target=target,
@@ -406,3 +415,8 @@ def load_client_config(
 
 
 _SPECIAL: Final = frozenset({"listen", "target", "proxy"})
+# A DNS name (letters, digits, hyphens, dots, underscores as some internal names have them) or
+# an IPv4/IPv6 address: what can be an SNI and a checked name.
+_HOST: Final = re.compile(
+    r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252}[A-Za-z0-9_.])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"
+)

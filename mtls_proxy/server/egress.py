@@ -223,6 +223,13 @@ class EgressServer:
         cfg = self.cfg
         try:
             material = await self._loads.run(lambda: load_client_material(cfg))
+            if self.material.ca_certs and not material.ca_certs:
+                # A --cert-dir whose ca.crt went missing would fall back to the system store:
+                # trust must never widen by a file disappearing (red team note).
+                raise ConfigError(
+                    "the CAs to verify the target with are gone (ca.crt or the truststore); "
+                    "keeping the previous trust, not the system store"
+                )
             same = material.key() == self.material.key()
             context = None if same else client_context(cfg, material)
         except (ConfigError, OSError, ValueError) as exc:

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -589,3 +590,29 @@ def test_bulk_both_ways_is_byte_exact_with_bounded_memory() -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "bytes match: True" in r.stdout
+
+
+def test_a_cert_dir_that_loses_its_ca_keeps_the_old_trust(
+    tp: Pki, tcp_serve: Proxy, tmp_path: Path
+) -> None:
+    """The trust never widens by a file disappearing: without ca.crt a --cert-dir would mean the
+    system store; the reload fails and keeps the configured CAs."""
+    d = tmp_path / "tls"
+    d.mkdir()
+    shutil.copy(tp.crt("good"), d / "tls.crt")
+    shutil.copy(tp.key("good"), d / "tls.key")
+    shutil.copy(tp.ca, d / "ca.crt")
+    with launch(
+        ["client", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--target",
+         f"localhost:{tcp_serve.port}", "--cert-dir", str(d), "--log-format", "json"]
+    ) as c:  # fmt: skip
+        assert _talk(c.port, b"ab") == b"ABbytes=2"
+        (d / "ca.crt").unlink()
+        c.proc.send_signal(signal.SIGHUP)
+        _wait(lambda: c.metric('mtls_proxy_client_reloads_total{result="failure"}') >= 1)
+        status = json.loads(c.admin_get("/status")[1])
+        assert (
+            status["trusted_cas"] == 1
+            and "keeping the previous trust" in status["last_reload"]["error"]
+        )
+        assert _talk(c.port, b"cd") == b"CDbytes=2"
