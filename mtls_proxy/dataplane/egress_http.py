@@ -25,6 +25,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict
+from yarl import URL
 
 from mtls_proxy.dataplane.dialer import DialError
 
@@ -168,7 +169,10 @@ async def _exchange(request: web.Request, plane: EgressPlane) -> web.StreamRespo
     timeout = aiohttp.ClientTimeout(total=None, sock_read=cfg.upstream_timeout)
     async with session.request(
         request.method,
-        f"http://target{request.rel_url}",  # the connector always dials the target
+        # The app's request target as it sent it: encoded=True keeps yarl from normalising
+        # dot segments or re-encoding (rule 2: nothing is changed on the way). The connector
+        # always dials the target, whatever the URL's host says.
+        URL("http://target" + request.raw_path, encoded=True),
         headers=headers,
         data=request.content if request.body_exists else None,
         allow_redirects=False,
@@ -208,5 +212,6 @@ def egress_app(plane: EgressPlane, pool: Pool) -> web.Application:
     """The local HTTP application."""
     app = web.Application(client_max_size=0)
     app[PLANE], app[POOL] = plane, pool
-    app.router.add_route("*", "/{tail:.*}", forward)
+    # Every path, a decoded newline too (`.` would not match one: a 404 of our own).
+    app.router.add_route("*", r"/{tail:[\s\S]*}", forward)
     return app

@@ -535,7 +535,9 @@ http {{
     ssl_client_certificate {tp.ca};
     ssl_verify_client on;
     ssl_verify_depth 3;
-    location / {{ return 200 "dn=$ssl_client_s_dn verify=$ssl_client_verify host=$host\\n"; }}
+    location / {{
+      return 200 "dn=$ssl_client_s_dn verify=$ssl_client_verify host=$host uri=$request_uri\\n";
+    }}
   }}
 }}
 """)
@@ -552,6 +554,14 @@ http {{
                 assert "verify=SUCCESS" in r.stdout and "CN=client-good" in r.stdout, r
                 if extra:
                     assert "host=localhost" in r.stdout
+                    # The request target goes as the app sent it: no dot segment removed, no
+                    # percent-encoding changed, a %0A carried too.
+                    raw = "/a/../b/%2e%2E/c%2Fd?q=%41&r=1%0A"
+                    r = subprocess.run(
+                        ["curl", "-sS", "--path-as-is", f"http://127.0.0.1:{c.port}{raw}"],
+                        capture_output=True, text=True, timeout=30,
+                    )  # fmt: skip
+                    assert f"uri={raw}" in r.stdout, r
 
 
 def _ended(sock: socket.socket) -> bool:
