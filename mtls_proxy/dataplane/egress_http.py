@@ -112,6 +112,13 @@ def _forwardable(headers: Any) -> CIMultiDict[str]:
     return out
 
 
+def _origin_form(request: web.Request) -> str:
+    """The request target in origin form (an absolute-form target's path and query: the
+    remote is the target, whatever host the app named), otherwise exactly as sent."""
+    url = request.message.url
+    return url.raw_path_qs if url.is_absolute() else request.raw_path
+
+
 def _error(status: int, error: str, reason: str) -> web.Response:
     return web.json_response({"error": error, "reason": reason}, status=status)
 
@@ -172,7 +179,7 @@ async def _exchange(request: web.Request, plane: EgressPlane) -> web.StreamRespo
         # The app's request target as it sent it: encoded=True keeps yarl from normalising
         # dot segments or re-encoding (rule 2: nothing is changed on the way). The connector
         # always dials the target, whatever the URL's host says.
-        URL("http://target" + request.raw_path, encoded=True),
+        URL("http://target" + _origin_form(request), encoded=True),
         headers=headers,
         data=request.content if request.body_exists else None,
         allow_redirects=False,
