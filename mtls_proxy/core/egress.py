@@ -334,6 +334,33 @@ def _tls(c: Collector, no_auth: bool) -> TLSConfig:
     return tls
 
 
+def _addresses(c: Collector) -> tuple[Listen, Address, Proxy | None]:
+    """--listen, --target and --proxy, each parsed or its problem noted."""
+    listen_text, target = c.get("listen"), c.get("target")
+    _required(c, "listen", "127.0.0.1:15001")
+    _required(c, "target", "payments.example.com:443")
+    listen = Listen(address=Address("127.0.0.1", 0))
+    if isinstance(listen_text, str):
+        try:
+            listen = parse_listen(listen_text)
+        except ValueError as exc:
+            c.problems.append(f"{c.sources['listen']}: {exc}")
+    if not isinstance(target, Address) or not _good_target(target):
+        if isinstance(target, Address):
+            c.problems.append(
+                f"{c.sources['target']}: needs a host name or address and a port (got {target})"
+            )
+        target = Address("invalid", 0)
+    proxy = None
+    proxy_text = c.get("proxy")
+    if isinstance(proxy_text, str):
+        try:
+            proxy = parse_proxy(proxy_text)
+        except ValueError as exc:
+            c.problems.append(f"{c.sources['proxy']}: {exc}")
+    return listen, target, proxy
+
+
 def _good_target(target: Address) -> bool:
     return _HOST.fullmatch(target.host) is not None and target.host != "0.0.0.0" and target.port > 0
 
@@ -358,28 +385,7 @@ def load_client_config(
     data = parse_yaml(text, filename) if text is not None else {}
     c = Collector(data, filename, env, flags or {}, CLIENT_BY_NAME)
     c.problems.extend(_unknown_keys(data, filename))
-    listen_text, target = c.get("listen"), c.get("target")
-    _required(c, "listen", "127.0.0.1:15001")
-    _required(c, "target", "payments.example.com:443")
-    listen = Listen(address=Address("127.0.0.1", 0))
-    if isinstance(listen_text, str):
-        try:
-            listen = parse_listen(listen_text)
-        except ValueError as exc:
-            c.problems.append(f"{c.sources['listen']}: {exc}")
-    if not isinstance(target, Address) or not _good_target(target):
-        if isinstance(target, Address):
-            c.problems.append(
-                f"{c.sources['target']}: needs a host name or address and a port (got {target})"
-            )
-        target = Address("invalid", 0)
-    proxy = None
-    proxy_text = c.get("proxy")
-    if isinstance(proxy_text, str):
-        try:
-            proxy = parse_proxy(proxy_text)
-        except ValueError as exc:
-            c.problems.append(f"{c.sources['proxy']}: {exc}")
+    listen, target, proxy = _addresses(c)
     top = {
         o.path[0]: c.get(o.name)
         for o in CLIENT_OPTIONS
