@@ -47,7 +47,7 @@ start() {
         --allow-cn client-a --admin 127.0.0.1:0 --max-connections "$BENCH_MAX_CONNS" --idle-timeout 120 \
         --no-access-log ${PROXY_ARGS:-} ;;
     floor)
-      exec "$PY" "$ROOT/bench/floor.py" "$BENCH_HOST:$BENCH_PORT" "$BENCH_UPSTREAM" \
+      exec "$PY" "$HARNESS/tools/floor.py" "$BENCH_HOST:$BENCH_PORT" "$BENCH_UPSTREAM" \
         "$BENCH_SERVER_CERT" "$BENCH_SERVER_KEY" "$BENCH_CLIENT_CA" client-a ;;
     *) exec bash "$HARNESS/targets/$1.sh" ;;
   esac

@@ -6,7 +6,7 @@ unparsed over one upstream connection per client. Every bench table carries it a
 that each figure also reads as "x of the floor": what the proxy adds over what the platform
 (CPython, uvloop, OpenSSL) costs anyway.
 
-    python bench/floor.py HOST:PORT UPSTREAM_HOST:UPSTREAM_PORT CERT KEY CLIENT_CA ALLOWED_CN
+    python bench/harness/tools/floor.py HOST:PORT UPSTREAM_HOST:UPSTREAM_PORT CERT KEY CLIENT_CA ALLOWED_CN
 """
 
 from __future__ import annotations
