@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = sent == got and received == size
     mib = size / 2**20
     print(f"{mib:.0f} MiB each way in {secs:.1f} s ({mib / secs:.0f} MiB/s); bytes match: {ok}")
+    if received != size:
+        print(f"  received {received} of {size} bytes")
     for k in procs:
         print(f"  {k}: peak RSS {peak[k] / 1024:.0f} MB, CPU {cpu[k]:.1f} s")
     over = [k for k in procs if peak[k] > args.max_rss_mb * 1024]

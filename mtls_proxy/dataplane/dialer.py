@@ -126,6 +126,7 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._app: asyncio.Protocol | None = None
         self._closing = self._eof_told = self._paused = self._session_kept = False
+        self._peer_eof = False  # the remote's FIN came
 
     # -- the TCP transport's protocol --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -149,9 +150,11 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
         if self._app is None:
             self._fail("proxy" if self._ssl is None else "tls", "the remote closed the connection")
             return None
-        # A FIN, after close_notify or not: what came before it is delivered, then the end.
+        # A FIN, after close_notify or not: what came before it is delivered, then the end,
+        # also when the app paused reading with records still in OpenSSL (_deliver tells it
+        # once it has handed everything over; telling it now would truncate the stream).
+        self._peer_eof = True
         self._deliver()
-        self._tell_eof()
         return True  # our side may still write (rule 1)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -238,11 +241,12 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
     def _deliver(self) -> None:
         if self._ssl is None:
             return
-        closed = False
+        closed = drained = False
         while self._app is not None and not self._paused:
             try:
                 data = self._ssl.read(_READ)
             except _AGAIN:
+                drained = True
                 break
             except ssl.SSLZeroReturnError:  # close_notify: the remote's end of its direction
                 closed = True
@@ -257,7 +261,7 @@ class RemoteTLS(asyncio.Protocol, asyncio.Transport):
                 self._keep_session()
             self._app.data_received(data)
         self._flush()  # key updates, and the ticket's acknowledgement
-        if closed:
+        if closed or (drained and self._peer_eof):
             self._tell_eof()
 
     def _tell_eof(self) -> None:
